@@ -1,0 +1,86 @@
+"""``python -m repkernels.bench``: check and time every op against cuDNN and the reference.
+
+Without a GPU there is nothing to time: each backend's output is still checked against the float64
+reference (on shrunken shapes; Triton under its interpreter) and the run exits 0 when all agree.
+Exit status 1 means some implementation gave a wrong result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m repkernels.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", default="all", help="comma-separated ops to run (default: all): "
+                        "see --list")
+    parser.add_argument("--dtype", default="fp32,bf16", help="comma-separated dtypes among fp32, fp16, bf16 "
+                        "(default: fp32,bf16)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    parser.add_argument("--out", default="bench_out", help="folder for the JSON results and the PNG plot "
+                        "(default: ./bench_out)")
+    parser.add_argument("--list", action="store_true", help="list the ops that have a suite and exit")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from repkernels import _backend
+
+    if not torch.cuda.is_available() and _backend.HAS_TRITON:
+        _backend.enable_triton_interpreter()  # the only way Triton kernels run here
+
+    from . import harness
+    from .suites import SUITES
+
+    if args.list:
+        print("\n".join(SUITES))
+        return 0
+    ops = list(SUITES) if args.ops == "all" else [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = [o for o in ops if o not in SUITES]
+    if unknown:
+        parser.error(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+    try:
+        dtypes = [harness.DTYPES[d.strip()] for d in args.dtype.split(",") if d.strip()]
+    except KeyError as exc:
+        parser.error(f"unknown dtype {exc.args[0]!r}; choose from {', '.join(harness.DTYPES)}")
+
+    env = harness.environment()
+    print(f"repkernels {env['repkernels']} | torch {env['torch']} | CUDA {env['cuda']} | triton {env['triton']}")
+    print(f"device: {env['device']}")
+    if env["peaks"]:
+        p = env["peaks"]
+        print(f"peaks (datasheet): {p['bandwidth_GBps']} GB/s, fp32 {p['fp32_TFLOPs']} TFLOP/s, "
+              f"bf16 {p['bf16_TFLOPs']} TFLOP/s")
+    if not torch.cuda.is_available():
+        print("No GPU visible: timings need a GPU. Checking each backend's output against the reference "
+              "on shrunken shapes instead.")
+    else:
+        torch.backends.cudnn.benchmark = True
+
+    cases = [c for op in ops for c in SUITES[op](dtypes, args.quick)]
+    records = harness.run_cases(cases, args.quick)
+    print(harness.format_table(records, env["peaks"]))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "bench_" + "".join(ch if ch.isalnum() else "_" for ch in env["device"]).strip("_")
+    harness.write_json(out / f"{stem}.json", env, records)
+    print(f"results: {out / (stem + '.json')}")
+    if torch.cuda.is_available():
+        if harness.write_plot(out / f"{stem}.png", records, env["device"]):
+            print(f"plot: {out / (stem + '.png')}")
+        else:
+            print("plot: skipped (pip install matplotlib)")
+    bad = [r for r in records if r["check"] != "ok"]
+    if bad:
+        print(f"{len(bad)} implementation(s) disagree with the reference or failed: see the check column",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

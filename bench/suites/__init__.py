@@ -1,0 +1,7 @@
+"""Benchmark suites, one module per op. Each exposes ``cases(dtypes, quick) -> list[Case]``."""
+
+from . import depthwise_conv2d
+
+SUITES = {
+    "depthwise_conv2d": depthwise_conv2d.cases,
+}

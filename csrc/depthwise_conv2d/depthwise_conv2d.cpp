@@ -1,0 +1,194 @@
+// repkernels::depthwise_conv2d — schema, argument checks, CUDA implementation and its CPU emulation.
+//
+// The CPU implementation runs the CUDA kernel's tile code (depthwise_conv2d_fwd_tile.h) block by
+// block and thread by thread, so the test suite checks the GPU algorithm on machines without a GPU.
+// It is a test vehicle, not a fast CPU kernel: repkernels.ops sends CPU tensors to the reference.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include "depthwise_conv2d/depthwise_conv2d_fwd_tile.h"
+#include "depthwise_conv2d/depthwise_conv2d_launch.h"
+
+namespace rk {
+
+template <>
+struct Cvt<c10::Half, float> {
+  static float load(c10::Half v) { return static_cast<float>(v); }
+  static c10::Half store(float v) { return static_cast<c10::Half>(v); }
+};
+
+template <>
+struct Cvt<c10::BFloat16, float> {
+  static float load(c10::BFloat16 v) { return static_cast<float>(v); }
+  static c10::BFloat16 store(float v) { return static_cast<c10::BFloat16>(v); }
+};
+
+namespace dw {
+namespace {
+
+void check_pair(c10::IntArrayRef v, const char* name, int64_t min_value) {
+  TORCH_CHECK(v.size() == 2, "depthwise_conv2d: `", name, "` must have 2 elements, got ", v.size());
+  TORCH_CHECK(v[0] >= min_value && v[1] >= min_value, "depthwise_conv2d: `", name, "` must be >= ", min_value,
+              ", got ", v);
+}
+
+// Validates the arguments and returns the problem description (plan not yet made).
+Params make_params(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  TORCH_CHECK(input.dim() == 4, "depthwise_conv2d: `input` must be 4-D (N, C, H, W), got shape ", input.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == input.size(1) && weight.size(1) == 1,
+              "depthwise_conv2d: `weight` must have shape (C, 1, kh, kw) with C = input channels (",
+              input.size(1), "), got ", weight.sizes());
+  TORCH_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1, "depthwise_conv2d: `weight` kernel size must be >= 1");
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "depthwise_conv2d: `weight` dtype ",
+              weight.scalar_type(), " does not match `input` dtype ", input.scalar_type());
+  TORCH_CHECK(weight.device() == input.device(), "depthwise_conv2d: `weight` is on ", weight.device(),
+              " but `input` is on ", input.device());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == input.size(1), "depthwise_conv2d: `bias` must have shape (",
+                input.size(1), ",), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "depthwise_conv2d: `bias` dtype ", bias->scalar_type(),
+                " does not match `input` dtype ", input.scalar_type());
+    TORCH_CHECK(bias->device() == input.device(), "depthwise_conv2d: `bias` is on ", bias->device(),
+                " but `input` is on ", input.device());
+  }
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
+  check_pair(dilation, "dilation", 1);
+
+  Params p{};
+  p.n = input.size(0);
+  p.c = input.size(1);
+  p.h = input.size(2);
+  p.w = input.size(3);
+  p.kh = weight.size(2);
+  p.kw = weight.size(3);
+  p.sh = stride[0];
+  p.sw = stride[1];
+  p.ph = padding[0];
+  p.pw = padding[1];
+  p.dh = dilation[0];
+  p.dw = dilation[1];
+  p.oh = (p.h + 2 * p.ph - p.dh * (p.kh - 1) - 1) / p.sh + 1;
+  p.ow = (p.w + 2 * p.pw - p.dw * (p.kw - 1) - 1) / p.sw + 1;
+  TORCH_CHECK(p.h + 2 * p.ph >= p.dh * (p.kh - 1) + 1 && p.w + 2 * p.pw >= p.dw * (p.kw - 1) + 1,
+              "depthwise_conv2d: padded `input` (", p.h + 2 * p.ph, " x ", p.w + 2 * p.pw,
+              ") is smaller than the dilated kernel (", p.dh * (p.kh - 1) + 1, " x ", p.dw * (p.kw - 1) + 1, ")");
+  for (int i = 0; i < 4; ++i) p.in_stride[i] = input.stride(i);
+  return p;
+}
+
+at::Tensor make_output(const at::Tensor& input, Params& p) {
+  const bool channels_last = input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous();
+  at::Tensor out = at::empty({p.n, p.c, p.oh, p.ow}, input.options().memory_format(
+                                                          channels_last ? at::MemoryFormat::ChannelsLast
+                                                                        : at::MemoryFormat::Contiguous));
+  for (int i = 0; i < 4; ++i) p.out_stride[i] = out.stride(i);
+  return out;
+}
+
+template <typename T, typename Acc, typename Shape>
+void emulate_forward(const Params& p, const T* input, const T* weight, const T* bias, T* output) {
+  using Tile = FwdTile<T, Acc, Shape>;
+  if (p.config == TileConfig::kDirect) {
+    at::parallel_for(0, num_blocks(p), 1, [&](int64_t begin, int64_t end) {
+      std::vector<Acc> acc(Shape::kThreads * Shape::kRows);
+      for (int64_t block = begin; block < end; ++block) {
+        const BlockCoord b = Tile::coord(p, block);
+        std::fill(acc.begin(), acc.end(), Acc(0));
+        for (int tid = 0; tid < Shape::kThreads; ++tid) {
+          Tile::direct(p, b, tid, input, weight, acc.data() + tid * Shape::kRows);
+          Tile::store(p, b, tid, acc.data() + tid * Shape::kRows, bias, output);
+        }
+      }
+    });
+    return;
+  }
+  const int64_t smem_elems = Shape::smem_elems(p, p.kh_chunk, p.kw_chunk);
+  at::parallel_for(0, num_blocks(p), 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> smem(smem_elems);
+    std::vector<Acc> acc(Shape::kThreads * Shape::kRows);
+    for (int64_t block = begin; block < end; ++block) {
+      const BlockCoord b = Tile::coord(p, block);
+      std::fill(acc.begin(), acc.end(), Acc(0));
+      for (int64_t kh0 = 0; kh0 < p.kh; kh0 += p.kh_chunk) {
+        for (int64_t kw0 = 0; kw0 < p.kw; kw0 += p.kw_chunk) {
+          // Poison shared memory so that a read of anything the stage phase did not write shows.
+          std::fill(smem.begin(), smem.end(), std::numeric_limits<Acc>::quiet_NaN());
+          for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::stage(p, b, kh0, kw0, tid, input, weight, smem.data());
+          for (int tid = 0; tid < Shape::kThreads; ++tid)
+            Tile::compute(p, kh0, kw0, tid, smem.data(), acc.data() + tid * Shape::kRows);
+        }
+      }
+      for (int tid = 0; tid < Shape::kThreads; ++tid)
+        Tile::store(p, b, tid, acc.data() + tid * Shape::kRows, bias, output);
+    }
+  });
+}
+
+at::Tensor depthwise_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+                                c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  Params p = make_params(input, weight, bias, stride, padding, dilation);
+  plan(p);
+  at::Tensor out = make_output(input, p);
+  at::Tensor w = weight.contiguous();
+  std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_conv2d_cpu", [&] {
+    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* bias_ptr = b.has_value() ? b->const_data_ptr<scalar_t>() : nullptr;
+    if (p.config == TileConfig::kNarrow) {
+      emulate_forward<scalar_t, Acc, NarrowTile>(p, input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                                 bias_ptr, out.mutable_data_ptr<scalar_t>());
+    } else {
+      emulate_forward<scalar_t, Acc, WideTile>(p, input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                               bias_ptr, out.mutable_data_ptr<scalar_t>());
+    }
+  });
+  return out;
+}
+
+at::Tensor depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+                                 c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  Params p = make_params(input, weight, bias, stride, padding, dilation);
+  DType dtype;
+  switch (input.scalar_type()) {
+    case at::kFloat: dtype = DType::kFloat32; break;
+    case at::kHalf: dtype = DType::kFloat16; break;
+    case at::kBFloat16: dtype = DType::kBFloat16; break;
+    default: TORCH_CHECK(false, "depthwise_conv2d (cuda): `input` dtype must be float32, float16 or bfloat16, got ",
+                         input.scalar_type());
+  }
+  plan(p);
+  c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = make_output(input, p);
+  at::Tensor w = weight.contiguous();
+  std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  C10_CUDA_CHECK(launch_forward(p, dtype, input.const_data_ptr(), w.const_data_ptr(),
+                                b.has_value() ? b->const_data_ptr() : nullptr, out.mutable_data_ptr(),
+                                c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+}  // namespace
+}  // namespace dw
+}  // namespace rk
+
+TORCH_LIBRARY_FRAGMENT(repkernels, m) {
+  m.def("depthwise_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(repkernels, CPU, m) { m.impl("depthwise_conv2d", &rk::dw::depthwise_conv2d_cpu); }
+
+TORCH_LIBRARY_IMPL(repkernels, CUDA, m) { m.impl("depthwise_conv2d", &rk::dw::depthwise_conv2d_cuda); }

@@ -1,0 +1,54 @@
+"""Argument checks shared by the ops: each error names the op and the argument."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def pair(value: int | Sequence[int], name: str, op: str, minimum: int) -> tuple[int, int]:
+    """Normalize an int or a pair of ints to a pair, checking each is >= ``minimum``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{op}: `{name}` must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        out = (value, value)
+    elif isinstance(value, (tuple, list, torch.Size)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        out = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{op}: `{name}` must be an int or a pair of ints, got {value!r}")
+    if out[0] < minimum or out[1] < minimum:
+        raise ValueError(f"{op}: `{name}` must be >= {minimum}, got {value!r}")
+    return out
+
+
+def tensor(t: object, name: str, op: str, ndim: int | None = None, floating: bool = True) -> torch.Tensor:
+    """Check ``t`` is a tensor (of rank ``ndim`` if given, floating point if asked)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: `{name}` must be {ndim}-D, got shape {tuple(t.shape)}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{op}: `{name}` must be a floating-point tensor, got {t.dtype}")
+    return t
+
+
+def same_device_dtype(ref: torch.Tensor, ref_name: str, op: str, **others: torch.Tensor | None) -> None:
+    """Check every tensor in ``others`` has the dtype and device of ``ref``."""
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.device != ref.device:
+            raise ValueError(f"{op}: `{name}` is on {t.device} but `{ref_name}` is on {ref.device}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{op}: `{name}` has dtype {t.dtype} but `{ref_name}` has dtype {ref.dtype}")
+
+
+def conv_out_size(size: int, kernel: int, stride: int, pad_total: int, dilation: int) -> int:
+    return (size + pad_total - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def channels_last_output(t: torch.Tensor) -> bool:
+    """Whether an op's output should be channels_last (the rule the C++ ops apply too)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()

@@ -1,0 +1,6 @@
+"""Pure-PyTorch reference implementations: the specification every fast path is tested against,
+and the fallback for cases no fast path serves."""
+
+from .depthwise_conv2d import depthwise_conv2d
+
+__all__ = ["depthwise_conv2d"]

@@ -1,0 +1,56 @@
+"""Shared test helpers: skip conditions, tolerances, comparison against a float64 reference.
+
+Tolerances (documented choice). A fast path's output ``out`` is compared with the reference
+evaluated in float64 on the same (already rounded) inputs, ``ref``:
+
+    max |out - ref| <= atol + rtol * max |ref|
+
+    dtype      rtol    atol     why
+    float64    1e-10   1e-12    exact up to summation order
+    float32    2e-5    1e-6     fp32 accumulation of up to ~10^4 terms
+    float16    4e-3    1e-4     one fp16 rounding of the output (2^-11 ~ 4.9e-4 relative) plus fp32 sums
+    bfloat16   2e-2    1e-3     one bf16 rounding of the output (2^-8 ~ 3.9e-3 relative) plus fp32 sums
+
+Gradients use the same rule (they are convolutions too).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from repkernels import _backend, _extension
+
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-5, 1e-6),
+    torch.float16: (4e-3, 1e-4),
+    torch.bfloat16: (2e-2, 1e-3),
+}
+
+HAS_GPU = torch.cuda.is_available()
+TRITON_ON_CPU = _backend.HAS_TRITON and _backend.TRITON_INTERPRET
+
+requires_c = pytest.mark.skipif(not _extension.HAS_C, reason=f"repkernels._C not built: {_extension.LOAD_ERROR}")
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+requires_triton_cpu = pytest.mark.skipif(
+    not TRITON_ON_CPU, reason="needs Triton with TRITON_INTERPRET=1 (set by conftest when no GPU is visible)")
+requires_triton_gpu = pytest.mark.skipif(not (HAS_GPU and _backend.HAS_TRITON), reason="needs Triton and a GPU")
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None, what: str = "output"):
+    """Check ``out`` against the float64 reference ``ref`` with the tolerance of ``dtype``."""
+    dtype = dtype or out.dtype
+    rtol, atol = TOLERANCES[dtype]
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(out64).all(), f"{what}: non-finite values"
+    err = (out64 - ref64).abs().max().item() if out64.numel() else 0.0
+    scale = ref64.abs().max().item() if ref64.numel() else 0.0
+    assert err <= atol + rtol * scale, f"{what} ({dtype}): max abs error {err:.3e} > {atol:.1e} + {rtol:.1e} * {scale:.3e}"
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")

@@ -1,0 +1,296 @@
+"""repkernels.ops.depthwise_conv2d: every implementation against the reference.
+
+On a CPU machine: the CUDA kernel's tile code runs through its CPU emulation (the C++ op's CPU
+implementation), the Triton kernel under the Triton interpreter. On a GPU machine the same cases run
+the real kernels against cuDNN.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import repkernels
+from helpers import (HAS_GPU, assert_close, requires_c, requires_gpu, requires_triton_cpu,
+                     requires_triton_gpu)
+from repkernels.ops import depthwise_conv2d
+
+# (n, c, h, w, (kh, kw), stride, padding, dilation): what each case exercises is in the comment.
+CASES = [
+    (2, 3, 17, 40, (3, 3), 1, 1, 1),          # wide tile, two tiles along W
+    (1, 2, 9, 9, (7, 5), 2, (3, 2), 1),       # non-square kernel, stride 2, narrow tile
+    (1, 2, 12, 11, (4, 6), 1, (2, 3), 1),     # even kernel sizes
+    (1, 2, 20, 21, (13, 13), (1, 2), 6, 2),   # dilation, mixed stride
+    (1, 1, 24, 24, (31, 31), 1, 15, 1),       # large kernel
+    (1, 1, 20, 40, (63, 63), 1, 62, 2),       # K = 63, dilated: taps staged in several chunks
+    (2, 2, 7, 7, (13, 1), 1, (6, 0), 1),      # oversized vertical (2H-1) x 1
+    (2, 2, 7, 7, (1, 13), 1, (0, 6), 1),      # oversized horizontal 1 x (2W-1)
+    (1, 2, 9, 50, (3, 3), 40, 1, 1),          # huge stride: no staging fits, direct path
+    (1, 3, 6, 5, (1, 1), 1, 0, 1),            # 1x1
+    (1, 2, 5, 5, (5, 5), 1, 0, 1),            # output 1x1 (valid)
+    (0, 2, 5, 5, (3, 3), 1, 1, 1),            # empty batch
+]
+CASE_IDS = [f"n{c[0]}c{c[1]}_{c[2]}x{c[3]}_k{c[4][0]}x{c[4][1]}_s{c[5]}_p{c[6]}_d{c[7]}" for c in CASES]
+# The Triton interpreter is slow: a subset that still covers every feature.
+TRITON_CASES = [CASES[i] for i in (0, 1, 2, 3, 5, 6, 8, 11)]
+TRITON_IDS = [CASE_IDS[i] for i in (0, 1, 2, 3, 5, 6, 8, 11)]
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def make_case(case, dtype, device="cpu", channels_last=False, bias=True):
+    n, c, h, w, (kh, kw), stride, padding, dilation = case
+    x = torch.randn(n, c, h, w, dtype=dtype, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    wt = torch.randn(c, 1, kh, kw, dtype=dtype, device=device)
+    b = torch.randn(c, dtype=dtype, device=device) if bias else None
+    return x, wt, b, _pair(stride), _pair(padding), _pair(dilation)
+
+
+def reference64(x, wt, b, stride, padding, dilation):
+    return F.conv2d(x.double(), wt.double(), None if b is None else b.double(), stride, padding, dilation,
+                    groups=x.shape[1])
+
+
+def check_layout(out, x):
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+
+
+# ---------------------------------------------------------------- reference
+def test_reference_gradcheck():
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    with repkernels.backend("reference"):
+        assert torch.autograd.gradcheck(lambda *a: depthwise_conv2d(*a, stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+                                        (x, w, b))
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (4, 4), (2, 5)])
+def test_same_and_valid_padding_match_conv2d(kernel):
+    x = torch.randn(1, 3, 9, 8, dtype=torch.float64)
+    w = torch.randn(3, 1, *kernel, dtype=torch.float64)
+    for padding in ("same", "valid"):
+        out = depthwise_conv2d(x, w, padding=padding, dilation=(1, 2) if padding == "same" else 1)
+        ref = F.conv2d(x, w, padding=padding, dilation=(1, 2) if padding == "same" else 1, groups=3)
+        assert_close(out, ref)
+
+
+# ---------------------------------------------------------------- CUDA kernel (CPU emulation)
+@requires_c
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_kernel_emulation_matches_reference(case, dtype, channels_last):
+    x, w, b, stride, padding, dilation = make_case(case, dtype, channels_last=channels_last, bias=case[0] != 1)
+    out = torch.ops.repkernels.depthwise_conv2d(x, w, b, stride, padding, dilation)
+    assert out.dtype == dtype
+    check_layout(out, x)
+    assert_close(out, reference64(x, w, b, stride, padding, dilation), dtype)
+
+
+@requires_c
+def test_cuda_kernel_emulation_non_contiguous_view():
+    base = torch.randn(2, 6, 20, 30)
+    x = base[:, ::2, 1:15, ::3]  # arbitrary strides
+    w = torch.randn(3, 1, 5, 3)
+    out = torch.ops.repkernels.depthwise_conv2d(x, w, None, [1, 1], [2, 1], [1, 1])
+    assert_close(out, reference64(x, w, None, (1, 1), (2, 1), (1, 1)), torch.float32)
+
+
+@requires_c
+def test_cuda_op_opcheck():
+    x, w, b, stride, padding, dilation = make_case(CASES[1], torch.float32)
+    x.requires_grad_(True)
+    torch.library.opcheck(torch.ops.repkernels.depthwise_conv2d.default, (x, w, b, stride, padding, dilation))
+    xl = x.detach().to(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.repkernels.depthwise_conv2d.default, (xl, w, None, stride, padding, dilation))
+
+
+@requires_c
+def test_cuda_op_gradients_match_reference():
+    x, w, b, stride, padding, dilation = make_case(CASES[3], torch.float64)
+    args = [t.requires_grad_(True) for t in (x, w, b)]
+    out = torch.ops.repkernels.depthwise_conv2d(*args, stride, padding, dilation)
+    grads = torch.autograd.grad(out, args, torch.ones_like(out))
+    ref = F.conv2d(*args, stride=stride, padding=padding, dilation=dilation, groups=x.shape[1])
+    ref_grads = torch.autograd.grad(ref, args, torch.ones_like(ref))
+    for g, r, name in zip(grads, ref_grads, ("input", "weight", "bias")):
+        assert_close(g, r, what=f"grad {name}")
+
+
+@requires_c
+def test_cuda_op_rejects_bad_arguments():
+    x = torch.randn(1, 2, 8, 8)
+    w = torch.randn(2, 1, 3, 3)
+    op = torch.ops.repkernels.depthwise_conv2d
+    with pytest.raises(RuntimeError, match="`weight` must have shape"):
+        op(x, torch.randn(3, 1, 3, 3), None, [1, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match="`stride` must be >= 1"):
+        op(x, w, None, [0, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match="`bias` dtype"):
+        op(x, w, torch.randn(2, dtype=torch.float64), [1, 1], [0, 0], [1, 1])
+
+
+# ---------------------------------------------------------------- Triton kernel (interpreter on CPU)
+@requires_triton_cpu
+@pytest.mark.parametrize("case", TRITON_CASES, ids=TRITON_IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_triton_kernel_matches_reference(case, channels_last):
+    x, w, b, stride, padding, dilation = make_case(case, torch.float32, channels_last=channels_last)
+    with repkernels.backend("triton"):
+        out = depthwise_conv2d(x, w, b, stride, padding, dilation)
+    check_layout(out, x)
+    assert_close(out, reference64(x, w, b, stride, padding, dilation), torch.float32)
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_kernel_half_precision(dtype):
+    x, w, b, stride, padding, dilation = make_case(CASES[3], dtype)
+    with repkernels.backend("triton"):
+        out = depthwise_conv2d(x, w, b, stride, padding, dilation)
+    assert out.dtype == dtype
+    assert_close(out, reference64(x, w, b, stride, padding, dilation), dtype)
+
+
+@requires_triton_cpu
+def test_triton_op_opcheck():
+    x, w, b, stride, padding, dilation = make_case(CASES[1], torch.float32)
+    x.requires_grad_(True)
+    torch.library.opcheck(torch.ops.repkernels.depthwise_conv2d_triton.default, (x, w, b, stride, padding, dilation))
+
+
+@requires_triton_cpu
+def test_triton_op_gradients_match_reference():
+    x, w, b, stride, padding, dilation = make_case(CASES[1], torch.float32)
+    args = [t.requires_grad_(True) for t in (x, w, b)]
+    with repkernels.backend("triton"):
+        out = depthwise_conv2d(*args, stride, padding, dilation)
+    grads = torch.autograd.grad(out, args, torch.ones_like(out))
+    ref = F.conv2d(*args, stride=stride, padding=padding, dilation=dilation, groups=x.shape[1])
+    ref_grads = torch.autograd.grad(ref, args, torch.ones_like(ref))
+    for g, r, name in zip(grads, ref_grads, ("input", "weight", "bias")):
+        assert_close(g, r, what=f"grad {name}")
+
+
+# ---------------------------------------------------------------- torch.compile
+class DWModule(torch.nn.Module):
+    def __init__(self, c, k):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(c, 1, k, k))
+        self.bias = torch.nn.Parameter(torch.randn(c))
+
+    def forward(self, x):
+        return depthwise_conv2d(x, self.weight, self.bias, padding=self.weight.shape[-1] // 2).relu()
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
+def test_compile_fullgraph(backend):
+    from repkernels import _backend, _extension
+
+    if backend == "triton" and not (_backend.HAS_TRITON and (HAS_GPU or _backend.TRITON_INTERPRET)):
+        pytest.skip("Triton cannot run here")
+    if backend == "cuda" and not (_extension.HAS_C and HAS_GPU):
+        # On CPU: compile a module that calls the C++ op directly (its CPU emulation).
+        if not _extension.HAS_C:
+            pytest.skip("repkernels._C not built")
+        m = torch.nn.Conv2d(3, 3, 5, padding=2, groups=3)
+        f = torch.compile(lambda x: torch.ops.repkernels.depthwise_conv2d(x, m.weight, m.bias, [1, 1], [2, 2], [1, 1]),
+                          fullgraph=True, backend="aot_eager")
+        x = torch.randn(2, 3, 9, 9, requires_grad=True)
+        out = f(x)
+        out.sum().backward()
+        assert_close(out, m(x).double(), torch.float32)
+        return
+    device = "cuda" if HAS_GPU else "cpu"
+    m = DWModule(4, 7).to(device)
+    x = torch.randn(2, 4, 12, 12, device=device, requires_grad=True)
+    with repkernels.backend(backend):
+        eager = m(x)
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+        compiled.sum().backward()
+    assert_close(compiled, eager.double(), torch.float32)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------- argument errors
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(2, 3, 8, 8)
+    w = torch.randn(3, 1, 3, 3)
+    with pytest.raises(ValueError, match="`input` must be 4-D"):
+        depthwise_conv2d(x[0], w)
+    with pytest.raises(ValueError, match="`weight` must be 4-D"):
+        depthwise_conv2d(x, w[0])
+    with pytest.raises(ValueError, match=r"`weight` must have shape \(C, 1, kh, kw\) with C = input channels \(3\)"):
+        depthwise_conv2d(x, torch.randn(3, 2, 3, 3))
+    with pytest.raises(ValueError, match="`bias` must have shape"):
+        depthwise_conv2d(x, w, torch.randn(4))
+    with pytest.raises(TypeError, match="`weight` has dtype torch.float64"):
+        depthwise_conv2d(x, w.double())
+    with pytest.raises(ValueError, match="`weight` is on meta"):
+        depthwise_conv2d(x, w.to("meta"))
+    with pytest.raises(ValueError, match="`stride` must be >= 1"):
+        depthwise_conv2d(x, w, stride=0)
+    with pytest.raises(ValueError, match="`dilation` must be >= 1"):
+        depthwise_conv2d(x, w, dilation=(1, -1))
+    with pytest.raises(ValueError, match="`padding` must be >= 0"):
+        depthwise_conv2d(x, w, padding=-1)
+    with pytest.raises(TypeError, match="`stride` must be an int or a pair"):
+        depthwise_conv2d(x, w, stride=(1, 2, 3))
+    with pytest.raises(ValueError, match="`padding` must be an int, a pair of ints, 'same' or 'valid'"):
+        depthwise_conv2d(x, w, padding="full")
+    with pytest.raises(ValueError, match="padding='same' needs stride 1"):
+        depthwise_conv2d(x, w, stride=2, padding="same")
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        depthwise_conv2d(x, torch.randn(3, 1, 9, 9))
+    with pytest.raises(TypeError, match="`input` must be a floating-point tensor"):
+        depthwise_conv2d(x.long(), w.long())
+    with pytest.raises(TypeError, match="`input` must be a torch.Tensor"):
+        depthwise_conv2d(x.numpy(), w)
+
+
+# ---------------------------------------------------------------- GPU: real kernels vs cuDNN
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@requires_gpu
+@requires_c
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_gpu_cuda_kernel_matches_cudnn(case, dtype, channels_last):
+    x, w, b, stride, padding, dilation = make_case(case, dtype, "cuda", channels_last)
+    with repkernels.backend("cuda"):
+        out = depthwise_conv2d(x, w, b, stride, padding, dilation)
+    torch.cuda.synchronize()
+    check_layout(out, x)
+    assert_close(out, reference64(x, w, b, stride, padding, dilation), dtype)
+
+
+@requires_triton_gpu
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_gpu_triton_kernel_matches_cudnn(case, dtype, channels_last):
+    x, w, b, stride, padding, dilation = make_case(case, dtype, "cuda", channels_last)
+    with repkernels.backend("triton"):
+        out = depthwise_conv2d(x, w, b, stride, padding, dilation)
+    check_layout(out, x)
+    assert_close(out, reference64(x, w, b, stride, padding, dilation), dtype)
+
+
+@requires_gpu
+def test_gpu_auto_never_errors():
+    for case in CASES:
+        for dtype in GPU_DTYPES + [torch.float64]:
+            x, w, b, stride, padding, dilation = make_case(case, dtype, "cuda")
+            out = depthwise_conv2d(x, w, b, stride, padding, dilation)
+            assert_close(out, reference64(x, w, b, stride, padding, dilation), dtype)
