@@ -169,7 +169,8 @@ setup(
     install_requires=install_requires(),
     extras_require={
         "bench": ["matplotlib", "tqdm"],
-        "test": ["pytest", "numpy"],
+        "models": ["torchvision"],
+        "test": ["pytest", "numpy", "torchvision", "matplotlib", "tqdm"],
     },
     zip_safe=False,
 )

@@ -1,0 +1,3 @@
+"""Model builders and converters (need torchvision)."""
+
+__all__: list[str] = []
