@@ -117,6 +117,8 @@ def select(op: str, reasons: dict[str, Callable[[], str | None]], on_gpu: bool) 
         return "reference"
     if wanted == "auto":
         if on_gpu:
+            if "cuda" in reasons:
+                _extension.warn_missing_once()
             for name in ("cuda", "triton"):
                 check = reasons.get(name)
                 if check is not None and check() is None:

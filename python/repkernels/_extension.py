@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import warnings
 
-try:
-    from . import _C  # noqa: F401  (importing registers the torch.ops.repkernels operators)
+_C = None
+HAS_C = False
+LOAD_ERROR: str | None = None
+_warned_missing = False
 
-    HAS_C = True
-    LOAD_ERROR: str | None = None
-except ModuleNotFoundError as exc:
-    if exc.name not in ("repkernels._C", f"{__package__}._C"):
-        raise
-    _C = None
-    HAS_C = False
+if importlib.util.find_spec(f"{__package__}._C") is None:
     LOAD_ERROR = "repkernels was installed without the compiled extension (no CUDA toolchain at build time)"
-except (ImportError, OSError) as exc:  # present but unloadable: say so, it is a broken install
-    _C = None
-    HAS_C = False
-    LOAD_ERROR = f"repkernels._C failed to load: {exc}"
-    warnings.warn(f"{LOAD_ERROR}. The 'cuda' backend is unavailable; rebuild against the installed torch.",
-                  RuntimeWarning, stacklevel=2)
+else:
+    try:
+        _C = importlib.import_module(f"{__package__}._C")  # registers the torch.ops.repkernels operators
+        HAS_C = True
+    except (ImportError, OSError) as exc:  # present but unloadable: a broken install, say so
+        LOAD_ERROR = f"repkernels._C failed to load: {exc}"
+        warnings.warn(f"{LOAD_ERROR}. The 'cuda' backend is unavailable; rebuild against the installed torch.",
+                      RuntimeWarning, stacklevel=2)
+
+
+def warn_missing_once() -> None:
+    """Tell a GPU user, once per process, that the CUDA kernels are not there."""
+    global _warned_missing
+    if HAS_C or _warned_missing:
+        return
+    _warned_missing = True
+    warnings.warn(f"{LOAD_ERROR}: CUDA tensors use the Triton or reference backends. Reinstall with a CUDA "
+                  "toolchain (see README) to get the CUDA kernels.", RuntimeWarning, stacklevel=3)
 
 
 def build_info() -> dict[str, str | bool | None]:
