@@ -68,6 +68,9 @@ def per_sample_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """
     b, c, h, w = input.shape
     cout = weight.shape[1]
+    if b == 0:  # groups = 0 is not a convolution; weight.sum(0) is a zero kernel of the right shape
+        out = F.conv2d(input, weight.sum(0), bias, stride, padding, dilation, groups)
+        return out
     out = F.conv2d(input.reshape(1, b * c, h, w), weight.reshape(b * cout, *weight.shape[2:]), None,
                    stride, padding, dilation, groups=b * groups)
     out = out.view(b, cout, *out.shape[2:])
