@@ -337,8 +337,9 @@ class WarehouseManager(nn.Module):
     3. gives every layer its :class:`KWAttention` and CAF's ``β``: going through the layers in order, a layer
        with ``b_l >= 1`` assigns the next free cell to each of its mixtures (one to one, A.2); a layer with
        ``b_l < 1`` assigns free cells to ``⌊b_l·m_l⌋`` of its mixtures — the block-diagonal pattern of a group
-       convolution with ``1/b_l`` groups when the cell grid allows it, evenly spaced otherwise — and the zero
-       cell e_z to the others. Mixtures left without a free cell get e_z;
+       convolution with ``1/b_l`` groups when the cell grid allows it, evenly spaced otherwise; the counts are
+       rounded so that these layers use ``⌊Σ b_l·m_l⌋`` cells in all) and the zero cell e_z to the others.
+       Mixtures left without a free cell get e_z;
     4. initializes the cells: each assigned cell as ``kaiming_normal_(mode='fan_out', relu)`` would initialize
        its layer's static kernel, unassigned cells with the warehouse's mean variance.
 
@@ -471,6 +472,7 @@ class WarehouseManager(nn.Module):
         meta = wh.device.type == "meta"
 
         cursor = 0
+        partial_cum, partial_done = 0.0, 0  # running Σ b_l·m_l over the layers with b_l < 1
         assigned_std = torch.zeros(n, dtype=torch.float64)
         stds = []
         for layer, m, r in zip(layers, ms, ratios):
@@ -481,7 +483,13 @@ class WarehouseManager(nn.Module):
             att = KWAttention(in_ch, m, n, reduction, norm, self.min_hidden, self.eps,
                               channel_dim=-1 if isinstance(layer, KWLinear) else 1, **factory)
             go, gi, taps = shape[0] // co, shape[1] // ci, math.prod(shape[2:]) // cell_taps
-            mask = [True] * m if r >= 1 else _subset(go, gi, taps, r)
+            if r >= 1:
+                mask = [True] * m
+            else:  # ⌊Σ b_l·m_l⌋ cells over these layers in all, ⌊b_l·m_l⌋ or one more each
+                partial_cum += r * m
+                quota = int(math.floor(partial_cum + 1e-6)) - partial_done
+                partial_done += quota
+                mask = _subset(go, gi, taps, r, quota)
             for j in range(m):
                 if mask[j] and cursor < n:
                     att.beta[j, cursor] = 1.0
@@ -514,18 +522,17 @@ class WarehouseManager(nn.Module):
         return ", ".join(f"{k}: n={v['n']} cells {v['cell_shape']}, m_t={v['m_t']}" for k, v in self._info.items())
 
 
-def _subset(go: int, gi: int, taps: int, ratio: float) -> list[bool]:
-    """Which of a layer's ``m = go·gi·taps`` mixtures (order (o, i, s)) get a real cell when ``b < 1``.
+def _subset(go: int, gi: int, taps: int, ratio: float, k: int) -> list[bool]:
+    """Which ``k`` of a layer's ``m = go·gi·taps`` mixtures (order (o, i, s)) get a real cell when ``b < 1``.
 
-    With ``g = 1/ratio`` an integer dividing ``go`` and ``gi``: the block diagonal of a ``g``-group convolution
-    (output-cell block ``o·g // go`` meets input-cell block ``i·g // gi``), so that at τ = 1 the layer is a group
-    convolution (paper A.2). Otherwise ``⌊ratio·m⌋`` mixtures, evenly spaced.
+    With ``g = 1/ratio`` an integer dividing ``go`` and ``gi`` (and ``k = m/g``): the block diagonal of a
+    ``g``-group convolution (output-cell block ``o·g // go`` meets input-cell block ``i·g // gi``), so that at
+    τ = 1 the layer is a group convolution (paper A.2). Otherwise ``k`` mixtures, evenly spaced.
     """
     m = go * gi * taps
     g = round(1 / ratio)
-    if abs(1 / ratio - g) < 1e-6 and go % g == 0 and gi % g == 0:
+    if abs(1 / ratio - g) < 1e-6 and go % g == 0 and gi % g == 0 and k * g == m:
         return [(o * g // go) == (i * g // gi) for o in range(go) for i in range(gi) for _ in range(taps)]
-    k = int(math.floor(ratio * m + 1e-6))
     return [(j + 1) * k // m > j * k // m for j in range(m)]
 
 

@@ -36,15 +36,18 @@ def check_layout(attention: torch.Tensor, warehouse: torch.Tensor, layout: Seque
     _validation.tensor(attention, "attention", op, ndim=3)
     _validation.tensor(warehouse, "warehouse", op)
     _validation.same_device_dtype(warehouse, "warehouse", op, attention=attention)
-    if isinstance(layout, (str, bytes)) or not isinstance(layout, (Sequence, torch.Size)) or len(layout) < 2 or \
-            not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in layout):
+    ok = not isinstance(layout, (str, bytes)) and isinstance(layout, (Sequence, torch.Size)) and len(layout) >= 2
+    if ok:
+        for v in layout:
+            ok = ok and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    if not ok:
         raise ValueError(f"{op}: `layout` must be (Cout, Cin/groups, *kernel) with positive ints, got {layout!r}")
     layout = [int(v) for v in layout]
     if warehouse.dim() < 3:
         raise ValueError(f"{op}: `warehouse` must be (n, co, ci, *cell_kernel), got shape {tuple(warehouse.shape)}")
     n, co, ci = warehouse.shape[:3]
     cell_k, kernel = list(warehouse.shape[3:]), layout[2:]
-    if any(v != 1 for v in cell_k) and cell_k != kernel:
+    if cell_k != [1] * len(cell_k) and cell_k != kernel:
         raise ValueError(f"{op}: `warehouse` cells must span one kernel tap (cell kernel all ones) or the whole "
                          f"kernel {tuple(kernel)}, got cell kernel {tuple(cell_k)}")
     if co == 0 or ci == 0 or layout[0] % co or layout[1] % ci:

@@ -16,7 +16,6 @@ Per sample ``b``: ``cell_j = Σ_n attention[b, j, n] · warehouse[n]``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -30,8 +29,11 @@ def layout_grid(warehouse_shape: Sequence[int], layout: Sequence[int]) -> tuple[
     ops validate (``repkernels.ops.kw_assemble``).
     """
     co, ci = int(warehouse_shape[1]), int(warehouse_shape[2])
-    e = math.prod(int(v) for v in warehouse_shape[3:])
-    ks = math.prod(int(v) for v in layout[2:])
+    e = ks = 1
+    for v in warehouse_shape[3:]:  # (plain loops: traceable by torch.compile without graph breaks)
+        e *= int(v)
+    for v in layout[2:]:
+        ks *= int(v)
     return int(layout[0]) // co, co, int(layout[1]) // ci, ci, ks // e, e, ks
 
 
