@@ -434,9 +434,15 @@ def test_explicit_backends_that_cannot_serve_raise():
 
 
 # ---------------------------------------------------------------- GPU (skipped without one)
+@pytest.fixture
+def no_tf32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _gpu_check_all(backend_name):
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for case in ASM_CASES:
             att, wh, layout = make_asm(case, dtype, "cuda")
@@ -465,18 +471,17 @@ def _gpu_check_all(backend_name):
 
 @requires_gpu
 @requires_c
-def test_gpu_cuda_kernels_match_reference():
+def test_gpu_cuda_kernels_match_reference(no_tf32):
     _gpu_check_all("cuda")
 
 
 @requires_triton_gpu
-def test_gpu_triton_kernels_match_reference():
+def test_gpu_triton_kernels_match_reference(no_tf32):
     _gpu_check_all("triton")
 
 
 @requires_triton_gpu
-def test_gpu_fused_kernel_matches_reference():
-    torch.backends.cudnn.allow_tf32 = False
+def test_gpu_fused_kernel_matches_reference(no_tf32):
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for case in FUSED_CASES:
             x, att, wh, layout, bias, s, p, d = (t.cuda() if isinstance(t, torch.Tensor) else t

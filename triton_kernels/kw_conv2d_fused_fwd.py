@@ -9,7 +9,8 @@ output pixels and walks the reduction as (tap q, chunk of BLOCK_C input channels
 
 then the conv step is a batched GEMM ``acc (GB, BLOCK_O, BLOCK_P) += tiles (GB, BLOCK_O, BLOCK_C) @
 x_cols (GB, BLOCK_C, BLOCK_P)``. Both run on ``tl.dot`` (tensor cores on a GPU); the assembled tile is rounded
-to the storage dtype first, as the unfused path rounds its stored kernels.
+to the storage dtype first, as the unfused path rounds its stored kernels, and each GEMM uses the precision
+of its unfused counterpart (assembly: ``torch.backends.cuda.matmul.allow_tf32``; conv: ``cudnn.allow_tf32``).
 
 Cost (per sample, W = weight elements, P = output pixels, n = warehouse cells): the assembly is recomputed for
 each of the ``ceil(P / BLOCK_P)`` pixel tiles, i.e. ``2·W·n·ceil(P/BLOCK_P)`` FLOPs, against
@@ -26,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kw_common import conv_precision, dot_in_fp32, pow2_clamp
+from .kw_common import conv_precision, dot_in_fp32, matmul_precision, pow2_clamp
 
 
 @triton.jit(do_not_specialize=["NB"])
@@ -39,7 +40,7 @@ def kw_conv2d_fused_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, ASM_PRECISION: tl.constexpr,
     GB: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -86,7 +87,7 @@ def kw_conv2d_fused_fwd_kernel(
                 if DOT_FP32:
                     av = av.to(tl.float32)
                     wv = wv.to(tl.float32)
-                tile = tl.dot(av, wv, tile, input_precision=PRECISION)
+                tile = tl.dot(av, wv, tile, input_precision=ASM_PRECISION)
             wt = tl.reshape(tile.to(y_ptr.dtype.element_ty), (GB, BLOCK_O, BLOCK_C))
             c = c0 + cc
             xv = tl.load(x_ptr + b64[:, None, None] * sxn + c.to(tl.int64)[None, :, None] * sxc
@@ -145,6 +146,7 @@ def kw_conv2d_fused_fwd(x: torch.Tensor, attention: torch.Tensor, warehouse: tor
         KH=kernel[0], KW=kernel[1], SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
         DH=dilation[0], DW=dilation[1],
         HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(x.dtype), PRECISION=conv_precision(x.dtype),
+        ASM_PRECISION=matmul_precision(x.dtype),
         GB=GB, BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_N=block_n,
         num_warps=8,
     )
