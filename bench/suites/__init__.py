@@ -1,7 +1,8 @@
 """Benchmark suites, one module per op. Each exposes ``cases(dtypes, quick) -> list[Case]``."""
 
-from . import depthwise_conv2d
+from . import depthwise_conv2d, kernelwarehouse
 
 SUITES = {
     "depthwise_conv2d": depthwise_conv2d.cases,
+    "kernelwarehouse": kernelwarehouse.cases,
 }

@@ -106,11 +106,13 @@ def triton_unavailable_reason(*tensors: torch.Tensor) -> str | None:
     return None
 
 
-def select(op: str, reasons: dict[str, Callable[[], str | None]], on_gpu: bool) -> str:
+def select(op: str, reasons: dict[str, Callable[[], str | None]], on_gpu: bool,
+           prefer: tuple[str, ...] = ("cuda", "triton")) -> str:
     """Pick the backend for one call of ``op``.
 
     ``reasons`` maps each fast backend the op has ('cuda', 'triton') to a function that returns why it
-    cannot serve this call, or None if it can. ``auto`` only considers fast backends for GPU tensors.
+    cannot serve this call, or None if it can. ``auto`` only considers fast backends for GPU tensors, in
+    the order ``prefer`` (an op whose Triton kernel is the faster one passes ``("triton", "cuda")``).
     """
     wanted = get_backend()
     if wanted == "reference":
@@ -119,7 +121,7 @@ def select(op: str, reasons: dict[str, Callable[[], str | None]], on_gpu: bool) 
         if on_gpu:
             if "cuda" in reasons:
                 _extension.warn_missing_once()
-            for name in ("cuda", "triton"):
+            for name in prefer:
                 check = reasons.get(name)
                 if check is not None and check() is None:
                     return name

@@ -1,3 +1,6 @@
 """Model builders and converters (need torchvision)."""
 
 __all__: list[str] = []
+from .kernelwarehouse import convert_to_kw, kw_convnext_tiny, kw_mobilenetv2, kw_resnet18, kw_resnet50
+
+__all__ += ["convert_to_kw", "kw_convnext_tiny", "kw_mobilenetv2", "kw_resnet18", "kw_resnet50"]

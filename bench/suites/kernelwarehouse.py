@@ -1,0 +1,207 @@
+"""KernelWarehouse: cell assembly, per-layer forward+backward, KW-ResNet-50 inference and training step.
+
+Cases (224x224 inputs, batch 64 and 256; ``--quick``: batch 64 only, fewer layers):
+
+* ``kw_assemble`` — the per-sample kernels of ResNet-50 KW(1x) layers; baseline the reference (one matmul
+  then a permute copy); GB/s counts the bytes the op must move (kernels written once, attentions and
+  warehouse read once), the "%BW" column is the goal's bandwidth fraction.
+* ``kw_conv2d fwd+bwd`` — one KW layer's convolution (assembly + per-sample conv, forward and backward to input,
+  attentions and warehouse); ``cudnn`` is the *static* conv of the same shape (F.conv2d, channels_last; timed,
+  not checked: a different computation), ``reference`` the public approach (grouped conv over B·groups);
+  ``auto`` what KWConv2d runs (fused where the routing rule picks it).
+* ``KW-ResNet-50`` inference (τ = 0) / training step (forward + loss + backward, τ = 1: see _model_setup) at
+  b = 1; ``cudnn`` is the
+  static torchvision ResNet-50 (channels_last, timed, not checked); ``auto`` the KW model as users run it.
+
+Without a GPU the harness shrinks every case (``small=True``) and checks each implementation against float64.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+import torch.nn.functional as F
+
+import repkernels
+from repkernels import _backend, _extension
+from repkernels.reference import kernelwarehouse as ref
+
+from ..harness import Case
+
+# ResNet-50 KW(1x) layers at 224x224: (label, C, H, W, Cout, k, stride, cell channels, n of the warehouse)
+LAYERS = [
+    ("r50 s1 3x3", 64, 56, 56, 64, 3, 1, 64, 87),
+    ("r50 s2 3x3", 128, 28, 28, 128, 3, 1, 128, 104),
+    ("r50 s3 3x3", 256, 14, 14, 256, 3, 1, 256, 138),
+    ("r50 s3 1x1", 1024, 14, 14, 256, 1, 1, 256, 138),
+    ("r50 s4 3x3", 512, 7, 7, 512, 3, 1, 512, 47),
+    ("r50 s4 1x1", 512, 7, 7, 2048, 1, 1, 512, 47),
+]
+QUICK_LAYERS = ("r50 s1 3x3", "r50 s3 3x3", "r50 s4 3x3")
+BATCHES = (64, 256)
+R50_GMACS = 4.09  # multiply-adds of ResNet-50 per 224x224 image (static; KW adds the assembly)
+
+
+def _layer_tensors(c, h, w, cout, k, cell, n, batch, dtype, device, small):
+    if small:  # CPU check: tiny shapes the emulation and the Triton interpreter run in seconds
+        scale = max(c // 32, 1)
+        c, cout, cell = max(c // scale, 16), max(cout // scale, 16), 16
+        h = w = min(h, 6)
+        batch = 2
+    go, gi = cout // cell, c // cell
+    m = go * gi * k * k
+    x = torch.randn(batch, c, h, w, dtype=dtype, device=device).to(memory_format=torch.channels_last)
+    att = (torch.randn(batch, m, n, device=device) / n).to(dtype)
+    wh = (torch.randn(n, cell, cell, 1, 1, device=device) / (c * k * k) ** 0.5).to(dtype)
+    return x, att, wh, [cout, c, k, k]
+
+
+def _assemble_setup(label, c, h, w, cout, k, stride, cell, n, batch, dtype, device, small):
+    _, att, wh, layout = _layer_tensors(c, h, w, cout, k, cell, n, batch, dtype, device, small)
+    gpu = device == "cuda"
+
+    def reference():
+        with repkernels.backend("reference"):
+            return repkernels.ops.kw_assemble(att, wh, layout)
+
+    impls = {"reference": reference}
+    if _extension.HAS_C:
+        impls["cuda" if gpu else "cuda (CPU emulation)"] = functools.partial(
+            torch.ops.repkernels.kw_assemble, att, wh, layout)
+    if _backend.HAS_TRITON and (gpu or _backend.TRITON_INTERPRET):
+        impls["triton" if gpu else "triton (interpreter)"] = functools.partial(
+            torch.ops.repkernels.kw_assemble_triton, att, wh, layout)
+    return impls, lambda: ref.kw_assemble(att.double(), wh.double(), layout)
+
+
+def _layer_setup(label, c, h, w, cout, k, stride, cell, n, batch, dtype, device, small):
+    x, att, wh, layout = _layer_tensors(c, h, w, cout, k, cell, n, batch, dtype, device, small)
+    pad = k // 2
+    gpu = device == "cuda"
+    static_w = (torch.randn(layout, device=device) / (c * k * k) ** 0.5).to(dtype).to(
+        memory_format=torch.channels_last)
+    grad = torch.randn(x.shape[0], layout[0], (x.shape[2] + 2 * pad - k) // stride + 1,
+                       (x.shape[3] + 2 * pad - k) // stride + 1, device=device).to(dtype)
+
+    def fwd_bwd(fn):
+        def run():
+            args = [t.detach().requires_grad_() for t in (x, att, wh)]
+            out = fn(*args)
+            grads = torch.autograd.grad(out, args, grad)
+            return torch.cat([out.flatten()] + [g.flatten() for g in grads])
+        return run
+
+    def kw(backend_name, fused=None):
+        def call(xx, aa, ww):
+            with repkernels.backend(backend_name):
+                return repkernels.ops.kw_conv2d(xx, aa, ww, layout, None, stride, pad, fused=fused)
+        return fwd_bwd(call)
+
+    def cudnn():  # the static conv this layer replaces (not the same computation: timed, not checked)
+        xx, ww = x.detach().requires_grad_(), static_w.detach().requires_grad_()
+        out = F.conv2d(xx, ww, None, stride, pad)
+        return torch.autograd.grad(out, (xx, ww), grad)[0]
+
+    impls = {"cudnn": cudnn, "reference": kw("reference")}
+    if gpu:
+        impls["auto"] = kw("auto")
+    if _backend.HAS_TRITON and (gpu or _backend.TRITON_INTERPRET):
+        suffix = "" if gpu else " (interpreter)"
+        impls["triton" + suffix] = kw("triton", fused=False)
+        impls["triton fused" + suffix] = kw("triton", fused=True)
+    if _extension.HAS_C and gpu:
+        impls["cuda"] = kw("cuda")
+    elif _extension.HAS_C:  # the CUDA kernels through their CPU emulation (the C++ ops' CPU implementation)
+        r = torch.ops.repkernels
+        impls["cuda (CPU emulation)"] = fwd_bwd(lambda xx, aa, ww: r.per_sample_conv2d(
+            xx, r.kw_assemble(aa, ww, layout), None, [stride] * 2, [pad] * 2, [1, 1], 1))
+
+    def reference64():
+        args = [t.detach().double().requires_grad_() for t in (x, att, wh)]
+        out = ref.kw_conv2d(*args, layout, None, (stride,) * 2, (pad,) * 2, (1, 1), 1)
+        grads = torch.autograd.grad(out, args, grad.double())
+        return torch.cat([out.flatten()] + [g.flatten() for g in grads])
+
+    return impls, reference64
+
+
+def _model_setup(train, batch, dtype, device, small):
+    import torchvision
+
+    from repkernels.models import kw_resnet18, kw_resnet50
+    from repkernels.nn import set_temperature
+
+    size = 224
+    if small:  # a KW-ResNet-18 on 32x32 checks the same layer types in seconds
+        batch, size = 4, 32
+    torch.manual_seed(0)
+    kw_model = (kw_resnet18 if small else kw_resnet50)(b=1, num_classes=100 if small else 1000)
+    # Inference at τ = 0 (after the temperature phase). The training step runs at τ = 1: the same work (CAF and
+    # its backward are computed for any τ), but a float64 check of a randomly initialized net at τ = 0 in
+    # training mode is ill-conditioned (the attentions' BatchNorm divides by the tiny spread of pooled features
+    # across a batch of random images and amplifies rounding by orders of magnitude).
+    set_temperature(kw_model, 1.0 if train else 0.0)
+    static = (torchvision.models.resnet18 if small else torchvision.models.resnet50)(
+        num_classes=100 if small else 1000)
+    kw_model.to(device=device, dtype=dtype).train(train)  # (its kernels are made per sample)
+    static.to(device=device, dtype=dtype, memory_format=torch.channels_last).train(train)
+    model64 = copy.deepcopy(kw_model).double()
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (batch,), device=device)
+
+    def step(model, inputs, backend_name, grad_of=None):
+        with repkernels.backend(backend_name):
+            if not train:
+                with torch.no_grad():
+                    return model(inputs)
+            model.zero_grad(set_to_none=True)
+            out = model(inputs)
+            F.cross_entropy(out.float(), target).backward()
+            if grad_of is None:
+                return out
+            return torch.cat([out.flatten(), grad_of(model).grad.flatten()])
+
+    grad_of = lambda m: m.warehouse_manager.warehouses["stage4"]  # noqa: E731
+    impls = {"cudnn": lambda: step(static, x, "auto"),
+             "reference": lambda: step(kw_model, x, "reference", grad_of)}
+    if device == "cuda":
+        impls["auto"] = lambda: step(kw_model, x, "auto", grad_of)
+    return impls, lambda: step(model64, x.double(), "reference", grad_of)
+
+
+def cases(dtypes: list[torch.dtype], quick: bool) -> list[Case]:
+    out = []
+    batches = BATCHES[:1] if quick else BATCHES
+    for dtype in dtypes:
+        elem = torch.finfo(dtype).bits // 8
+        for batch in batches:
+            for label, c, h, w, cout, k, stride, cell, n in LAYERS:
+                if quick and label not in QUICK_LAYERS:
+                    continue
+                m = (cout // cell) * (c // cell) * k * k
+                weights = cout * c * k * k
+                args = (label, c, h, w, cout, k, stride, cell, n, batch, dtype)
+                out.append(Case("kw_assemble", f"{label} b{batch} m{m} n{n}", dtype,
+                                functools.partial(_assemble_setup, *args),
+                                flops=2.0 * batch * weights * n,
+                                bytes=float(elem * (batch * weights + n * cell * cell + batch * m * n)),
+                                baseline="reference"))
+                oh, ow = h // stride, w // stride
+                conv_flops = 2.0 * batch * weights * oh * ow
+                out.append(Case("kw_conv2d fwd+bwd", f"{label} b{batch}", dtype,
+                                functools.partial(_layer_setup, *args),
+                                flops=3 * conv_flops + 3 * 2.0 * batch * weights * n,
+                                bytes=float(elem * (2 * batch * c * h * w + 2 * batch * cout * oh * ow)),
+                                unchecked=("cudnn",)))
+            for train in (False, True):
+                name = f"KW-ResNet-50 {'train step' if train else 'inference'} b{batch}"
+                flops = (3 if train else 1) * 2.0 * R50_GMACS * 1e9 * batch
+                # A half-precision training step of a whole network is too ill-conditioned to compare with
+                # float64 (the static torchvision ResNet's bf16 gradients differ from float64 by tens of per
+                # cent too): timed only; the layer cases check half-precision forward + backward.
+                unchecked = ("cudnn", "reference", "auto") if train and dtype != torch.float32 else ("cudnn",)
+                out.append(Case("kw_resnet50", name, dtype, functools.partial(_model_setup, train, batch, dtype),
+                                flops=flops, bytes=float(elem * batch * 3 * 224 * 224), unchecked=unchecked))
+    return out

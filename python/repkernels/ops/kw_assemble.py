@@ -1,0 +1,178 @@
+"""``repkernels.ops.kw_assemble``: KernelWarehouse cell assembly into per-sample conv kernels.
+
+Registered operators (``torch.ops.repkernels``):
+
+* ``kw_assemble``, ``kw_assemble_backward_attention``, ``kw_assemble_backward_warehouse`` — CUDA kernels
+  from the compiled extension (their CPU implementations emulate the CUDA kernels, for the tests);
+* ``kw_assemble_triton``, ``kw_assemble_backward_attention_triton``, ``kw_assemble_backward_warehouse_triton``
+  — Triton kernels.
+
+Every op has a fake (meta) implementation; the forward ops have autograd (through the backward ops, which
+read the kernel gradient in its conv layout and write only ``(B, m, n)`` and ``(n, cell)``).
+Under ``auto`` a GPU call goes to Triton first (``tl.dot``: tensor cores), then CUDA (fp32-accumulating
+SIMT tiles), CPU calls to the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import _backend, _extension, _validation
+from ..reference import kernelwarehouse as _ref
+
+OP = "kw_assemble"
+PREFER = ("triton", "cuda")
+
+
+def _has_c_op(name: str) -> bool:
+    return _extension.HAS_C and hasattr(torch.ops.repkernels, name)
+
+
+def check_layout(attention: torch.Tensor, warehouse: torch.Tensor, layout: Sequence[int], op: str = OP) -> list[int]:
+    """Validate ``attention`` (B, m, n), ``warehouse`` (n, co, ci, *cell_kernel) and ``layout``
+    (Cout, Cin/groups, *kernel) against each other; return ``layout`` as a list of ints."""
+    _validation.tensor(attention, "attention", op, ndim=3)
+    _validation.tensor(warehouse, "warehouse", op)
+    _validation.same_device_dtype(warehouse, "warehouse", op, attention=attention)
+    ok = not isinstance(layout, (str, bytes)) and isinstance(layout, (Sequence, torch.Size)) and len(layout) >= 2
+    if ok:
+        for v in layout:
+            ok = ok and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    if not ok:
+        raise ValueError(f"{op}: `layout` must be (Cout, Cin/groups, *kernel) with positive ints, got {layout!r}")
+    layout = [int(v) for v in layout]
+    if warehouse.dim() < 3:
+        raise ValueError(f"{op}: `warehouse` must be (n, co, ci, *cell_kernel), got shape {tuple(warehouse.shape)}")
+    n, co, ci = warehouse.shape[:3]
+    cell_k, kernel = list(warehouse.shape[3:]), layout[2:]
+    if cell_k != [1] * len(cell_k) and cell_k != kernel:
+        raise ValueError(f"{op}: `warehouse` cells must span one kernel tap (cell kernel all ones) or the whole "
+                         f"kernel {tuple(kernel)}, got cell kernel {tuple(cell_k)}")
+    if co == 0 or ci == 0 or layout[0] % co or layout[1] % ci:
+        raise ValueError(f"{op}: `warehouse` cells ({co} x {ci}) must divide the kernel's channels "
+                         f"(`layout` {tuple(layout)})")
+    go, co, gi, ci, ns, ce, ks = _ref.layout_grid(warehouse.shape, layout)
+    m = go * gi * ns
+    if attention.shape[1] != m or attention.shape[2] != n:
+        raise ValueError(f"{op}: `attention` must have shape (B, {m}, {n}) for `warehouse` {tuple(warehouse.shape)} "
+                         f"and `layout` {tuple(layout)} (m = {go}·{gi}·{ns} cells per kernel), "
+                         f"got {tuple(attention.shape)}")
+    return layout
+
+
+def _fake(attention, warehouse, layout):
+    return attention.new_empty((attention.shape[0], *layout), dtype=warehouse.dtype)
+
+
+def _fake_bwd_attention(grad, warehouse, layout):
+    go, co, gi, ci, ns, ce, ks = _ref.layout_grid(warehouse.shape, layout)
+    return grad.new_empty((grad.shape[0], go * gi * ns, warehouse.shape[0]))
+
+
+def _fake_bwd_warehouse(grad, attention, warehouse, layout):
+    return torch.empty_like(warehouse, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    attention, warehouse, layout = inputs
+    ctx.save_for_backward(attention, warehouse)
+    ctx.layout = list(layout)
+
+
+def _make_backward(bwd_attention, bwd_warehouse):
+    def backward(ctx, grad):
+        attention, warehouse = ctx.saved_tensors
+        grad_a = bwd_attention(grad, warehouse, ctx.layout) if ctx.needs_input_grad[0] else None
+        grad_w = bwd_warehouse(grad, attention, warehouse, ctx.layout) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_w, None
+    return backward
+
+
+if _backend.HAS_TRITON:
+    @torch.library.custom_op("repkernels::kw_assemble_triton", mutates_args=())
+    def _kw_assemble_triton(attention: torch.Tensor, warehouse: torch.Tensor, layout: Sequence[int]) -> torch.Tensor:
+        from ..triton_kernels.kw_assemble_fwd import kw_assemble_fwd
+
+        out = torch.empty((attention.shape[0], *layout), dtype=warehouse.dtype, device=warehouse.device)
+        return kw_assemble_fwd(attention, warehouse, _ref.layout_grid(warehouse.shape, layout), out)
+
+    @torch.library.custom_op("repkernels::kw_assemble_backward_attention_triton", mutates_args=())
+    def _kw_assemble_backward_attention_triton(grad: torch.Tensor, warehouse: torch.Tensor,
+                                               layout: Sequence[int]) -> torch.Tensor:
+        from ..triton_kernels.kw_assemble_bwd_attention import kw_assemble_bwd_attention
+
+        grid = _ref.layout_grid(warehouse.shape, layout)
+        out = torch.empty((grad.shape[0], grid[0] * grid[2] * grid[4], warehouse.shape[0]), dtype=grad.dtype,
+                          device=grad.device)
+        return kw_assemble_bwd_attention(grad, warehouse, grid, out)
+
+    @torch.library.custom_op("repkernels::kw_assemble_backward_warehouse_triton", mutates_args=())
+    def _kw_assemble_backward_warehouse_triton(grad: torch.Tensor, attention: torch.Tensor, warehouse: torch.Tensor,
+                                               layout: Sequence[int]) -> torch.Tensor:
+        from ..triton_kernels.kw_assemble_bwd_warehouse import kw_assemble_bwd_warehouse
+
+        out = torch.empty(warehouse.shape, dtype=warehouse.dtype, device=warehouse.device)
+        return kw_assemble_bwd_warehouse(attention, grad, _ref.layout_grid(warehouse.shape, layout), out)
+
+    _kw_assemble_triton.register_fake(_fake)
+    _kw_assemble_backward_attention_triton.register_fake(_fake_bwd_attention)
+    _kw_assemble_backward_warehouse_triton.register_fake(_fake_bwd_warehouse)
+    _kw_assemble_triton.register_autograd(
+        _make_backward(lambda *a: torch.ops.repkernels.kw_assemble_backward_attention_triton(*a),
+                       lambda *a: torch.ops.repkernels.kw_assemble_backward_warehouse_triton(*a)),
+        setup_context=_setup_context)
+
+if _has_c_op("kw_assemble"):
+    torch.library.register_fake("repkernels::kw_assemble")(_fake)
+    torch.library.register_fake("repkernels::kw_assemble_backward_attention")(_fake_bwd_attention)
+    torch.library.register_fake("repkernels::kw_assemble_backward_warehouse")(_fake_bwd_warehouse)
+    torch.library.register_autograd(
+        "repkernels::kw_assemble",
+        _make_backward(lambda *a: torch.ops.repkernels.kw_assemble_backward_attention(*a),
+                       lambda *a: torch.ops.repkernels.kw_assemble_backward_warehouse(*a)),
+        setup_context=_setup_context)
+
+
+def cuda_reason(*tensors: torch.Tensor) -> str | None:
+    if not _has_c_op("kw_assemble"):
+        return _extension.LOAD_ERROR or "repkernels._C was built without the KernelWarehouse ops"
+    return _backend.cuda_unavailable_reason(*tensors)
+
+
+def kw_assemble(attention: torch.Tensor, warehouse: torch.Tensor, layout: Sequence[int]) -> torch.Tensor:
+    """Assemble per-sample kernels from KernelWarehouse attentions: ``out[b] = cells of Σ_n attention[b, :, n]·warehouse[n]``.
+
+    Args:
+        attention: (B, m, n) mixing weights, one row of n per kernel cell (CAF's zero cell already dropped).
+        warehouse: (n, co, ci, *cell_kernel) shared kernel cells; ``cell_kernel`` all ones (spatial partition)
+            or equal to the kernel.
+        layout: (Cout, Cin/groups, *kernel), the layer's kernel shape. ``m = (Cout/co)·(Cin/groups/ci)·S`` with
+            ``S`` kernel taps per cell; cell ``j = (o·Gi + i)·S + s`` (see
+            :mod:`repkernels.reference.kernelwarehouse`).
+
+    Returns:
+        (B, Cout, Cin/groups, *kernel), contiguous, dtype of ``warehouse``; written directly in this layout.
+        float32/float16/bfloat16 on the fast paths (fp32 accumulation), any float dtype on the reference.
+    """
+    layout = check_layout(attention, warehouse, layout)
+    which = _backend.select(
+        OP,
+        {"cuda": lambda: cuda_reason(attention, warehouse),
+         "triton": lambda: _backend.triton_unavailable_reason(attention, warehouse)},
+        on_gpu=attention.is_cuda, prefer=PREFER)
+    if which == "cuda":
+        return torch.ops.repkernels.kw_assemble(attention, warehouse, layout)
+    if which == "triton":
+        return torch.ops.repkernels.kw_assemble_triton(attention, warehouse, layout)
+    return _ref.kw_assemble(attention, warehouse, layout)
+
+
+def kernel_cells(warehouse_shape: Sequence[int], layout: Sequence[int]) -> int:
+    """m, the number of cells a kernel of shape ``layout`` is cut into for a warehouse of ``warehouse_shape``."""
+    go, co, gi, ci, ns, ce, ks = _ref.layout_grid(warehouse_shape, layout)
+    return go * gi * ns
+
+
+__all__ = ["kw_assemble", "kernel_cells", "check_layout"]

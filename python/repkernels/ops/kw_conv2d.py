@@ -1,0 +1,168 @@
+"""``repkernels.ops.kw_conv2d``: a KernelWarehouse conv2d (cell assembly + per-sample convolution).
+
+Two fast paths:
+
+* unfused — :func:`~repkernels.ops.kw_assemble` writes the B per-sample kernels straight into the conv
+  layout, :func:`~repkernels.ops.per_sample_conv2d` convolves (each op picks its own backend);
+* fused (Triton, ``repkernels::kw_conv2d_fused_triton``) — each program assembles its kernel tiles from the
+  attentions and the warehouse inside the convolution, so per-sample kernels never reach memory. Its
+  backward re-assembles the kernels (``kw_assemble``) and runs the per-sample dgrad / wgrad and the assembly
+  backward.
+
+Routing rule (:func:`fused_wins`, independent of the batch size). The fused kernel recomputes a tile's
+assembly for every pixel tile of BLOCK_P outputs: per weight element and sample it costs
+``2·n·(P_tiles − 1)`` extra tensor-core FLOPs and saves writing then reading the assembled kernel
+(``2·bytes``). With a GPU's FLOP/byte ratio F/BW (H100 bf16 ≈ 295) it wins while
+``n·(P_tiles − 1) < bytes·F/BW ≈ 590``; the rule uses a quarter of that margin, ``n·(P_tiles − 1) <= 128``
+(constant :data:`FUSED_MAX_EXTRA`, not yet tuned on a GPU), and needs ``groups == 1`` and cells of at least
+16 x 16 channels (a 16 x 16 weight tile must sit inside one cell). For ResNet-50 at 224x224 this selects
+the 7x7 stage (P_tiles = 1: no recomputation at all) and leaves the 56x56 / 28x28 / 14x14 stages unfused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import _backend, _validation
+from ..reference import kernelwarehouse as _ref
+from .kw_assemble import check_layout as _check_layout
+from .kw_assemble import kw_assemble as _kw_assemble
+from .per_sample_conv2d import check_groups as _check_groups
+from .per_sample_conv2d import check_spatial as _check_spatial
+from .per_sample_conv2d import out_hw as _out_hw
+from .per_sample_conv2d import per_sample_conv2d as _per_sample_conv2d
+from .per_sample_conv2d import resolve_padding as _resolve_padding
+
+OP = "kw_conv2d"
+FUSED_MAX_EXTRA = 128
+IntPair = int | Sequence[int]
+
+
+def fused_tiles(warehouse_shape: Sequence[int], layout: Sequence[int], groups: int, out_pixels: int):
+    """The fused kernel's tiles for this layer, or None when it cannot serve it."""
+    from ..triton_kernels.kw_conv2d_fused_fwd import tiles
+
+    if groups != 1 or len(layout) != 4:
+        return None
+    return tiles(int(warehouse_shape[1]), int(warehouse_shape[2]), int(warehouse_shape[0]), out_pixels)
+
+
+def fused_wins(warehouse_shape: Sequence[int], layout: Sequence[int], groups: int, out_pixels: int) -> bool:
+    """Whether the fused path should serve this layer (module docstring). Independent of the batch size."""
+    if not _backend.HAS_TRITON:
+        return False
+    t = fused_tiles(warehouse_shape, layout, groups, out_pixels)
+    if t is None:
+        return False
+    p_tiles = -(-out_pixels // t[2])
+    return int(warehouse_shape[0]) * (p_tiles - 1) <= FUSED_MAX_EXTRA
+
+
+def _fake(input, attention, warehouse, layout, bias, stride, padding, dilation):
+    oh, ow = _out_hw(input.shape[2], input.shape[3], layout[2:], stride, padding, dilation)
+    fmt = torch.channels_last if _validation.channels_last_output(input) else torch.contiguous_format
+    return torch.empty((input.shape[0], layout[0], oh, ow), dtype=input.dtype, device=input.device,
+                       memory_format=fmt)
+
+
+def _setup_context(ctx, inputs, output):
+    input, attention, warehouse, layout, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, attention, warehouse)
+    ctx.layout = list(layout)
+    ctx.has_bias = bias is not None
+    ctx.args = (list(stride), list(padding), list(dilation), 1)
+
+
+def _backward(ctx, grad):
+    input, attention, warehouse = ctx.saved_tensors
+    r = torch.ops.repkernels
+    need_x, need_a, need_w, _, need_b = ctx.needs_input_grad[:5]
+    weight = r.kw_assemble_triton(attention, warehouse, ctx.layout)
+    grad_x = r.per_sample_conv2d_backward_input_triton(grad, input, weight, *ctx.args) if need_x else None
+    grad_a = grad_w = None
+    if need_a or need_w:
+        grad_k = r.per_sample_conv2d_backward_weight_triton(grad, input, weight, *ctx.args)
+        grad_a = r.kw_assemble_backward_attention_triton(grad_k, warehouse, ctx.layout) if need_a else None
+        grad_w = r.kw_assemble_backward_warehouse_triton(grad_k, attention, warehouse, ctx.layout) if need_w else None
+    grad_b = grad.sum((0, 2, 3)) if ctx.has_bias and need_b else None
+    return grad_x, grad_a, grad_w, None, grad_b, None, None, None
+
+
+if _backend.HAS_TRITON:
+    @torch.library.custom_op("repkernels::kw_conv2d_fused_triton", mutates_args=())
+    def _kw_conv2d_fused_triton(input: torch.Tensor, attention: torch.Tensor, warehouse: torch.Tensor,
+                                layout: Sequence[int], bias: torch.Tensor | None, stride: Sequence[int],
+                                padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+        from ..triton_kernels.kw_conv2d_fused_fwd import kw_conv2d_fused_fwd
+
+        out = _fake(input, attention, warehouse, layout, bias, stride, padding, dilation)
+        return kw_conv2d_fused_fwd(input, attention, warehouse, _ref.layout_grid(warehouse.shape, layout),
+                                   tuple(layout[2:]), bias, tuple(stride), tuple(padding), tuple(dilation), out)
+
+    _kw_conv2d_fused_triton.register_fake(_fake)
+    _kw_conv2d_fused_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def kw_conv2d(input: torch.Tensor, attention: torch.Tensor, warehouse: torch.Tensor, layout: Sequence[int],
+              bias: torch.Tensor | None = None, stride: IntPair = 1, padding: IntPair | str = 0,
+              dilation: IntPair = 1, groups: int = 1, fused: bool | None = None) -> torch.Tensor:
+    """KernelWarehouse conv2d: ``per_sample_conv2d(input, kw_assemble(attention, warehouse, layout), bias, ...)``.
+
+    Args:
+        input: (B, C, H, W), NCHW or channels_last.
+        attention: (B, m, n) mixing weights (see :func:`repkernels.ops.kw_assemble`).
+        warehouse: (n, co, ci, *cell_kernel).
+        layout: (Cout, C/groups, kh, kw), the layer's kernel shape.
+        bias: (Cout,) or None. stride, padding, dilation, groups: as ``F.conv2d``.
+        fused: None (default) applies the routing rule (:func:`fused_wins`) on GPU tensors; True forces the
+            fused Triton kernel (error if it cannot serve the call); False never uses it.
+
+    Returns:
+        (B, Cout, OH, OW), channels_last when ``input`` is.
+    """
+    layout = _check_layout(attention, warehouse, layout, OP)
+    if len(layout) != 4:
+        raise ValueError(f"{OP}: `layout` must be (Cout, C/groups, kh, kw), got {tuple(layout)}")
+    _validation.tensor(input, "input", OP, ndim=4)
+    if attention.shape[0] != input.shape[0]:
+        raise ValueError(f"{OP}: `attention` batch {attention.shape[0]} != `input` batch {input.shape[0]}")
+    groups = _check_groups(groups, input.shape[1], layout[0], OP)
+    if layout[1] * groups != input.shape[1]:
+        raise ValueError(f"{OP}: `layout` must be (Cout, C/groups, kh, kw) with C/groups = "
+                         f"{input.shape[1] // groups}, got {tuple(layout)}")
+    if bias is not None:
+        _validation.tensor(bias, "bias", OP, ndim=1)
+        if bias.shape[0] != layout[0]:
+            raise ValueError(f"{OP}: `bias` must have shape ({layout[0]},), got {tuple(bias.shape)}")
+    _validation.same_device_dtype(input, "input", OP, attention=attention, warehouse=warehouse, bias=bias)
+    stride = _validation.pair(stride, "stride", OP, 1)
+    dilation = _validation.pair(dilation, "dilation", OP, 1)
+    input, padding = _resolve_padding(input, layout[2:], stride, dilation, padding, OP)
+    _check_spatial(input, layout[2:], padding, dilation, OP)
+
+    wanted = _backend.get_backend()
+    # The rule applies under 'triton' on any device (the interpreter runs it on CPU), under 'auto' on GPUs.
+    consider = fused is True or (fused is None and (wanted == "triton" or (wanted == "auto" and input.is_cuda)))
+    if consider:
+        if wanted not in ("auto", "triton"):
+            raise _backend.BackendUnavailableError(
+                f"{OP}: the fused kernel is a Triton kernel; backend '{wanted}' was asked for")
+        oh, ow = _out_hw(input.shape[2], input.shape[3], layout[2:], stride, padding, dilation)
+        tensors = (input, attention, warehouse) if bias is None else (input, attention, warehouse, bias)
+        why = _backend.triton_unavailable_reason(*tensors)
+        if why is None and fused_tiles(warehouse.shape, layout, groups, oh * ow) is None:
+            why = "it needs groups == 1 and kernel cells of at least 16 x 16 channels"
+        if fused is True and why is not None:
+            raise _backend.BackendUnavailableError(f"{OP}: the fused Triton kernel cannot serve this call: {why}")
+        if why is None and (fused is True or fused_wins(warehouse.shape, layout, groups, oh * ow)):
+            return torch.ops.repkernels.kw_conv2d_fused_triton(input, attention, warehouse, layout, bias, stride,
+                                                                padding, dilation)
+    if wanted == "reference" or (wanted == "auto" and not input.is_cuda):
+        return _ref.kw_conv2d(input, attention, warehouse, layout, bias, stride, padding, dilation, groups)
+    weight = _kw_assemble(attention, warehouse, layout)
+    return _per_sample_conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+
+__all__ = ["kw_conv2d", "fused_wins", "FUSED_MAX_EXTRA"]

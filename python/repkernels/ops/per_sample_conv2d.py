@@ -1,0 +1,220 @@
+"""``repkernels.ops.per_sample_conv2d``: a 2-D convolution with one kernel per sample.
+
+Registered operators (``torch.ops.repkernels``):
+
+* ``per_sample_conv2d``, ``per_sample_conv2d_backward_input``, ``per_sample_conv2d_backward_weight`` — CUDA
+  kernels from the compiled extension (their CPU implementations emulate the CUDA kernels, for the tests);
+* ``..._triton`` versions of the three — Triton kernels.
+
+All are batched implicit GEMMs whose tiles and compiled code depend on the layer, not on the batch size
+(unlike the reference's grouped conv with ``groups = B·groups``, which cuDNN autotunes and ``torch.compile``
+re-specializes per batch size). Every op has a fake implementation; the forward ops have autograd
+(dgrad + per-sample wgrad; the bias gradient is a sum). Under ``auto`` a GPU call goes to Triton first
+(``tl.dot``: tensor cores), then CUDA, CPU calls to the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend, _extension, _validation
+from ..reference import kernelwarehouse as _ref
+
+OP = "per_sample_conv2d"
+PREFER = ("triton", "cuda")
+IntPair = int | Sequence[int]
+
+
+def _has_c_op(name: str) -> bool:
+    return _extension.HAS_C and hasattr(torch.ops.repkernels, name)
+
+
+def out_hw(h: int, w: int, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+           dilation: Sequence[int]) -> tuple[int, int]:
+    return (_validation.conv_out_size(h, kernel[0], stride[0], 2 * padding[0], dilation[0]),
+            _validation.conv_out_size(w, kernel[1], stride[1], 2 * padding[1], dilation[1]))
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if _validation.channels_last_output(t) else torch.contiguous_format
+
+
+def _fake(input, weight, bias, stride, padding, dilation, groups):
+    oh, ow = out_hw(input.shape[2], input.shape[3], weight.shape[3:], stride, padding, dilation)
+    return torch.empty((input.shape[0], weight.shape[1], oh, ow), dtype=input.dtype, device=input.device,
+                       memory_format=_memory_format(input))
+
+
+def _fake_bwd_input(grad, input, weight, stride, padding, dilation, groups):
+    return torch.empty_like(input, memory_format=_memory_format(input))
+
+
+def _fake_bwd_weight(grad, input, weight, stride, padding, dilation, groups):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.has_bias = bias is not None
+    ctx.args = (list(stride), list(padding), list(dilation), groups)
+
+
+def _make_backward(bwd_input, bwd_weight):
+    def backward(ctx, grad):
+        input, weight = ctx.saved_tensors
+        grad_input = bwd_input(grad, input, weight, *ctx.args) if ctx.needs_input_grad[0] else None
+        grad_weight = bwd_weight(grad, input, weight, *ctx.args) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+    return backward
+
+
+if _backend.HAS_TRITON:
+    @torch.library.custom_op("repkernels::per_sample_conv2d_triton", mutates_args=())
+    def _per_sample_conv2d_triton(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                                  groups: int) -> torch.Tensor:
+        from ..triton_kernels.per_sample_conv2d_fwd import per_sample_conv2d_fwd
+
+        out = _fake(input, weight, bias, stride, padding, dilation, groups)
+        return per_sample_conv2d_fwd(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups, out)
+
+    @torch.library.custom_op("repkernels::per_sample_conv2d_backward_input_triton", mutates_args=())
+    def _per_sample_conv2d_backward_input_triton(grad: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+                                                 stride: Sequence[int], padding: Sequence[int],
+                                                 dilation: Sequence[int], groups: int) -> torch.Tensor:
+        from ..triton_kernels.per_sample_conv2d_bwd_input import per_sample_conv2d_bwd_input
+
+        out = _fake_bwd_input(grad, input, weight, stride, padding, dilation, groups)
+        return per_sample_conv2d_bwd_input(grad, weight, tuple(stride), tuple(padding), tuple(dilation), groups, out)
+
+    @torch.library.custom_op("repkernels::per_sample_conv2d_backward_weight_triton", mutates_args=())
+    def _per_sample_conv2d_backward_weight_triton(grad: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+                                                  stride: Sequence[int], padding: Sequence[int],
+                                                  dilation: Sequence[int], groups: int) -> torch.Tensor:
+        from ..triton_kernels.per_sample_conv2d_bwd_weight import per_sample_conv2d_bwd_weight
+
+        out = _fake_bwd_weight(grad, input, weight, stride, padding, dilation, groups)
+        return per_sample_conv2d_bwd_weight(input, grad, tuple(stride), tuple(padding), tuple(dilation), groups, out)
+
+    _per_sample_conv2d_triton.register_fake(_fake)
+    _per_sample_conv2d_backward_input_triton.register_fake(_fake_bwd_input)
+    _per_sample_conv2d_backward_weight_triton.register_fake(_fake_bwd_weight)
+    _per_sample_conv2d_triton.register_autograd(
+        _make_backward(lambda *a: torch.ops.repkernels.per_sample_conv2d_backward_input_triton(*a),
+                       lambda *a: torch.ops.repkernels.per_sample_conv2d_backward_weight_triton(*a)),
+        setup_context=_setup_context)
+
+if _has_c_op("per_sample_conv2d"):
+    torch.library.register_fake("repkernels::per_sample_conv2d")(_fake)
+    torch.library.register_fake("repkernels::per_sample_conv2d_backward_input")(_fake_bwd_input)
+    torch.library.register_fake("repkernels::per_sample_conv2d_backward_weight")(_fake_bwd_weight)
+    torch.library.register_autograd(
+        "repkernels::per_sample_conv2d",
+        _make_backward(lambda *a: torch.ops.repkernels.per_sample_conv2d_backward_input(*a),
+                       lambda *a: torch.ops.repkernels.per_sample_conv2d_backward_weight(*a)),
+        setup_context=_setup_context)
+
+
+def resolve_padding(input: torch.Tensor, kernel: Sequence[int], stride: tuple[int, int],
+                    dilation: tuple[int, int], padding, op: str) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resolve ``padding`` (int, pair, 'same', 'valid'); asymmetric 'same' pads ``input`` as F.conv2d does."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return input, (0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"{op}: padding='same' needs stride 1, got stride {stride}")
+            totals = (dilation[0] * (kernel[0] - 1), dilation[1] * (kernel[1] - 1))
+            if totals[0] % 2 or totals[1] % 2:  # the extra row/column goes at the end, as in F.conv2d
+                input = F.pad(input, (totals[1] // 2, totals[1] - totals[1] // 2,
+                                      totals[0] // 2, totals[0] - totals[0] // 2))
+                return input, (0, 0)
+            return input, (totals[0] // 2, totals[1] // 2)
+        raise ValueError(f"{op}: `padding` must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+    return input, _validation.pair(padding, "padding", op, 0)
+
+
+def check_groups(groups: object, cin: int, cout: int, op: str) -> int:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: `groups` must be a positive int, got {groups!r}")
+    if cin % groups or cout % groups:
+        raise ValueError(f"{op}: `groups` ({groups}) must divide the input channels ({cin}) and the output "
+                         f"channels ({cout})")
+    return groups
+
+
+def check_spatial(input: torch.Tensor, kernel: Sequence[int], padding: tuple[int, int], dilation: tuple[int, int],
+                  op: str) -> None:
+    h, w = input.shape[2] + 2 * padding[0], input.shape[3] + 2 * padding[1]
+    if h < dilation[0] * (kernel[0] - 1) + 1 or w < dilation[1] * (kernel[1] - 1) + 1:
+        raise ValueError(f"{op}: padded `input` ({h} x {w}) is smaller than the dilated kernel "
+                         f"({dilation[0] * (kernel[0] - 1) + 1} x {dilation[1] * (kernel[1] - 1) + 1})")
+
+
+def _normalize(input, weight, bias, stride, padding, dilation, groups):
+    _validation.tensor(input, "input", OP, ndim=4)
+    _validation.tensor(weight, "weight", OP, ndim=5)
+    if weight.shape[0] != input.shape[0]:
+        raise ValueError(f"{OP}: `weight` must have one kernel per sample: batch {weight.shape[0]} != `input` "
+                         f"batch {input.shape[0]}")
+    cout = weight.shape[1]
+    groups = check_groups(groups, input.shape[1], cout, OP)
+    if weight.shape[2] * groups != input.shape[1]:
+        raise ValueError(f"{OP}: `weight` must have shape (B, Cout, C/groups, kh, kw) with C/groups = "
+                         f"{input.shape[1] // groups}, got {tuple(weight.shape)}")
+    if bias is not None:
+        _validation.tensor(bias, "bias", OP, ndim=1)
+        if bias.shape[0] != cout:
+            raise ValueError(f"{OP}: `bias` must have shape ({cout},), got {tuple(bias.shape)}")
+    _validation.same_device_dtype(input, "input", OP, weight=weight, bias=bias)
+    stride = _validation.pair(stride, "stride", OP, 1)
+    dilation = _validation.pair(dilation, "dilation", OP, 1)
+    input, padding = resolve_padding(input, weight.shape[3:], stride, dilation, padding, OP)
+    check_spatial(input, weight.shape[3:], padding, dilation, OP)
+    return input, stride, padding, dilation, groups
+
+
+def fast_reasons(*tensors: torch.Tensor) -> dict:
+    def cuda():
+        if not _has_c_op("per_sample_conv2d"):
+            return _extension.LOAD_ERROR or "repkernels._C was built without the KernelWarehouse ops"
+        return _backend.cuda_unavailable_reason(*tensors)
+
+    return {"cuda": cuda, "triton": lambda: _backend.triton_unavailable_reason(*tensors)}
+
+
+def per_sample_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                      stride: IntPair = 1, padding: IntPair | str = 0, dilation: IntPair = 1,
+                      groups: int = 1) -> torch.Tensor:
+    """2-D convolution with a different kernel for every sample.
+
+    ``out[b] = F.conv2d(input[b:b+1], weight[b], bias, stride, padding, dilation, groups)[0]``.
+
+    Args:
+        input: (B, C, H, W), NCHW or channels_last.
+        weight: (B, Cout, C/groups, kh, kw).
+        bias: (Cout,) shared by all samples, or None.
+        stride, padding, dilation: int or (h, w) pair; padding may also be 'same' or 'valid'.
+        groups: divides C and Cout.
+
+    Returns:
+        (B, Cout, OH, OW), channels_last when ``input`` is. float32/float16/bfloat16 on the fast paths (fp32
+        accumulation; fp32 tiles use TF32 exactly when ``torch.backends.cudnn.allow_tf32``, as F.conv2d does),
+        any float dtype on the reference.
+    """
+    input, stride, padding, dilation, groups = _normalize(input, weight, bias, stride, padding, dilation, groups)
+    tensors = (input, weight) if bias is None else (input, weight, bias)
+    which = _backend.select(OP, fast_reasons(*tensors), on_gpu=input.is_cuda, prefer=PREFER)
+    if which == "cuda":
+        return torch.ops.repkernels.per_sample_conv2d(input, weight, bias, stride, padding, dilation, groups)
+    if which == "triton":
+        return torch.ops.repkernels.per_sample_conv2d_triton(input, weight, bias, stride, padding, dilation, groups)
+    return _ref.per_sample_conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+
+__all__ = ["per_sample_conv2d"]

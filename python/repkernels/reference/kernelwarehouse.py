@@ -1,0 +1,93 @@
+"""Reference KernelWarehouse ops: what public implementations do.
+
+* :func:`kw_assemble` — one matmul ``(B·m, n) @ (n, cell)``, then a permute into the conv weight layout;
+* :func:`per_sample_conv2d` — a grouped ``F.conv2d`` on ``(1, B·C, H, W)`` with ``groups = B·groups``;
+* :func:`kw_conv2d` — the two together (what a KW layer computes).
+
+Kernel layout (shared by every implementation). A layer's static kernel ``W`` of shape
+``layout = (Cout, Cin/groups, *kernel)`` is cut into ``m = Go·Gi·S`` cells of shape
+``(co, ci, *cell_kernel)``: ``Go = Cout/co`` along output channels, ``Gi = (Cin/groups)/ci`` along input
+channels and ``S = prod(kernel)/prod(cell_kernel)`` spatial positions, where ``cell_kernel`` is either all
+ones (spatial partition: one cell per kernel tap) or equal to ``kernel`` (no spatial partition). Cell ``j``
+is mixture ``j = (o·Gi + i)·S + s`` (output-cell row ``o``, input-cell column ``i``, tap ``s`` in row-major
+order) and covers ``W[o·co:(o+1)·co, i·ci:(i+1)·ci]`` at tap ``s`` (or the whole kernel when ``S = 1``).
+Per sample ``b``: ``cell_j = Σ_n attention[b, j, n] · warehouse[n]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def layout_grid(warehouse_shape: Sequence[int], layout: Sequence[int]) -> tuple[int, int, int, int, int, int, int]:
+    """``(Go, co, Gi, ci, S, E, KS)`` for a cell shape ``warehouse_shape[1:]`` and a kernel ``layout``.
+
+    ``E`` is the number of spatial elements of a cell, ``KS = S·E`` the number of kernel taps. No checks: the
+    ops validate (``repkernels.ops.kw_assemble``).
+    """
+    co, ci = int(warehouse_shape[1]), int(warehouse_shape[2])
+    e = ks = 1
+    for v in warehouse_shape[3:]:  # (plain loops: traceable by torch.compile without graph breaks)
+        e *= int(v)
+    for v in layout[2:]:
+        ks *= int(v)
+    return int(layout[0]) // co, co, int(layout[1]) // ci, ci, ks // e, e, ks
+
+
+def kw_assemble(attention: torch.Tensor, warehouse: torch.Tensor, layout: Sequence[int]) -> torch.Tensor:
+    """Per-sample kernels from attentions and a warehouse.
+
+    Args:
+        attention: (B, m, n) mixing weights (the zero cell of CAF already dropped).
+        warehouse: (n, co, ci, *cell_kernel) kernel cells.
+        layout: (Cout, Cin/groups, *kernel), the kernel shape of the layer; ``m = Go·Gi·S`` (module docstring).
+
+    Returns:
+        (B, Cout, Cin/groups, *kernel): ``out[b]`` is the layer's kernel for sample ``b``.
+    """
+    b, m, n = attention.shape
+    go, co, gi, ci, s, e, _ = layout_grid(warehouse.shape, layout)
+    cells = torch.mm(attention.reshape(b * m, n), warehouse.reshape(n, -1))  # (B·m, co·ci·E)
+    cells = cells.view(b, go, gi, s, co, ci, e).permute(0, 1, 4, 2, 5, 3, 6)  # (B, Go, co, Gi, ci, S, E)
+    return cells.reshape(b, *layout)
+
+
+def per_sample_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                      groups: int) -> torch.Tensor:
+    """``out[b] = F.conv2d(input[b:b+1], weight[b], bias, stride, padding, dilation, groups)`` for every ``b``.
+
+    Args:
+        input: (B, C, H, W).
+        weight: (B, Cout, C/groups, kh, kw), one kernel per sample.
+        bias: (Cout,) shared by all samples, or None.
+
+    Returns:
+        (B, Cout, OH, OW), computed as one grouped convolution with ``groups = B·groups``.
+    """
+    b, c, h, w = input.shape
+    cout = weight.shape[1]
+    if b == 0:  # groups = 0 is not a convolution; weight.sum(0) is a zero kernel of the right shape
+        out = F.conv2d(input, weight.sum(0), bias, stride, padding, dilation, groups)
+        return out
+    out = F.conv2d(input.reshape(1, b * c, h, w), weight.reshape(b * cout, *weight.shape[2:]), None,
+                   stride, padding, dilation, groups=b * groups)
+    out = out.view(b, cout, *out.shape[2:])
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    return out
+
+
+def kw_conv2d(input: torch.Tensor, attention: torch.Tensor, warehouse: torch.Tensor, layout: Sequence[int],
+              bias: torch.Tensor | None, stride: tuple[int, int], padding: tuple[int, int],
+              dilation: tuple[int, int], groups: int) -> torch.Tensor:
+    """A KernelWarehouse conv2d: :func:`kw_assemble` then :func:`per_sample_conv2d`.
+
+    ``input`` (B, C, H, W), ``attention`` (B, m, n), ``warehouse`` (n, co, ci, *cell_kernel),
+    ``layout = (Cout, C/groups, kh, kw)`` → (B, Cout, OH, OW).
+    """
+    return per_sample_conv2d(input, kw_assemble(attention, warehouse, layout), bias, stride, padding, dilation,
+                             groups)

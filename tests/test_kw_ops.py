@@ -1,0 +1,500 @@
+"""KernelWarehouse ops (kw_assemble, per_sample_conv2d, kw_conv2d): every implementation against the reference.
+
+On a CPU machine the CUDA kernels' tile code runs through the C++ ops' CPU implementations (emulation) and the
+Triton kernels under the Triton interpreter; on a GPU the same cases run the real kernels (GPU tests at the end).
+The reference itself is checked against independent per-sample loops and with gradcheck.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import repkernels
+from helpers import HAS_GPU, assert_close, requires_c, requires_gpu, requires_triton_cpu, requires_triton_gpu
+from repkernels import _backend, _extension
+from repkernels.ops import kw_assemble, kw_conv2d, per_sample_conv2d
+from repkernels.ops.kw_conv2d import fused_wins
+from repkernels.reference import kernelwarehouse as ref
+
+R = torch.ops.repkernels
+
+# (batch, layout (Cout, Cin/groups, *kernel), cell (co, ci, *cell_kernel), n): what each case exercises.
+ASM_CASES = [
+    (3, (8, 6, 3, 3), (4, 3, 1, 1), 5),        # spatial partition: one cell per tap, 2 x 2 channel cells
+    (2, (8, 6, 3, 3), (4, 2, 3, 3), 4),        # whole-kernel cells (spatial_partition=False)
+    (2, (70, 4, 2, 2), (10, 4, 1, 1), 7),      # many output cells (rows span several tiles)
+    (2, (6, 1, 3, 3), (3, 1, 1, 1), 3),        # depthwise kernel (Cin/groups = 1)
+    (3, (5, 7), (5, 7), 2),                    # linear layer: one cell is the whole matrix
+    (2, (4, 6, 3), (2, 3, 1), 5),              # conv1d kernel
+    (2, (16, 8, 3, 3), (8, 8, 1, 1), 20),      # n > 8: wide tiles for the warehouse gradient too
+    (1, (4, 4, 1, 1), (2, 2, 1, 1), 3),        # 4 rows: thin tiles for the assembly
+    (0, (4, 4, 1, 1), (2, 2, 1, 1), 3),        # empty batch
+]
+ASM_IDS = [f"b{c[0]}_L{'x'.join(map(str, c[1]))}_cell{'x'.join(map(str, c[2]))}_n{c[3]}" for c in ASM_CASES]
+TRITON_ASM = [0, 1, 2, 3, 4, 6]
+
+# (batch, C, H, W, Cout, kernel, stride, padding, dilation, groups)
+CONV_CASES = [
+    (2, 4, 6, 7, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1),        # 3x3 same, thin output tiles
+    (2, 16, 9, 9, 72, (3, 3), (2, 2), (1, 1), (1, 1), 1),      # stride 2, two output-channel tiles
+    (2, 4, 7, 6, 6, (3, 2), (2, 1), (2, 0), (1, 2), 2),        # groups, non-square kernel, dilation, mixed stride
+    (3, 6, 8, 8, 6, (3, 3), (2, 2), (1, 1), (1, 1), 6),        # depthwise
+    (2, 32, 5, 5, 16, (1, 1), (1, 1), (0, 0), (1, 1), 1),      # 1x1 (ResNet bottleneck)
+    (1, 3, 9, 9, 4, (4, 4), (4, 4), (0, 0), (1, 1), 1),        # patchify stem (ConvNeXt 4x4 / 4)
+    (0, 4, 5, 5, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1),        # empty batch
+]
+CONV_IDS = [f"b{c[0]}_c{c[1]}_{c[2]}x{c[3]}_o{c[4]}_k{c[5][0]}x{c[5][1]}_s{c[6][0]}{c[6][1]}_p{c[7][0]}{c[7][1]}"
+            f"_d{c[8][0]}{c[8][1]}_g{c[9]}" for c in CONV_CASES]
+TRITON_CONV = [0, 1, 2, 3, 4]
+
+
+def make_asm(case, dtype, device="cpu"):
+    b, layout, cell, n = case
+    grid = ref.layout_grid((n, *cell), layout)
+    m = grid[0] * grid[2] * grid[4]
+    att = torch.randn(b, m, n, dtype=dtype, device=device) / n ** 0.5
+    wh = torch.randn(n, *cell, dtype=dtype, device=device)
+    return att, wh, list(layout)
+
+
+def make_conv(case, dtype, device="cpu", channels_last=False):
+    b, c, h, w, cout, k, s, p, d, g = case
+    x = torch.randn(b, c, h, w, dtype=dtype, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    wt = torch.randn(b, cout, c // g, *k, dtype=dtype, device=device) / (c // g * k[0] * k[1]) ** 0.5
+    bias = torch.randn(cout, dtype=dtype, device=device)
+    return x, wt, bias, s, p, d, g
+
+
+def asm_ref64(att, wh, layout, grad=None):
+    a, w = att.detach().double().requires_grad_(), wh.detach().double().requires_grad_()
+    out = ref.kw_assemble(a, w, layout)
+    if grad is None:
+        return out
+    ga, gw = torch.autograd.grad(out, (a, w), grad.double())
+    return out, ga, gw
+
+
+def conv_ref64(x, wt, bias, s, p, d, g, grad=None):
+    xx, ww = x.detach().double().requires_grad_(), wt.detach().double().requires_grad_()
+    out = ref.per_sample_conv2d(xx, ww, bias.double(), s, p, d, g)
+    if grad is None:
+        return out
+    gx, gw = torch.autograd.grad(out, (xx, ww), grad.double())
+    return out, gx, gw
+
+
+# ---------------------------------------------------------------- the reference is what the docs say
+def test_reference_assemble_matches_explicit_cell_loop():
+    """Cell j = (o·Gi + i)·S + s covers W[o·co:(o+1)·co, i·ci:(i+1)·ci] at tap s (or the whole kernel)."""
+    for b, layout, cell, n in ASM_CASES[:6]:
+        att, wh, layout = make_asm((b, layout, cell, n), torch.float64)
+        go, co, gi, ci, ns, ce, ks = ref.layout_grid(wh.shape, layout)
+        out = ref.kw_assemble(att, wh, layout).reshape(b, layout[0], layout[1], ks)
+        expect = torch.zeros_like(out)
+        for bb, o, i, s in itertools.product(range(b), range(go), range(gi), range(ns)):
+            j = (o * gi + i) * ns + s
+            cell_w = torch.einsum("n,n...->...", att[bb, j], wh).reshape(co, ci, ce)
+            expect[bb, o * co:(o + 1) * co, i * ci:(i + 1) * ci, s * ce:(s + 1) * ce] = cell_w
+        assert torch.equal(out, expect) or (out - expect).abs().max() < 1e-12
+
+
+def test_reference_per_sample_conv_matches_loop():
+    x, wt, bias, s, p, d, g = make_conv(CONV_CASES[2], torch.float64)
+    out = ref.per_sample_conv2d(x, wt, bias, s, p, d, g)
+    loop = torch.cat([F.conv2d(x[i:i + 1], wt[i], bias, s, p, d, g) for i in range(x.shape[0])])
+    assert_close(out, loop)
+
+
+def test_reference_gradcheck():
+    att, wh, layout = make_asm(ASM_CASES[0], torch.float64)
+    att.requires_grad_(True)
+    wh.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, w: ref.kw_assemble(a, w, layout), (att, wh))
+    att, wh, layout = make_asm(ASM_CASES[1], torch.float64)
+    assert torch.autograd.gradcheck(lambda a, w: ref.kw_assemble(a, w, layout),
+                                    (att.requires_grad_(), wh.requires_grad_()))
+    x, wt, bias, s, p, d, g = make_conv((2, 4, 5, 6, 4, (3, 2), (2, 1), (1, 0), (1, 2), 2), torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: ref.per_sample_conv2d(*a, s, p, d, g),
+                                    (x.requires_grad_(), wt.requires_grad_(), bias.requires_grad_()))
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    att = torch.randn(2, 2 * 2 * 9, 3, dtype=torch.float64, requires_grad=True)
+    wh = torch.randn(3, 2, 2, 1, 1, dtype=torch.float64, requires_grad=True)
+    with repkernels.backend("reference"):
+        assert torch.autograd.gradcheck(lambda *a: kw_conv2d(a[0], a[1], a[2], (4, 4, 3, 3), padding=1), (x, att, wh))
+
+
+# ---------------------------------------------------------------- CUDA kernels (CPU emulation)
+@requires_c
+@pytest.mark.parametrize("case", ASM_CASES, ids=ASM_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_assemble_emulation_matches_reference(case, dtype):
+    att, wh, layout = make_asm(case, dtype)
+    out = R.kw_assemble(att, wh, layout)
+    grad = torch.randn(out.shape, dtype=dtype)
+    ref_out, ref_ga, ref_gw = asm_ref64(att, wh, layout, grad)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_close(out, ref_out, dtype)
+    assert_close(R.kw_assemble_backward_attention(grad, wh, layout), ref_ga, dtype, "grad attention")
+    assert_close(R.kw_assemble_backward_warehouse(grad, att, wh, layout), ref_gw, dtype, "grad warehouse")
+
+
+@requires_c
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_conv_emulation_matches_reference(case, dtype, channels_last):
+    x, wt, bias, s, p, d, g = make_conv(case, dtype, channels_last=channels_last)
+    out = R.per_sample_conv2d(x, wt, bias, s, p, d, g)
+    grad = torch.randn(out.shape, dtype=dtype)
+    if channels_last:
+        grad = grad.to(memory_format=torch.channels_last)
+        assert out.is_contiguous(memory_format=torch.channels_last) or x.shape[0] == 0
+    ref_out, ref_gx, ref_gw = conv_ref64(x, wt, bias, s, p, d, g, grad)
+    assert_close(out, ref_out, dtype)
+    gx = R.per_sample_conv2d_backward_input(grad, x, wt, s, p, d, g)
+    assert gx.stride() == x.stride() or x.shape[0] == 0
+    assert_close(gx, ref_gx, dtype, "grad input")
+    assert_close(R.per_sample_conv2d_backward_weight(grad, x, wt, s, p, d, g), ref_gw, dtype, "grad weight")
+
+
+@requires_c
+def test_cuda_ops_autograd_matches_reference():
+    att, wh, layout = make_asm(ASM_CASES[0], torch.float64)
+    x = torch.randn(att.shape[0], 6, 7, 7, dtype=torch.float64)
+    args = [t.requires_grad_(True) for t in (x, att, wh)]
+
+    def run(assemble, conv):
+        return conv(args[0], assemble(args[1], args[2], layout), None, [1, 1], [1, 1], [1, 1], 1)
+
+    out = run(R.kw_assemble, R.per_sample_conv2d)
+    expect = run(ref.kw_assemble, ref.per_sample_conv2d)
+    g = torch.randn_like(out)
+    for a, b_, name in zip(torch.autograd.grad(out, args, g), torch.autograd.grad(expect, args, g),
+                           ("input", "attention", "warehouse")):
+        assert_close(a, b_, what=f"grad {name}")
+
+
+@requires_c
+def test_cuda_ops_opcheck():
+    att, wh, layout = make_asm(ASM_CASES[0], torch.float32)
+    torch.library.opcheck(R.kw_assemble.default, (att.requires_grad_(), wh.requires_grad_(), layout))
+    grad = torch.randn(att.shape[0], *layout)
+    torch.library.opcheck(R.kw_assemble_backward_attention.default, (grad, wh.detach(), layout))
+    torch.library.opcheck(R.kw_assemble_backward_warehouse.default, (grad, att.detach(), wh.detach(), layout))
+    x, wt, bias, s, p, d, g = make_conv(CONV_CASES[2], torch.float32)
+    torch.library.opcheck(R.per_sample_conv2d.default, (x.requires_grad_(), wt.requires_grad_(), bias, s, p, d, g))
+    xl = x.detach().to(memory_format=torch.channels_last)
+    torch.library.opcheck(R.per_sample_conv2d.default, (xl, wt.detach(), None, s, p, d, g))
+    gy = R.per_sample_conv2d(x.detach(), wt.detach(), None, s, p, d, g)
+    torch.library.opcheck(R.per_sample_conv2d_backward_input.default, (gy, x.detach(), wt.detach(), s, p, d, g))
+    torch.library.opcheck(R.per_sample_conv2d_backward_weight.default, (gy, x.detach(), wt.detach(), s, p, d, g))
+
+
+@requires_c
+def test_cuda_ops_reject_bad_arguments():
+    att, wh, layout = make_asm(ASM_CASES[0], torch.float32)
+    with pytest.raises(RuntimeError, match=r"`attention` must have shape \(B, 36, 5\)"):
+        R.kw_assemble(att[:, :5], wh, layout)
+    with pytest.raises(RuntimeError, match="`warehouse` cells .* must divide"):
+        R.kw_assemble(att, wh, [7, 6, 3, 3])
+    with pytest.raises(RuntimeError, match="`attention` dtype"):
+        R.kw_assemble(att.double(), wh, layout)
+    x, wt, bias, s, p, d, g = make_conv(CONV_CASES[0], torch.float32)
+    with pytest.raises(RuntimeError, match="`weight` batch 1 != `input` batch 2"):
+        R.per_sample_conv2d(x, wt[:1], bias, s, p, d, g)
+    with pytest.raises(RuntimeError, match=r"`groups` \(3\) must divide"):
+        R.per_sample_conv2d(x, wt, bias, s, p, d, 3)
+    with pytest.raises(RuntimeError, match="`bias` must have shape"):
+        R.per_sample_conv2d(x, wt, bias[:3], s, p, d, g)
+    with pytest.raises(RuntimeError, match="`stride` must be >= 1"):
+        R.per_sample_conv2d(x, wt, bias, [0, 1], p, d, g)
+
+
+# ---------------------------------------------------------------- Triton kernels (interpreter on CPU)
+@requires_triton_cpu
+@pytest.mark.parametrize("case", [ASM_CASES[i] for i in TRITON_ASM], ids=[ASM_IDS[i] for i in TRITON_ASM])
+def test_triton_assemble_matches_reference(case):
+    att, wh, layout = make_asm(case, torch.float32)
+    out = R.kw_assemble_triton(att, wh, layout)
+    grad = torch.randn(out.shape)
+    ref_out, ref_ga, ref_gw = asm_ref64(att, wh, layout, grad)
+    assert_close(out, ref_out, torch.float32)
+    assert_close(R.kw_assemble_backward_attention_triton(grad, wh, layout), ref_ga, torch.float32, "grad attention")
+    assert_close(R.kw_assemble_backward_warehouse_triton(grad, att, wh, layout), ref_gw, torch.float32,
+                 "grad warehouse")
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_assemble_half_precision(dtype):
+    att, wh, layout = make_asm(ASM_CASES[0], dtype)
+    out = R.kw_assemble_triton(att, wh, layout)
+    grad = torch.randn(out.shape, dtype=dtype)
+    ref_out, ref_ga, ref_gw = asm_ref64(att, wh, layout, grad)
+    assert out.dtype == dtype
+    assert_close(out, ref_out, dtype)
+    assert_close(R.kw_assemble_backward_attention_triton(grad, wh, layout), ref_ga, dtype, "grad attention")
+    assert_close(R.kw_assemble_backward_warehouse_triton(grad, att, wh, layout), ref_gw, dtype, "grad warehouse")
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("case", [CONV_CASES[i] for i in TRITON_CONV], ids=[CONV_IDS[i] for i in TRITON_CONV])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_triton_conv_matches_reference(case, channels_last):
+    if channels_last and case[9] == case[1]:
+        pytest.skip("depthwise: the NCHW run covers it (interpreter time)")
+    x, wt, bias, s, p, d, g = make_conv(case, torch.float32, channels_last=channels_last)
+    out = R.per_sample_conv2d_triton(x, wt, bias, s, p, d, g)
+    grad = torch.randn(out.shape)
+    if channels_last:
+        grad = grad.to(memory_format=torch.channels_last)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    ref_out, ref_gx, ref_gw = conv_ref64(x, wt, bias, s, p, d, g, grad)
+    assert_close(out, ref_out, torch.float32)
+    assert_close(R.per_sample_conv2d_backward_input_triton(grad, x, wt, s, p, d, g), ref_gx, torch.float32,
+                 "grad input")
+    assert_close(R.per_sample_conv2d_backward_weight_triton(grad, x, wt, s, p, d, g), ref_gw, torch.float32,
+                 "grad weight")
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_conv_half_precision(dtype):
+    x, wt, bias, s, p, d, g = make_conv(CONV_CASES[1], dtype)
+    out = R.per_sample_conv2d_triton(x, wt, bias, s, p, d, g)
+    grad = torch.randn(out.shape, dtype=dtype)
+    ref_out, ref_gx, ref_gw = conv_ref64(x, wt, bias, s, p, d, g, grad)
+    assert out.dtype == dtype
+    assert_close(out, ref_out, dtype)
+    assert_close(R.per_sample_conv2d_backward_input_triton(grad, x, wt, s, p, d, g), ref_gx, dtype, "grad input")
+    assert_close(R.per_sample_conv2d_backward_weight_triton(grad, x, wt, s, p, d, g), ref_gw, dtype, "grad weight")
+
+
+# (batch, C, H, W, Cout, kernel, stride, padding, dilation, cell, n): the fused assembly + conv kernel
+FUSED_CASES = [
+    (3, 32, 5, 5, 32, (3, 3), (1, 1), (1, 1), (1, 1), (16, 16, 1, 1), 7),    # one cell per tap, 2 x 2 cells
+    (2, 16, 6, 5, 32, (3, 3), (2, 2), (1, 1), (1, 1), (32, 16, 3, 3), 3),    # whole-kernel cells, stride 2
+    (17, 16, 3, 3, 16, (3, 3), (1, 2), (2, 1), (2, 1), (16, 16, 1, 1), 5),   # batch over two sample groups, dilation
+    (2, 32, 4, 4, 64, (1, 1), (1, 1), (0, 0), (1, 1), (32, 32, 1, 1), 20),   # 1x1, 32-wide tiles, n > BLOCK_N
+]
+
+
+def make_fused(case, dtype, channels_last=False):
+    b, c, h, w, cout, k, s, p, d, cell, n = case
+    layout = (cout, c, *k)
+    grid = ref.layout_grid((n, *cell), layout)
+    x = torch.randn(b, c, h, w, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    att = torch.randn(b, grid[0] * grid[2] * grid[4], n, dtype=dtype) / n
+    wh = torch.randn(n, *cell, dtype=dtype) / (c * k[0] * k[1]) ** 0.5
+    bias = torch.randn(cout, dtype=dtype)
+    return x, att, wh, list(layout), bias, s, p, d
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("case", FUSED_CASES, ids=[f"fused{i}" for i in range(len(FUSED_CASES))])
+def test_triton_fused_matches_reference(case):
+    x, att, wh, layout, bias, s, p, d = make_fused(case, torch.float32, channels_last=case is FUSED_CASES[0])
+    out = R.kw_conv2d_fused_triton(x, att, wh, layout, bias, s, p, d)
+    expect = ref.kw_conv2d(x.double(), att.double(), wh.double(), layout, bias.double(), s, p, d, 1)
+    if case is FUSED_CASES[0]:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, expect, torch.float32)
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_fused_half_precision(dtype):
+    x, att, wh, layout, bias, s, p, d = make_fused(FUSED_CASES[3], dtype)
+    out = R.kw_conv2d_fused_triton(x, att, wh, layout, bias, s, p, d)
+    # the fused kernel rounds each assembled tile to `dtype`, as the unfused path stores its kernels
+    kernels = ref.kw_assemble(att.double(), wh.double(), layout).to(dtype).double()
+    expect = ref.per_sample_conv2d(x.double(), kernels, bias.double(), s, p, d, 1)
+    assert out.dtype == dtype
+    assert_close(out, expect, dtype)
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_triton_kw_conv2d_gradients_match_reference(fused):
+    x, att, wh, layout, bias, s, p, d = make_fused(FUSED_CASES[0], torch.float32)
+    args = [t.requires_grad_(True) for t in (x, att, wh, bias)]
+    with repkernels.backend("triton"):
+        out = kw_conv2d(args[0], args[1], args[2], layout, args[3], s, p, d, fused=fused)
+    expect = ref.kw_conv2d(args[0], args[1], args[2], layout, args[3], s, p, d, 1)
+    g = torch.randn_like(out)
+    assert_close(out, expect.double(), torch.float32)
+    for a, b_, name in zip(torch.autograd.grad(out, args, g), torch.autograd.grad(expect, args, g),
+                           ("input", "attention", "warehouse", "bias")):
+        assert_close(a, b_.double(), torch.float32, f"grad {name}")
+
+
+@requires_triton_cpu
+def test_triton_ops_opcheck():
+    att, wh, layout = make_asm(ASM_CASES[0], torch.float32)
+    torch.library.opcheck(R.kw_assemble_triton.default, (att.requires_grad_(), wh.requires_grad_(), layout))
+    grad = torch.randn(att.shape[0], *layout)
+    torch.library.opcheck(R.kw_assemble_backward_attention_triton.default, (grad, wh.detach(), layout))
+    torch.library.opcheck(R.kw_assemble_backward_warehouse_triton.default, (grad, att.detach(), wh.detach(), layout))
+    x, wt, bias, s, p, d, g = make_conv(CONV_CASES[4], torch.float32)
+    torch.library.opcheck(R.per_sample_conv2d_triton.default,
+                          (x.requires_grad_(), wt.requires_grad_(), bias, s, p, d, g))
+    gy = R.per_sample_conv2d_triton(x.detach(), wt.detach(), None, s, p, d, g)
+    torch.library.opcheck(R.per_sample_conv2d_backward_input_triton.default, (gy, x.detach(), wt.detach(), s, p, d, g))
+    torch.library.opcheck(R.per_sample_conv2d_backward_weight_triton.default,
+                          (gy, x.detach(), wt.detach(), s, p, d, g))
+    x, att, wh, layout, bias, s, p, d = make_fused(FUSED_CASES[3], torch.float32)
+    torch.library.opcheck(R.kw_conv2d_fused_triton.default,
+                          (x.requires_grad_(), att.requires_grad_(), wh.requires_grad_(), layout, bias, s, p, d))
+
+
+# ---------------------------------------------------------------- public functions: routing and errors
+def test_public_functions_follow_the_reference_on_cpu():
+    att, wh, layout = make_asm(ASM_CASES[0], torch.float64)
+    assert torch.equal(kw_assemble(att, wh, layout), ref.kw_assemble(att, wh, layout))
+    x, wt, bias, s, p, d, g = make_conv(CONV_CASES[2], torch.float64)
+    assert torch.equal(per_sample_conv2d(x, wt, bias, s, p, d, g), ref.per_sample_conv2d(x, wt, bias, s, p, d, g))
+    x = torch.randn(att.shape[0], 6, 5, 5, dtype=torch.float64)
+    assert_close(kw_conv2d(x, att, wh, layout, padding="same"), ref.kw_conv2d(x, att, wh, layout, None, (1, 1),
+                                                                              (1, 1), (1, 1), 1))
+
+
+def test_fused_routing_rule():
+    # ResNet-50 KW(1x) at 224x224: warehouse n, cell, layer, output pixels
+    assert fused_wins((47, 512, 512, 1, 1), (512, 512, 3, 3), 1, 7 * 7)           # stage 4: one pixel tile
+    assert not fused_wins((138, 256, 256, 1, 1), (256, 256, 3, 3), 1, 14 * 14)    # stage 3: 4 tiles x 138
+    assert not fused_wins((87, 64, 64, 1, 1), (64, 64, 3, 3), 1, 56 * 56)         # stage 1
+    assert not fused_wins((47, 512, 512, 1, 1), (512, 512, 3, 3), 2, 7 * 7)       # groups
+    assert not fused_wins((27, 32, 1, 1, 1), (96, 1, 3, 3), 96, 7 * 7)            # depthwise cells
+    assert fused_wins((36, 16, 16, 1, 1), (32, 32, 3, 3), 1, 100) == (_backend.HAS_TRITON and 36 * 1 <= 128)
+
+
+def test_bad_inputs_raise_clear_errors():
+    att, wh, layout = make_asm(ASM_CASES[0], torch.float32)
+    with pytest.raises(ValueError, match=r"kw_assemble: `attention` must have shape \(B, 36, 5\)"):
+        kw_assemble(att[:, :, :4], wh, layout)
+    with pytest.raises(ValueError, match="kw_assemble: `attention` must be 3-D"):
+        kw_assemble(att[0], wh, layout)
+    with pytest.raises(ValueError, match=r"kw_assemble: `warehouse` cells \(4 x 3\) must divide"):
+        kw_assemble(att, wh, [8, 5, 3, 3])
+    with pytest.raises(ValueError, match="kw_assemble: `warehouse` cells must span one kernel tap"):
+        kw_assemble(att, torch.randn(5, 4, 3, 3, 1), layout)
+    with pytest.raises(ValueError, match="kw_assemble: `layout` must be"):
+        kw_assemble(att, wh, [8])
+    with pytest.raises(TypeError, match="kw_assemble: `attention` has dtype torch.float64"):
+        kw_assemble(att.double(), wh, layout)
+    with pytest.raises(ValueError, match="kw_assemble: `attention` is on meta"):
+        kw_assemble(att.to("meta"), wh, layout)
+
+    x, wt, bias, s, p, d, g = make_conv(CONV_CASES[0], torch.float32)
+    with pytest.raises(ValueError, match="per_sample_conv2d: `weight` must have one kernel per sample: batch 1"):
+        per_sample_conv2d(x, wt[:1], bias, s, p, d, g)
+    with pytest.raises(ValueError, match=r"per_sample_conv2d: `groups` \(3\) must divide the input channels \(4\)"):
+        per_sample_conv2d(x, wt, bias, s, p, d, 3)
+    with pytest.raises(ValueError, match=r"per_sample_conv2d: `weight` must have shape \(B, Cout, C/groups"):
+        per_sample_conv2d(x, wt, bias, s, p, d, 2)
+    with pytest.raises(ValueError, match="per_sample_conv2d: `weight` must be 5-D"):
+        per_sample_conv2d(x, wt[0], bias)
+    with pytest.raises(ValueError, match="per_sample_conv2d: `bias` must have shape"):
+        per_sample_conv2d(x, wt, bias[:2], s, p, d, g)
+    with pytest.raises(ValueError, match="per_sample_conv2d: `stride` must be >= 1"):
+        per_sample_conv2d(x, wt, bias, 0)
+    with pytest.raises(ValueError, match="per_sample_conv2d: padding='same' needs stride 1"):
+        per_sample_conv2d(x, wt, bias, 2, "same")
+    with pytest.raises(ValueError, match="per_sample_conv2d: padded `input`"):
+        per_sample_conv2d(x[..., :1, :1], wt, bias)
+
+    x = torch.randn(3, 6, 5, 5)
+    with pytest.raises(ValueError, match="kw_conv2d: `attention` batch 3 != `input` batch 2"):
+        kw_conv2d(x[:2], att, wh, layout)
+    with pytest.raises(ValueError, match=r"kw_conv2d: `layout` must be \(Cout, C/groups, kh, kw\) with C/groups = 3"):
+        kw_conv2d(x, att, wh, layout, groups=2)
+    with pytest.raises(ValueError, match=r"kw_conv2d: `groups` \(4\) must divide"):
+        kw_conv2d(x, att, wh, layout, groups=4)
+    with pytest.raises(repkernels.BackendUnavailableError, match="fused"):
+        kw_conv2d(x, att, wh, layout, fused=True)  # 4 x 3 cells: too small for the fused tiles (and on CPU)
+
+
+def test_explicit_backends_that_cannot_serve_raise():
+    att, wh, layout = make_asm(ASM_CASES[0], torch.float64)
+    with repkernels.backend("cuda"):
+        with pytest.raises(repkernels.BackendUnavailableError, match="kw_assemble: backend 'cuda'"):
+            kw_assemble(att, wh, layout)
+    if _backend.HAS_TRITON:
+        with repkernels.backend("triton"):
+            with pytest.raises(repkernels.BackendUnavailableError, match="float64"):
+                kw_assemble(att, wh, layout)
+
+
+# ---------------------------------------------------------------- GPU (skipped without one)
+@pytest.fixture
+def no_tf32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _gpu_check_all(backend_name):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for case in ASM_CASES:
+            att, wh, layout = make_asm(case, dtype, "cuda")
+            grad = torch.randn(case[0], *layout, dtype=dtype, device="cuda")
+            args = [att.requires_grad_(), wh.requires_grad_()]
+            with repkernels.backend(backend_name):
+                out = kw_assemble(*args, layout)
+            ga, gw = torch.autograd.grad(out, args, grad)
+            ref_out, ref_ga, ref_gw = asm_ref64(att, wh, layout, grad)
+            assert_close(out, ref_out, dtype)
+            assert_close(ga, ref_ga, dtype, "grad attention")
+            assert_close(gw, ref_gw, dtype, "grad warehouse")
+        for case in CONV_CASES:
+            for cl in (False, True):
+                x, wt, bias, s, p, d, g = make_conv(case, dtype, "cuda", channels_last=cl)
+                args = [x.requires_grad_(), wt.requires_grad_()]
+                with repkernels.backend(backend_name):
+                    out = per_sample_conv2d(*args, bias, s, p, d, g)
+                grad = torch.randn_like(out)
+                gx, gw = torch.autograd.grad(out, args, grad)
+                ref_out, ref_gx, ref_gw = conv_ref64(x, wt, bias, s, p, d, g, grad)
+                assert_close(out, ref_out, dtype)
+                assert_close(gx, ref_gx, dtype, "grad input")
+                assert_close(gw, ref_gw, dtype, "grad weight")
+
+
+@requires_gpu
+@requires_c
+def test_gpu_cuda_kernels_match_reference(no_tf32):
+    _gpu_check_all("cuda")
+
+
+@requires_triton_gpu
+def test_gpu_triton_kernels_match_reference(no_tf32):
+    _gpu_check_all("triton")
+
+
+@requires_triton_gpu
+def test_gpu_fused_kernel_matches_reference(no_tf32):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for case in FUSED_CASES:
+            x, att, wh, layout, bias, s, p, d = (t.cuda() if isinstance(t, torch.Tensor) else t
+                                                 for t in make_fused(case, dtype))
+            with repkernels.backend("triton"):
+                out = kw_conv2d(x, att, wh, layout, bias, s, p, d, fused=True)
+            kernels = ref.kw_assemble(att.double(), wh.double(), layout).to(dtype).double()
+            assert_close(out, ref.per_sample_conv2d(x.double(), kernels, bias.double(), s, p, d, 1), dtype)
+
+
+@requires_gpu
+def test_gpu_auto_uses_a_fast_path():
+    att, wh, layout = make_asm(ASM_CASES[0], torch.float32, "cuda")
+    out = kw_assemble(att, wh, layout)
+    assert_close(out, asm_ref64(att, wh, layout), torch.float32)
+    assert HAS_GPU and (_extension.HAS_C or _backend.HAS_TRITON)

@@ -1,0 +1,82 @@
+"""KernelWarehouse cell assembly, backward to the attentions.
+
+``grad_attention[r, n] = Σ_t grad_out[addr(r, t)] · warehouse[n, t]`` with rows ``r = b·m + j``, ``t`` an
+element of a cell and ``addr`` the conv-layout address of :mod:`.kw_assemble_fwd`. The gradient of the
+per-sample kernels is read in place, in its conv layout (no permuted copy); each program computes a
+BLOCK_R x BLOCK_N tile with ``tl.dot`` over chunks of BLOCK_T cell elements, accumulating in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .kw_common import dot_in_fp32, matmul_precision, pow2_clamp
+
+
+@triton.jit(do_not_specialize=["R"])
+def kw_assemble_bwd_attention_kernel(
+    g_ptr, wh_ptr, out_ptr,
+    R, N, T, M_MIX,
+    GI, NS, CO, CI, CE, CIN_G, KS, W_SAMPLE,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    nn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_ok = r < R
+    n_ok = nn < N
+    r64 = r.to(tl.int64)
+
+    b = r64 // M_MIX
+    j = r64 % M_MIX
+    s = j % NS
+    oi = j // NS
+    i = oi % GI
+    o = oi // GI
+    row_off = b * W_SAMPLE + o * CO * CIN_G * KS + i * CI * KS + s * CE
+
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < T
+        e = t % CE
+        ac = t // CE
+        col_off = (ac // CI).to(tl.int64) * CIN_G * KS + (ac % CI) * KS + e
+        g = tl.load(g_ptr + row_off[:, None] + col_off[None, :], mask=r_ok[:, None] & t_ok[None, :], other=0.0)
+        w = tl.load(wh_ptr + nn[None, :].to(tl.int64) * T + t[:, None], mask=t_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        if DOT_FP32:
+            g = g.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(g, w, acc, input_precision=PRECISION)
+
+    tl.store(out_ptr + r64[:, None] * N + nn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & n_ok[None, :])
+
+
+def kw_assemble_bwd_attention(grad_out: torch.Tensor, warehouse: torch.Tensor,
+                              grid: tuple[int, int, int, int, int, int, int], out: torch.Tensor) -> torch.Tensor:
+    """``grad_out`` (B, Cout, Cin_g, *kernel), ``warehouse`` (n, co, ci, *cell_kernel) into ``out`` (B, m, n),
+    contiguous. Returns ``out``."""
+    b, m, n = out.shape
+    go, co, gi, ci, ns, ce, ks = grid
+    rows, t = b * m, co * ci * ce
+    if out.numel() == 0:
+        return out
+    grad_out = grad_out.contiguous()
+    warehouse = warehouse.contiguous()
+    block_r, block_t, block_n = pow2_clamp(m, 16, 64), pow2_clamp(t, 16, 64), pow2_clamp(n, 16, 64)
+    launch = (triton.cdiv(rows, block_r), triton.cdiv(n, block_n))
+    kw_assemble_bwd_attention_kernel[launch](
+        grad_out, warehouse, out,
+        rows, n, t, m,
+        gi, ns, co, ci, ce, gi * ci, ks, grad_out[0].numel(),
+        BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_N=block_n,
+        DOT_FP32=dot_in_fp32(warehouse.dtype), PRECISION=matmul_precision(warehouse.dtype),
+        num_warps=4,
+    )
+    return out

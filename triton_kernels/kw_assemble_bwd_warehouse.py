@@ -1,0 +1,99 @@
+"""KernelWarehouse cell assembly, backward to the warehouse.
+
+``grad_warehouse[n, t] = Σ_r attention[r, n] · grad_out[addr(r, t)]`` over all rows ``r = b·m + j`` (samples
+x mixtures), ``addr`` the conv-layout address of :mod:`.kw_assemble_fwd`. The per-sample kernel gradient is
+read in place (no permuted copy). The reduction over rows is long (B·m) and the output small (n x cell), so
+the rows are split into SPLIT ranges, one per program along grid axis 2: each program writes an fp32 partial
+BLOCK_N x BLOCK_T tile, and the partials are summed afterwards (deterministic; no atomics). SPLIT is chosen
+from the layer and the device (not from the batch size).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .kw_common import dot_in_fp32, matmul_precision, pow2_clamp
+
+
+@triton.jit(do_not_specialize=["R", "ROWS_PER_SPLIT"])
+def kw_assemble_bwd_warehouse_kernel(
+    att_ptr, g_ptr, part_ptr,
+    R, N, T, M_MIX, ROWS_PER_SPLIT,
+    GI, NS, CO, CI, CE, CIN_G, KS, W_SAMPLE,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    split = tl.program_id(2)
+    nn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    n_ok = nn < N
+    t_ok = t < T
+    e = t % CE
+    ac = t // CE
+    col_off = (ac // CI).to(tl.int64) * CIN_G * KS + (ac % CI) * KS + e
+
+    r_begin = split * ROWS_PER_SPLIT
+    r_end = tl.minimum(r_begin + ROWS_PER_SPLIT, R)
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    for r0 in range(r_begin, r_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = r < r_end
+        r64 = r.to(tl.int64)
+        b = r64 // M_MIX
+        j = r64 % M_MIX
+        s = j % NS
+        oi = j // NS
+        row_off = b * W_SAMPLE + (oi // GI) * CO * CIN_G * KS + (oi % GI) * CI * KS + s * CE
+        a = tl.load(att_ptr + r64[None, :] * N + nn[:, None], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        g = tl.load(g_ptr + row_off[:, None] + col_off[None, :], mask=r_ok[:, None] & t_ok[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            g = g.to(tl.float32)
+        acc = tl.dot(a, g, acc, input_precision=PRECISION)
+
+    out = part_ptr + split.to(tl.int64) * N * T + nn[:, None].to(tl.int64) * T + t[None, :]
+    tl.store(out, acc, mask=n_ok[:, None] & t_ok[None, :])
+
+
+def num_splits(n_tiles: int, rows_per_sample: int, device: torch.device) -> int:
+    """Row splits so that about two waves of programs fill the GPU (one on the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(64, triton.cdiv(2 * sms, max(n_tiles, 1))))
+
+
+def kw_assemble_bwd_warehouse(attention: torch.Tensor, grad_out: torch.Tensor,
+                              grid: tuple[int, int, int, int, int, int, int], out: torch.Tensor) -> torch.Tensor:
+    """``attention`` (B, m, n), ``grad_out`` (B, Cout, Cin_g, *kernel) into ``out`` (n, co, ci, *cell_kernel),
+    contiguous. Returns ``out``."""
+    b, m, n = attention.shape
+    go, co, gi, ci, ns, ce, ks = grid
+    rows, t = b * m, co * ci * ce
+    if out.numel() == 0:
+        return out
+    if rows == 0:
+        return out.zero_()
+    attention = attention.contiguous()
+    grad_out = grad_out.contiguous()
+    block_r, block_t, block_n = pow2_clamp(m, 16, 64), pow2_clamp(t, 16, 64), pow2_clamp(n, 16, 64)
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(t, block_t)
+    splits = num_splits(tiles, m, attention.device)
+    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
+    splits = triton.cdiv(rows, rows_per_split)
+    partial = torch.empty((splits, n, t), dtype=torch.float32, device=attention.device)
+    launch = (triton.cdiv(n, block_n), triton.cdiv(t, block_t), splits)
+    kw_assemble_bwd_warehouse_kernel[launch](
+        attention, grad_out, partial,
+        rows, n, t, m, rows_per_split,
+        gi, ns, co, ci, ce, gi * ci, ks, grad_out[0].numel(),
+        BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_N=block_n,
+        DOT_FP32=dot_in_fp32(attention.dtype), PRECISION=matmul_precision(attention.dtype),
+        num_warps=4,
+    )
+    out.copy_(partial.sum(0).view(out.shape))
+    return out

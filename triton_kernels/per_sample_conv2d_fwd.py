@@ -1,0 +1,115 @@
+"""Per-sample conv2d forward as a batched implicit GEMM.
+
+For sample ``b`` and group ``g``: ``out[b, g·COG + o, p] = Σ_k weight[b, g·COG + o, k] · im2col(x[b])[g·CIG + k, p]``
+with ``k = (c, kh, kw)`` (the weight's memory order) and ``p = (oh, ow)``. Each program computes a
+BLOCK_O x BLOCK_P tile of one (sample, group): the weight tile is a contiguous row block, the input tile is
+gathered (zero padding by masks) straight from ``x`` in any memory format — no im2col buffer.
+
+``USE_DOT`` selects ``tl.dot`` (tensor cores; needs 16-wide tiles) or a broadcast multiply-add for thin
+problems (depthwise: one output channel per group). Grid and tiles depend on the layer, never on the batch:
+the batch only enters the grid size (and the program id), so one compiled kernel serves every batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .kw_common import conv_precision, dot_in_fp32, pow2_clamp
+
+
+@triton.jit
+def per_sample_conv2d_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    H, W, COUT, OH, OW, GROUPS, CIG, COG,
+    sxn, sxc, sxh, sxw,
+    syn, syc, syh, syw,
+    KH: tl.constexpr, KW: tl.constexpr,
+    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    o_tiles = tl.cdiv(COG, BLOCK_O)
+    ot = pid % o_tiles
+    bg = pid // o_tiles
+    g = bg % GROUPS
+    b = (bg // GROUPS).to(tl.int64)
+
+    o = ot * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = o < COG
+    oc = g * COG + o                                  # output channel
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < OH * OW
+    oh = p // OW
+    ow = p % OW
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+
+    K = CIG * KH * KW
+    w_base = w_ptr + b * COUT * K + oc.to(tl.int64)[:, None] * K
+    x_base = x_ptr + b * sxn + (g * CIG).to(tl.int64) * sxc
+    acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        c = k // (KH * KW)
+        q = k % (KH * KW)
+        ih = ih0[None, :] + (q // KW)[:, None] * DH
+        iw = iw0[None, :] + (q % KW)[:, None] * DW
+        x_ok = k_ok[:, None] & p_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xv = tl.load(x_base + c.to(tl.int64)[:, None] * sxc + ih * sxh + iw * sxw, mask=x_ok, other=0.0)
+        wv = tl.load(w_base + k[None, :], mask=o_ok[:, None] & k_ok[None, :], other=0.0)
+        if USE_DOT:
+            if DOT_FP32:
+                wv = wv.to(tl.float32)
+                xv = xv.to(tl.float32)
+            acc = tl.dot(wv, xv, acc, input_precision=PRECISION)
+        else:
+            acc += tl.sum(wv.to(tl.float32)[:, :, None] * xv.to(tl.float32)[None, :, :], axis=1)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + oc, mask=o_ok, other=0.0).to(tl.float32)[:, None]
+    y = y_ptr + b * syn + oc.to(tl.int64)[:, None] * syc + (oh * syh + ow * syw)[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=o_ok[:, None] & p_ok[None, :])
+
+
+def tiles(cog: int, k: int, p: int) -> tuple[bool, int, int, int]:
+    """(USE_DOT, BLOCK_O, BLOCK_P, BLOCK_K) for a group of ``cog`` outputs, reduction ``k`` and ``p`` pixels.
+
+    ``tl.dot`` when the output-channel and reduction tiles can be 16 wide without wasting most of them;
+    the broadcast path (at most 16 x 32 x 16 per step) otherwise. Depends on the layer only.
+    """
+    if cog >= 16 and k >= 16:
+        return True, pow2_clamp(cog, 16, 64), pow2_clamp(p, 16, 64), pow2_clamp(k, 16, 32)
+    return False, pow2_clamp(cog, 1, 16), pow2_clamp(p, 16, 32), pow2_clamp(k, 1, 16)
+
+
+def per_sample_conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                          groups: int, out: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, C, H, W) any strides, ``weight`` (B, Cout, C/groups, KH, KW), ``bias`` (Cout,) or None, into
+    the preallocated ``out`` (B, Cout, OH, OW) (any strides). Returns ``out``."""
+    nb, c, h, w = x.shape
+    _, cout, cig, kh, kw = weight.shape
+    oh, ow = out.shape[-2:]
+    if out.numel() == 0:
+        return out
+    weight = weight.contiguous()
+    bias_arg = bias.contiguous() if bias is not None else weight
+    cog = cout // groups
+    use_dot, block_o, block_p, block_k = tiles(cog, cig * kh * kw, oh * ow)
+    launch = (nb * groups * triton.cdiv(cog, block_o), triton.cdiv(oh * ow, block_p))
+    per_sample_conv2d_fwd_kernel[launch](
+        x, weight, bias_arg, out,
+        h, w, cout, oh, ow, groups, cig, cog,
+        *x.stride(), *out.stride(),
+        KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
+        HAS_BIAS=bias is not None, USE_DOT=use_dot, DOT_FP32=dot_in_fp32(x.dtype), PRECISION=conv_precision(x.dtype),
+        BLOCK_O=block_o, BLOCK_P=block_p, BLOCK_K=block_k,
+        num_warps=4,
+    )
+    return out
