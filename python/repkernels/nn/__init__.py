@@ -1,8 +1,16 @@
 """Drop-in ``nn.Conv2d`` replacements: training-time blocks of each method (modules, one file per method)."""
 
-__all__: list[str] = []
 from .kernelwarehouse import (KWAttention, KWConv1d, KWConv2d, KWConv3d, KWLinear, LinearTemperatureSchedule,
                               WarehouseManager, kw_layers, set_temperature, warehouse_summary)
+from .multibranch import Branch, ConvBranch, MultiBranchConv2d
+from .pbconv import PBConv2d
+from .acb import ACBConv2d
+from .dbb import DBBConv2d
 
-__all__ += ["KWAttention", "KWConv1d", "KWConv2d", "KWConv3d", "KWLinear", "LinearTemperatureSchedule",
-            "WarehouseManager", "kw_layers", "set_temperature", "warehouse_summary"]
+__all__ = [
+    # KernelWarehouse
+    "KWAttention", "KWConv1d", "KWConv2d", "KWConv3d", "KWLinear", "LinearTemperatureSchedule",
+    "WarehouseManager", "kw_layers", "set_temperature", "warehouse_summary",
+    # structural re-parameterization
+    "ACBConv2d", "Branch", "ConvBranch", "DBBConv2d", "MultiBranchConv2d", "PBConv2d",
+]
