@@ -1,16 +1,16 @@
 """repkernels: CUDA and Triton kernels for re-parameterized and dynamic convolutions.
 
 Backends (``cuda``, ``triton``, ``reference``, ``auto``) are chosen per call; see :func:`backend`.
+Subpackages: ``ops`` (the ops), ``reference`` (their pure-PyTorch specification), ``nn`` (modules),
+``reparam`` (convert / reparameterize / deploy), ``search`` and ``analysis`` (PBConv),
+``models`` (model builders; needs torchvision, imported on demand).
 """
 
 from . import _extension
 from ._backend import BACKENDS, BackendUnavailableError, backend, get_backend
 from ._version import __version__
 from . import ops, reference
+from . import reparam, nn, search, analysis  # importing nn registers its methods with reparam.convert
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "__version__", "backend", "get_backend", "ops", "reference"]
-
-# Structural re-parameterization (issue 3); importing nn registers the "pbconv", "acb" and "dbb" methods.
-from . import reparam, nn, search, analysis  # noqa: E402
-
-__all__ += ["reparam", "nn", "search", "analysis"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "__version__", "backend", "get_backend", "ops", "reference",
+           "reparam", "nn", "search", "analysis"]
