@@ -84,6 +84,90 @@ def test_reference_gradcheck_stride2_dilation_nonsquare():
             lambda *a: depthwise_conv2d(*a, stride=2, padding=(2, 1), dilation=(1, 2)), (x, w, b))
 
 
+# ---------------------------------------------------------------- CUDA kernels (CPU emulation)
+@requires_c
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_backward_emulation_matches_reference(case, dtype, channels_last):
+    x, w, b, stride, padding, dilation = make_case(case, dtype, channels_last=channels_last)
+    grad = torch.randn(F.conv2d(x.double(), w.double(), None, stride, padding, dilation, x.shape[1]).shape,
+                       dtype=dtype)
+    if channels_last:
+        grad = grad.to(memory_format=torch.channels_last)
+    ref_in, ref_w, _ = reference_grads(x, w, b, stride, padding, dilation, grad)
+    gi = torch.ops.repkernels.depthwise_conv2d_backward_input(grad, x, w, stride, padding, dilation)
+    gw = torch.ops.repkernels.depthwise_conv2d_backward_weight(grad, x, w, stride, padding, dilation)
+    assert gi.dtype == dtype and gw.dtype == dtype and gw.is_contiguous()
+    assert_close(gi, ref_in, dtype, what="grad input")
+    assert_close(gw, ref_w, dtype, what="grad weight")
+    if channels_last and x.numel() and x.shape[1] > 1:
+        assert gi.is_contiguous(memory_format=torch.channels_last)
+
+
+@requires_c
+def test_cuda_backward_emulation_large_chunked_kernel():
+    """K = 63 dilated: wgrad taps in several chunks and grad_out in several tiles; dgrad via the flipped conv."""
+    case = (1, 1, 20, 40, (63, 63), 1, 62, 2)
+    x, w, b, stride, padding, dilation = make_case(case, torch.float32)
+    grad = torch.randn(1, 1, 20, 40)
+    ref_in, ref_w, _ = reference_grads(x, w, b, stride, padding, dilation, grad)
+    assert_close(torch.ops.repkernels.depthwise_conv2d_backward_input(grad, x, w, stride, padding, dilation), ref_in,
+                 torch.float32, what="grad input")
+    assert_close(torch.ops.repkernels.depthwise_conv2d_backward_weight(grad, x, w, stride, padding, dilation), ref_w,
+                 torch.float32, what="grad weight")
+
+
+@requires_c
+def test_cuda_backward_emulation_non_contiguous_grad():
+    x, w, b, stride, padding, dilation = make_case(CASES[1], torch.float32)
+    grad = torch.randn(1, 2, 5, 10)[..., ::2]  # strided view
+    ref_in, ref_w, _ = reference_grads(x, w, b, stride, padding, dilation, grad)
+    assert_close(torch.ops.repkernels.depthwise_conv2d_backward_input(grad, x, w, stride, padding, dilation), ref_in,
+                 torch.float32)
+    assert_close(torch.ops.repkernels.depthwise_conv2d_backward_weight(grad, x, w, stride, padding, dilation), ref_w,
+                 torch.float32)
+
+
+@requires_c
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=[IDS[1], IDS[3], IDS[5]])
+def test_cuda_op_autograd_uses_backward_kernels(case):
+    x, w, b, stride, padding, dilation = make_case(case, torch.float32)
+    args = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    with torch.autograd.profiler.profile() as prof:
+        out = torch.ops.repkernels.depthwise_conv2d(*args, stride, padding, dilation)
+        grad = torch.randn_like(out)
+        grads = torch.autograd.grad(out, args, grad)
+    names = {e.name for e in prof.function_events}
+    assert {"repkernels::depthwise_conv2d_backward_input", "repkernels::depthwise_conv2d_backward_weight"} <= names
+    for g, r, name in zip(grads, reference_grads(x, w, b, stride, padding, dilation, grad), ("input", "weight", "bias")):
+        assert_close(g, r, torch.float32, what=f"grad {name}")
+
+
+@requires_c
+def test_cuda_backward_ops_opcheck():
+    x, w, b, stride, padding, dilation = make_case(CASES[1], torch.float32)
+    g = torch.randn(1, 2, 5, 5)
+    for name in ("depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight"):
+        op = getattr(torch.ops.repkernels, name).default
+        torch.library.opcheck(op, (g, x, w, stride, padding, dilation))
+        torch.library.opcheck(op, (g.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last),
+                                   w, stride, padding, dilation))
+        torch.library.opcheck(op, (torch.randn(2, 3, 9, 10), torch.randn(2, 3, 9, 10), torch.randn(3, 1, 3, 3),
+                                   [1, 1], [1, 1], [1, 1]))  # stride 1: the flipped forward
+
+
+@requires_c
+def test_cuda_backward_ops_reject_bad_grad():
+    x, w, b, stride, padding, dilation = make_case(CASES[1], torch.float32)
+    for name in ("depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight"):
+        op = getattr(torch.ops.repkernels, name)
+        with pytest.raises(RuntimeError, match=r"`grad` must have the output shape \(1, 2, 5, 5\)"):
+            op(torch.randn(1, 2, 5, 4), x, w, stride, padding, dilation)
+        with pytest.raises(RuntimeError, match="`grad` dtype"):
+            op(torch.randn(1, 2, 5, 5, dtype=torch.float64), x, w, stride, padding, dilation)
+
+
 # ---------------------------------------------------------------- Triton (interpreter on CPU)
 @requires_triton_cpu
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -168,6 +252,15 @@ def test_gpu_auto_routes_small_kernels_to_cudnn_and_large_to_kernels():
 
 # ---------------------------------------------------------------- GPU: real kernels
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@requires_gpu
+@requires_c
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_gpu_cuda_gradients(case, dtype, channels_last):
+    check_grads("cuda", case, dtype, channels_last, "cuda")
 
 
 @requires_triton_gpu
