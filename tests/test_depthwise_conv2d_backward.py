@@ -183,6 +183,52 @@ def test_triton_gradients_half_precision(case, dtype):
     check_grads("triton", case, dtype, channels_last=case is CASES[3])
 
 
+TOEPLITZ_CASES = [CASES[i] for i in (0, 1, 3, 4, 5, 6, 9)] + [
+    (2, 2, 6, 9, (1, 5), 1, (0, 4), 2),       # horizontal, dilated, padding beyond the halo
+    (2, 3, 9, 7, (7, 1), (2, 1), (3, 0), 1),  # vertical, stride 2 along the conv axis
+]
+TOEPLITZ_IDS = [f"k{c[4][0]}x{c[4][1]}_s{c[5]}_p{c[6]}_d{c[7]}" for c in TOEPLITZ_CASES]
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("case", TOEPLITZ_CASES, ids=TOEPLITZ_IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_triton_toeplitz_path_matches_reference(case, channels_last, monkeypatch):
+    """Force the Toeplitz-GEMM kernels (fwd, dgrad, wgrad) on every case: stride, dilation, 2-D, 1-D."""
+    from repkernels.triton_kernels import depthwise_conv2d_toeplitz as toeplitz
+
+    monkeypatch.setattr(toeplitz, "TOEPLITZ_WASTE", 10 ** 6)
+    monkeypatch.setattr(toeplitz, "MAX_PLANE_2D", 10 ** 6)
+    n, c, h, w, k, stride, padding, dilation = case
+    assert toeplitz.plan(h, w, *k, _pair(stride), _pair(padding), _pair(dilation)) is not None
+    for dtype in ([torch.float32, torch.float16, torch.bfloat16] if not channels_last else [torch.float32]):
+        check_grads("triton", case, dtype, channels_last)
+        x, wt, b, s, p, d = make_case(case, dtype)
+        with repkernels.backend("triton"):
+            out = depthwise_conv2d(x, wt, b, s, p, d)
+        assert_close(out, F.conv2d(x.double(), wt.double(), b.double(), s, p, d, c), dtype)
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("case", [CASES[4], CASES[5], CASES[6]], ids=[IDS[4], IDS[5], IDS[6]])
+def test_triton_direct_path_on_oversized_kernels(case, monkeypatch):
+    monkeypatch.setattr(dw_ops, "TRITON_TOEPLITZ", False)
+    check_grads("triton", case, torch.float32, False)
+
+
+def test_toeplitz_rule():
+    from repkernels.triton_kernels import depthwise_conv2d_toeplitz as toeplitz
+
+    for h in (7, 14, 28, 56):  # ParCNetV2: (2H-1) x 1 and 1 x (2W-1) with padding H-1
+        assert toeplitz.plan(h, h, 2 * h - 1, 1, (1, 1), (h - 1, 0), (1, 1)) is not None
+        assert toeplitz.plan(h, h, 1, 2 * h - 1, (1, 1), (0, h - 1), (1, 1)) is not None
+    assert toeplitz.plan(7, 7, 13, 13, (1, 1), (6, 6), (1, 1)) is not None      # RepLKNet stage 4
+    assert toeplitz.plan(14, 14, 27, 27, (1, 1), (13, 13), (1, 1)) is not None  # full 2-D, small map
+    assert toeplitz.plan(56, 56, 31, 31, (1, 1), (15, 15), (1, 1)) is None      # direct: plane >> taps
+    assert toeplitz.plan(56, 56, 3, 1, (1, 1), (1, 0), (1, 1)) is None          # small 1-D kernel
+    assert toeplitz.plan(14, 14, 27, 1, (1, 1), (13, 2), (1, 1)) is None        # padding along the free axis
+
+
 @requires_triton_cpu
 def test_triton_backward_ops_opcheck():
     x, w, b, stride, padding, dilation = make_case(CASES[1], torch.float32)
@@ -248,10 +294,26 @@ def test_gpu_auto_routes_small_kernels_to_cudnn_and_large_to_kernels():
             depthwise_conv2d(x, w, padding=k // 2).sum().backward()
         names = {e.name for e in prof.function_events}
         assert any(n.startswith("repkernels::") for n in names) == expect_custom, (k, names)
+    x = torch.randn(2, 4, 7, 7, device="cuda", requires_grad=True)
+    w = torch.randn(4, 1, 13, 1, device="cuda", requires_grad=True)  # oversized: Triton's Toeplitz GEMMs
+    with torch.autograd.profiler.profile() as prof:
+        depthwise_conv2d(x, w, padding=(6, 0)).sum().backward()
+    names = {e.name for e in prof.function_events}
+    if repkernels._backend.HAS_TRITON:
+        assert "repkernels::depthwise_conv2d_triton" in names, names
 
 
 # ---------------------------------------------------------------- GPU: real kernels
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 tolerances assume IEEE fp32 products (the Toeplitz kernels use TF32 when cuDNN may)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
 
 
 @requires_gpu
@@ -259,7 +321,7 @@ GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_gpu_cuda_gradients(case, dtype, channels_last):
+def test_gpu_cuda_gradients(case, dtype, channels_last, no_tf32):
     check_grads("cuda", case, dtype, channels_last, "cuda")
 
 
@@ -267,5 +329,5 @@ def test_gpu_cuda_gradients(case, dtype, channels_last):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_gpu_triton_gradients(case, dtype, channels_last):
+def test_gpu_triton_gradients(case, dtype, channels_last, no_tf32):
     check_grads("triton", case, dtype, channels_last, "cuda")

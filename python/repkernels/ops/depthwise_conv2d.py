@@ -14,16 +14,17 @@ batch and positions with fp32 accumulation; bias gradient: a sum).
 
 Routing under ``auto`` (documented rule): CPU tensors and float64 go to the reference; on a GPU a
 kernel with both sides <= ``CUDNN_MAX_KERNEL`` (7) goes to cuDNN (``F.conv2d``: small kernels are
-memory bound and cuDNN's depthwise kernels are at the bandwidth limit), larger kernels go to the CUDA
-kernels, else Triton. A kernel side larger than ``MAX_KERNEL_SIZE`` is served by the reference with a
-one-time warning, whatever the backend asked for.
+memory bound and cuDNN's depthwise kernels are at the bandwidth limit); kernels that cover most of
+the map (the Toeplitz rule of ``triton_kernels/depthwise_conv2d_toeplitz.py``: ParCNetV2's 2H − 1,
+K = 13 on 7×7, ...) go to Triton's Toeplitz GEMMs (tensor cores), falling back to CUDA; other
+kernels go to the CUDA kernels, falling back to Triton. A kernel side larger than ``MAX_KERNEL_SIZE``
+is served by the reference with a one-time warning, whatever the backend asked for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,14 +94,32 @@ def _make_backward(bwd_input, bwd_weight):
     return backward
 
 
+#: Whether the Triton ops may use the Toeplitz-GEMM kernels (oversized kernels; see
+#: triton_kernels/depthwise_conv2d_toeplitz.py for the rule). Set False to force the direct kernels.
+TRITON_TOEPLITZ = True
+
+
+def _toeplitz_plan(input, weight, stride, padding, dilation):
+    if not TRITON_TOEPLITZ:
+        return None
+    from ..triton_kernels import depthwise_conv2d_toeplitz as toeplitz
+
+    return toeplitz.plan(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3], tuple(stride),
+                         tuple(padding), tuple(dilation))
+
+
 if _backend.HAS_TRITON:
     @torch.library.custom_op("repkernels::depthwise_conv2d_triton", mutates_args=())
     def _depthwise_conv2d_triton(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                  stride: Sequence[int], padding: Sequence[int],
                                  dilation: Sequence[int]) -> torch.Tensor:
+        from ..triton_kernels import depthwise_conv2d_toeplitz as toeplitz
         from ..triton_kernels.depthwise_conv2d_fwd import depthwise_conv2d_fwd
 
         out = _empty_output(input, weight, stride, padding, dilation)
+        plan = _toeplitz_plan(input, weight, stride, padding, dilation)
+        if plan is not None:
+            return toeplitz.forward(input, weight, bias, plan, out)
         return depthwise_conv2d_fwd(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), out)
 
     @torch.library.custom_op("repkernels::depthwise_conv2d_backward_input_triton", mutates_args=())
@@ -109,7 +128,12 @@ if _backend.HAS_TRITON:
                                                 dilation: Sequence[int]) -> torch.Tensor:
         from ..triton_kernels.depthwise_conv2d_bwd_input import depthwise_conv2d_bwd_input
 
+        from ..triton_kernels import depthwise_conv2d_toeplitz as toeplitz
+
         out = _fake_bwd_input(grad, input, weight, stride, padding, dilation)
+        plan = _toeplitz_plan(input, weight, stride, padding, dilation)
+        if plan is not None:
+            return toeplitz.backward_input(grad, weight, plan, out)
         return depthwise_conv2d_bwd_input(grad, weight, tuple(stride), tuple(padding), tuple(dilation), out)
 
     @torch.library.custom_op("repkernels::depthwise_conv2d_backward_weight_triton", mutates_args=())
@@ -118,7 +142,12 @@ if _backend.HAS_TRITON:
                                                  dilation: Sequence[int]) -> torch.Tensor:
         from ..triton_kernels.depthwise_conv2d_bwd_weight import depthwise_conv2d_bwd_weight
 
+        from ..triton_kernels import depthwise_conv2d_toeplitz as toeplitz
+
         out = _fake_bwd_weight(grad, input, weight, stride, padding, dilation)
+        plan = _toeplitz_plan(input, weight, stride, padding, dilation)
+        if plan is not None:
+            return toeplitz.backward_weight(input, grad, plan, out)
         return depthwise_conv2d_bwd_weight(input, grad, tuple(stride), tuple(padding), tuple(dilation), out)
 
     _depthwise_conv2d_triton.register_fake(_fake)
@@ -218,11 +247,15 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if (_backend.get_backend() == "auto" and input.is_cuda and max(kh, kw) <= CUDNN_MAX_KERNEL):
         return _reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)  # cuDNN
     tensors = (input, weight) if bias is None else (input, weight, bias)
+    # Oversized kernels: Triton's Toeplitz GEMMs run on tensor cores, the CUDA kernels are direct.
+    toeplitz = input.is_cuda and _backend.HAS_TRITON and _toeplitz_plan(input, weight, stride, padding,
+                                                                       dilation) is not None
     which = _backend.select(
         OP,
         {"cuda": lambda: _backend.cuda_unavailable_reason(*tensors),
          "triton": lambda: _backend.triton_unavailable_reason(*tensors)},
         on_gpu=input.is_cuda,
+        prefer=("triton", "cuda") if toeplitz else ("cuda", "triton"),
     )
     if which == "cuda":
         return torch.ops.repkernels.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
