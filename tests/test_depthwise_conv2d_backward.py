@@ -241,6 +241,13 @@ def test_triton_backward_ops_opcheck():
     x.requires_grad_(True)
     w.requires_grad_(True)
     torch.library.opcheck(torch.ops.repkernels.depthwise_conv2d_triton.default, (x, w, b, stride, padding, dilation))
+    # an oversized kernel: the Toeplitz path of the three ops
+    x, w, b, stride, padding, dilation = make_case(CASES[4], torch.float32)
+    g = torch.randn(2, 2, 7, 7)
+    for name in ("depthwise_conv2d_backward_input_triton", "depthwise_conv2d_backward_weight_triton"):
+        torch.library.opcheck(getattr(torch.ops.repkernels, name).default, (g, x, w, stride, padding, dilation))
+    torch.library.opcheck(torch.ops.repkernels.depthwise_conv2d_triton.default,
+                          (x.requires_grad_(True), w.requires_grad_(True), b, stride, padding, dilation))
 
 
 @requires_triton_cpu
