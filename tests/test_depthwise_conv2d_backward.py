@@ -172,7 +172,9 @@ def test_cuda_backward_ops_reject_bad_grad():
 @requires_triton_cpu
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_triton_gradients_match_reference(case, channels_last):
+@pytest.mark.parametrize("toeplitz", [True, False], ids=["auto_path", "direct"])
+def test_triton_gradients_match_reference(case, channels_last, toeplitz, monkeypatch):
+    monkeypatch.setattr(dw_ops, "TRITON_TOEPLITZ", toeplitz)
     check_grads("triton", case, torch.float32, channels_last)
 
 
@@ -184,26 +186,29 @@ def test_triton_gradients_half_precision(case, dtype):
 
 
 TOEPLITZ_CASES = [CASES[i] for i in (0, 1, 3, 4, 5, 6, 9)] + [
-    (2, 2, 6, 9, (1, 5), 1, (0, 4), 2),       # horizontal, dilated, padding beyond the halo
-    (2, 3, 9, 7, (7, 1), (2, 1), (3, 0), 1),  # vertical, stride 2 along the conv axis
+    (2, 2, 6, 9, (1, 5), 1, (0, 4), 2),           # horizontal, dilated, padding beyond the halo
+    (2, 3, 9, 7, (7, 1), (2, 1), (3, 0), 1),      # vertical, stride 2 along the conv axis
+    (2, 2, 8, 9, (3, 5), (2, 1), (1, 3), (2, 1)), # 2-D kernel, stride and dilation on the free axis
 ]
 TOEPLITZ_IDS = [f"k{c[4][0]}x{c[4][1]}_s{c[5]}_p{c[6]}_d{c[7]}" for c in TOEPLITZ_CASES]
 
 
 @requires_triton_cpu
 @pytest.mark.parametrize("case", TOEPLITZ_CASES, ids=TOEPLITZ_IDS)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_triton_toeplitz_path_matches_reference(case, channels_last, monkeypatch):
-    """Force the Toeplitz-GEMM kernels (fwd, dgrad, wgrad) on every case: stride, dilation, 2-D, 1-D."""
+@pytest.mark.parametrize("plane", ["2d", "1d"])
+def test_triton_toeplitz_path_matches_reference(case, plane, monkeypatch):
+    """Force the Toeplitz-GEMM kernels (fwd, dgrad, wgrad) on every case: the full 2-D plane, or a 1-D
+    plane with the other kernel side as taps along the free axis (stride, padding, dilation on both)."""
     from repkernels.triton_kernels import depthwise_conv2d_toeplitz as toeplitz
 
     monkeypatch.setattr(toeplitz, "TOEPLITZ_WASTE", 10 ** 6)
-    monkeypatch.setattr(toeplitz, "MAX_PLANE_2D", 10 ** 6)
+    monkeypatch.setattr(toeplitz, "MAX_PLANE_2D", 10 ** 6 if plane == "2d" else 0)
     n, c, h, w, k, stride, padding, dilation = case
     assert toeplitz.plan(h, w, *k, _pair(stride), _pair(padding), _pair(dilation)) is not None
-    for dtype in ([torch.float32, torch.float16, torch.bfloat16] if not channels_last else [torch.float32]):
+    for dtype, channels_last in ((torch.float32, False), (torch.float32, True), (torch.float16, False),
+                                 (torch.bfloat16, True)):
         check_grads("triton", case, dtype, channels_last)
-        x, wt, b, s, p, d = make_case(case, dtype)
+        x, wt, b, s, p, d = make_case(case, dtype, channels_last=channels_last)
         with repkernels.backend("triton"):
             out = depthwise_conv2d(x, wt, b, s, p, d)
         assert_close(out, F.conv2d(x.double(), wt.double(), b.double(), s, p, d, c), dtype)
@@ -220,13 +225,17 @@ def test_toeplitz_rule():
     from repkernels.triton_kernels import depthwise_conv2d_toeplitz as toeplitz
 
     for h in (7, 14, 28, 56):  # ParCNetV2: (2H-1) x 1 and 1 x (2W-1) with padding H-1
-        assert toeplitz.plan(h, h, 2 * h - 1, 1, (1, 1), (h - 1, 0), (1, 1)) is not None
-        assert toeplitz.plan(h, h, 1, 2 * h - 1, (1, 1), (0, h - 1), (1, 1)) is not None
-    assert toeplitz.plan(7, 7, 13, 13, (1, 1), (6, 6), (1, 1)) is not None      # RepLKNet stage 4
-    assert toeplitz.plan(14, 14, 27, 27, (1, 1), (13, 13), (1, 1)) is not None  # full 2-D, small map
-    assert toeplitz.plan(56, 56, 31, 31, (1, 1), (15, 15), (1, 1)) is None      # direct: plane >> taps
-    assert toeplitz.plan(56, 56, 3, 1, (1, 1), (1, 0), (1, 1)) is None          # small 1-D kernel
-    assert toeplitz.plan(14, 14, 27, 1, (1, 1), (13, 2), (1, 1)) is None        # padding along the free axis
+        p = toeplitz.plan(h, h, 2 * h - 1, 1, (1, 1), (h - 1, 0), (1, 1))
+        assert p is not None and not p.two_d and not p.swap and p.kf == 1
+        p = toeplitz.plan(h, h, 1, 2 * h - 1, (1, 1), (0, h - 1), (1, 1))
+        assert p is not None and p.swap and p.kf == 1
+    assert toeplitz.plan(7, 7, 13, 13, (1, 1), (6, 6), (1, 1)).two_d         # RepLKNet stage 4: full 2-D
+    assert toeplitz.plan(14, 14, 27, 27, (1, 1), (13, 13), (1, 1)).two_d     # small map: full 2-D
+    p = toeplitz.plan(56, 56, 31, 31, (1, 1), (15, 15), (1, 1))              # RepLKNet stage 1: row planes
+    assert p is not None and not p.two_d and p.kf == 31
+    assert toeplitz.plan(56, 56, 7, 7, (1, 1), (3, 3), (1, 1)) is None        # plane >> taps: direct
+    assert toeplitz.plan(56, 56, 3, 1, (1, 1), (1, 0), (1, 1)) is None        # small 1-D kernel: direct
+    assert toeplitz.plan(9, 9, 1, 1, (1, 1), (0, 0), (1, 1)) is None          # 1x1: direct
 
 
 @requires_triton_cpu

@@ -14,11 +14,12 @@ batch and positions with fp32 accumulation; bias gradient: a sum).
 
 Routing under ``auto`` (documented rule): CPU tensors and float64 go to the reference; on a GPU a
 kernel with both sides <= ``CUDNN_MAX_KERNEL`` (7) goes to cuDNN (``F.conv2d``: small kernels are
-memory bound and cuDNN's depthwise kernels are at the bandwidth limit); kernels that cover most of
+memory bound and cuDNN's depthwise kernels are at the bandwidth limit); kernels large relative to
 the map (the Toeplitz rule of ``triton_kernels/depthwise_conv2d_toeplitz.py``: ParCNetV2's 2H − 1,
-K = 13 on 7×7, ...) go to Triton's Toeplitz GEMMs (tensor cores), falling back to CUDA; other
-kernels go to the CUDA kernels, falling back to Triton. A kernel side larger than ``MAX_KERNEL_SIZE``
-is served by the reference with a one-time warning, whatever the backend asked for.
+RepLKNet's K = 31 on 56×56 and K = 13 on 14×14 / 7×7, ...) go to Triton's Toeplitz GEMMs (tensor
+cores), falling back to CUDA; other kernels go to the CUDA kernels, falling back to Triton. A kernel
+side larger than ``MAX_KERNEL_SIZE`` is served by the reference with a one-time warning, whatever the
+backend asked for.
 """
 
 from __future__ import annotations
