@@ -88,7 +88,9 @@ def test_same_and_valid_padding_match_conv2d(kernel):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_cuda_kernel_emulation_matches_reference(case, dtype, channels_last):
+@pytest.mark.parametrize("toeplitz", ["1", "0"], ids=["auto_path", "direct"])
+def test_cuda_kernel_emulation_matches_reference(case, dtype, channels_last, toeplitz, monkeypatch):
+    monkeypatch.setenv("REPKERNELS_DW_TOEPLITZ", toeplitz)  # "0": the direct tiles even where Toeplitz applies
     x, w, b, stride, padding, dilation = make_case(case, dtype, channels_last=channels_last, bias=case[0] != 1)
     out = torch.ops.repkernels.depthwise_conv2d(x, w, b, stride, padding, dilation)
     assert out.dtype == dtype

@@ -89,7 +89,9 @@ def test_reference_gradcheck_stride2_dilation_nonsquare():
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_cuda_backward_emulation_matches_reference(case, dtype, channels_last):
+@pytest.mark.parametrize("toeplitz", ["1", "0"], ids=["auto_path", "direct"])
+def test_cuda_backward_emulation_matches_reference(case, dtype, channels_last, toeplitz, monkeypatch):
+    monkeypatch.setenv("REPKERNELS_DW_TOEPLITZ", toeplitz)  # "0": the direct tiles even where Toeplitz applies
     x, w, b, stride, padding, dilation = make_case(case, dtype, channels_last=channels_last)
     grad = torch.randn(F.conv2d(x.double(), w.double(), None, stride, padding, dilation, x.shape[1]).shape,
                        dtype=dtype)
@@ -106,8 +108,9 @@ def test_cuda_backward_emulation_matches_reference(case, dtype, channels_last):
 
 
 @requires_c
-def test_cuda_backward_emulation_large_chunked_kernel():
+def test_cuda_backward_emulation_large_chunked_kernel(monkeypatch):
     """K = 63 dilated: wgrad taps in several chunks and grad_out in several tiles; dgrad via the flipped conv."""
+    monkeypatch.setenv("REPKERNELS_DW_TOEPLITZ", "0")
     case = (1, 1, 20, 40, (63, 63), 1, 62, 2)
     x, w, b, stride, padding, dilation = make_case(case, torch.float32)
     grad = torch.randn(1, 1, 20, 40)
@@ -155,6 +158,31 @@ def test_cuda_backward_ops_opcheck():
                                    w, stride, padding, dilation))
         torch.library.opcheck(op, (torch.randn(2, 3, 9, 10), torch.randn(2, 3, 9, 10), torch.randn(3, 1, 3, 3),
                                    [1, 1], [1, 1], [1, 1]))  # stride 1: the flipped forward
+
+
+TOEPLITZ_C_CASES = [  # shapes the C++ rule sends to the Toeplitz GEMMs (2-D plane, vertical, horizontal)
+    (2, 3, 7, 7, (13, 13), 1, 6, 1),
+    (2, 2, 9, 7, (13, 1), (2, 1), (6, 0), 1),
+    (2, 2, 6, 9, (3, 5), (1, 2), (1, 4), (1, 2)),
+    (1, 2, 20, 40, (21, 31), 1, (10, 15), 1),
+]
+
+
+@requires_c
+@pytest.mark.parametrize("case", TOEPLITZ_C_CASES, ids=[f"k{c[4][0]}x{c[4][1]}" for c in TOEPLITZ_C_CASES])
+def test_cuda_toeplitz_emulation_forward_and_backward(case, monkeypatch):
+    """The C++ Toeplitz GEMMs (on the KernelWarehouse tile engine) give the same results as the direct tiles."""
+    monkeypatch.setenv("REPKERNELS_DW_TOEPLITZ", "1")
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        x, w, b, stride, padding, dilation = make_case(case, dtype, channels_last=dtype == torch.float32)
+        out = torch.ops.repkernels.depthwise_conv2d(x, w, b, stride, padding, dilation)
+        assert_close(out, F.conv2d(x.double(), w.double(), b.double(), stride, padding, dilation, x.shape[1]), dtype)
+        grad = torch.randn(out.shape, dtype=dtype)
+        ref_in, ref_w, _ = reference_grads(x, w, b, stride, padding, dilation, grad)
+        assert_close(torch.ops.repkernels.depthwise_conv2d_backward_input(grad, x, w, stride, padding, dilation),
+                     ref_in, dtype, what="grad input")
+        assert_close(torch.ops.repkernels.depthwise_conv2d_backward_weight(grad, x, w, stride, padding, dilation),
+                     ref_w, dtype, what="grad weight")
 
 
 @requires_c

@@ -14,6 +14,8 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -99,6 +101,68 @@ at::Tensor make_output(const at::Tensor& input, Params& p) {
   return out;
 }
 
+// ---------------------------------------------------------------- Toeplitz GEMMs
+
+// REPKERNELS_DW_TOEPLITZ=0 turns the Toeplitz path off (the tests use it to reach the direct tiles).
+bool toeplitz_enabled() {
+  const char* v = std::getenv("REPKERNELS_DW_TOEPLITZ");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+// Plans the Toeplitz formulation of problem `p`; `x` is input-shaped, `y` output-shaped.
+bool make_toeplitz(const Params& p, const at::Tensor& x, const at::Tensor& y, ToeplitzParams& t) {
+  if (!toeplitz_enabled()) return false;
+  const int64_t s[2] = {p.sh, p.sw}, pad[2] = {p.ph, p.pw}, d[2] = {p.dh, p.dw};
+  if (!plan_toeplitz(p.n, p.c, p.h, p.w, p.kh, p.kw, s, pad, d, t)) return false;
+  const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  const int64_t ys[4] = {y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
+  toeplitz_strides(t, xs, t.x_s);
+  toeplitz_strides(t, ys, t.y_s);
+  return true;
+}
+
+template <typename Prob, typename Shape>
+void emulate_gemm_shape(const Prob& pr) {
+  using Tile = kw::GemmTile<Prob, Shape>;
+  using Acc = typename Prob::Acc;
+  at::parallel_for(0, Tile::num_blocks(pr), 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> s_a(Shape::kSmemA), s_b(Shape::kSmemB), acc(Shape::kThreads * Shape::kAccPerThread);
+    for (int64_t block = begin; block < end; ++block) {
+      const kw::TileCoord c = Tile::coord(pr, block);
+      std::fill(acc.begin(), acc.end(), Acc(0));
+      for (int64_t k0 = c.k_begin; k0 < c.k_end; k0 += Shape::kTileK) {
+        std::fill(s_a.begin(), s_a.end(), std::numeric_limits<Acc>::quiet_NaN());
+        std::fill(s_b.begin(), s_b.end(), std::numeric_limits<Acc>::quiet_NaN());
+        for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::stage(pr, c, k0, tid, s_a.data(), s_b.data());
+        for (int tid = 0; tid < Shape::kThreads; ++tid)
+          Tile::compute(tid, s_a.data(), s_b.data(), acc.data() + tid * Shape::kAccPerThread);
+      }
+      for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::store(pr, c, tid, acc.data() + tid * Shape::kAccPerThread);
+    }
+  });
+}
+
+// CPU emulation of the CUDA launch (same tile choice as run_gemm in the .cu).
+template <typename Prob>
+void emulate_gemm(const Prob& pr) {
+  if (pr.M() <= 8) {
+    emulate_gemm_shape<Prob, kw::ThinShape>(pr);
+  } else {
+    emulate_gemm_shape<Prob, kw::WideShape>(pr);
+  }
+}
+
+template <typename T, typename Acc>
+void emulate_toeplitz_conv(const ToeplitzParams& t, bool trans, const T* src, const T* weight, const T* bias, T* dst) {
+  emulate_gemm(ToeplitzConv<T, Acc>{t, trans, src, weight, bias, dst});
+}
+
+template <typename T, typename Acc>
+void emulate_toeplitz_wgrad(const ToeplitzParams& t, const T* grad, const T* input, Acc* ws, T* grad_weight) {
+  emulate_gemm(ToeplitzCross<T, Acc>{t, grad, input, ws});
+  emulate_gemm(ToeplitzDiagonal<T, Acc>{t, ws, grad_weight});
+}
+
 template <typename T, typename Acc, typename Shape>
 void emulate_forward(const Params& p, const T* input, const T* weight, const T* bias, T* output) {
   using Tile = FwdTile<T, Acc, Shape>;
@@ -146,10 +210,15 @@ at::Tensor depthwise_conv2d_cpu(const at::Tensor& input, const at::Tensor& weigh
   at::Tensor out = make_output(input, p);
   at::Tensor w = weight.contiguous();
   std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  ToeplitzParams t;
+  const bool toeplitz = make_toeplitz(p, input, out, t);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_conv2d_cpu", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* bias_ptr = b.has_value() ? b->const_data_ptr<scalar_t>() : nullptr;
-    if (p.config == TileConfig::kNarrow) {
+    if (toeplitz) {
+      emulate_toeplitz_conv<scalar_t, Acc>(t, false, input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                           bias_ptr, out.mutable_data_ptr<scalar_t>());
+    } else if (p.config == TileConfig::kNarrow) {
       emulate_forward<scalar_t, Acc, NarrowTile>(p, input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                                                  bias_ptr, out.mutable_data_ptr<scalar_t>());
     } else {
@@ -177,6 +246,14 @@ at::Tensor depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weig
   at::Tensor out = make_output(input, p);
   at::Tensor w = weight.contiguous();
   std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  ToeplitzParams t;
+  if (make_toeplitz(p, input, out, t)) {
+    if (out.numel() > 0)
+      C10_CUDA_CHECK(launch_toeplitz_conv(t, false, dtype, input.const_data_ptr(), w.const_data_ptr(),
+                                          b.has_value() ? b->const_data_ptr() : nullptr, out.mutable_data_ptr(),
+                                          c10::cuda::getCurrentCUDAStream()));
+    return out;
+  }
   C10_CUDA_CHECK(launch_forward(p, dtype, input.const_data_ptr(), w.const_data_ptr(),
                                 b.has_value() ? b->const_data_ptr() : nullptr, out.mutable_data_ptr(),
                                 c10::cuda::getCurrentCUDAStream()));
@@ -282,9 +359,15 @@ at::Tensor depthwise_conv2d_backward_input_cpu(const at::Tensor& grad, const at:
                                                c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   Params p = make_backward_params(grad, input, weight, stride, padding, dilation);
   at::Tensor grad_input = make_grad_input(input);
+  ToeplitzParams t;
+  const bool toeplitz = make_toeplitz(p, grad_input, grad, t);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_conv2d_bwd_input_cpu", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    if (p.sh == 1 && p.sw == 1) {
+    if (toeplitz) {
+      at::Tensor w = weight.contiguous();
+      emulate_toeplitz_conv<scalar_t, Acc>(t, true, grad.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                           nullptr, grad_input.mutable_data_ptr<scalar_t>());
+    } else if (p.sh == 1 && p.sw == 1) {
       const Params f = flipped_forward_params(p, grad, grad_input);
       at::Tensor wf = weight.flip({2, 3}).contiguous();
       if (f.config == TileConfig::kNarrow) {
@@ -312,9 +395,20 @@ at::Tensor depthwise_conv2d_backward_weight_cpu(const at::Tensor& grad, const at
                                                 const at::Tensor& weight, c10::IntArrayRef stride,
                                                 c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   Params p = make_backward_params(grad, input, weight, stride, padding, dilation);
+  const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  ToeplitzParams t;
+  if (make_toeplitz(p, input, grad, t)) {
+    at::Tensor gw = at::empty({p.c, 1, p.kh, p.kw}, input.options());
+    at::Tensor ws = at::empty({p.c * t.kf, t.out_plane(), t.in_plane()}, input.options().dtype(acc_type));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dw_toeplitz_wgrad_cpu", [&] {
+      using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      emulate_toeplitz_wgrad<scalar_t, Acc>(t, grad.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                                            ws.mutable_data_ptr<Acc>(), gw.mutable_data_ptr<scalar_t>());
+    });
+    return gw;
+  }
   for (int i = 0; i < 4; ++i) p.out_stride[i] = grad.stride(i);
   plan_wgrad(p, kEmulationWgradBlocks);
-  const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor ws = at::empty({p.c, p.splits, p.kh * p.kw}, input.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_conv2d_bwd_weight_cpu", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -342,6 +436,14 @@ at::Tensor depthwise_conv2d_backward_input_cuda(const at::Tensor& grad, const at
   c10::cuda::CUDAGuard guard(input.device());
   at::Tensor grad_input = make_grad_input(input);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  ToeplitzParams t;
+  if (make_toeplitz(p, grad_input, grad, t)) {
+    at::Tensor w = weight.contiguous();
+    if (grad_input.numel() > 0)
+      C10_CUDA_CHECK(launch_toeplitz_conv(t, true, dtype, grad.const_data_ptr(), w.const_data_ptr(), nullptr,
+                                          grad_input.mutable_data_ptr(), stream));
+    return grad_input;
+  }
   if (p.sh == 1 && p.sw == 1) {
     const Params f = flipped_forward_params(p, grad, grad_input);
     at::Tensor wf = weight.flip({2, 3}).contiguous();
@@ -366,6 +468,15 @@ at::Tensor depthwise_conv2d_backward_weight_cuda(const at::Tensor& grad, const a
   Params p = make_backward_params(grad, input, weight, stride, padding, dilation);
   const DType dtype = cuda_dtype(input);
   c10::cuda::CUDAGuard guard(input.device());
+  ToeplitzParams t;
+  if (make_toeplitz(p, input, grad, t)) {
+    at::Tensor gw = at::empty({p.c, 1, p.kh, p.kw}, input.options());
+    at::Tensor ws = at::empty({p.c * t.kf, t.out_plane(), t.in_plane()}, input.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(launch_toeplitz_wgrad(t, dtype, grad.const_data_ptr(), input.const_data_ptr(),
+                                         ws.mutable_data_ptr<float>(), gw.mutable_data_ptr(),
+                                         c10::cuda::getCurrentCUDAStream()));
+    return gw;
+  }
   for (int i = 0; i < 4; ++i) p.out_stride[i] = grad.stride(i);
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, input.device().index()));

@@ -110,6 +110,58 @@ __global__ void __launch_bounds__(WgradShape::kThreads)
   }
 }
 
+template <typename Prob, typename Shape>
+__global__ void __launch_bounds__(Shape::kThreads) toeplitz_gemm_kernel(const Prob pr) {
+  using Acc = typename Prob::Acc;
+  using Tile = kw::GemmTile<Prob, Shape>;
+  __shared__ Acc s_a[Shape::kSmemA];
+  __shared__ Acc s_b[Shape::kSmemB];
+  const kw::TileCoord c = Tile::coord(pr, blockIdx.x);
+  Acc acc[Shape::kAccPerThread];
+#pragma unroll
+  for (int i = 0; i < Shape::kAccPerThread; ++i) acc[i] = Acc(0);
+  for (int64_t k0 = c.k_begin; k0 < c.k_end; k0 += Shape::kTileK) {
+    Tile::stage(pr, c, k0, threadIdx.x, s_a, s_b);
+    __syncthreads();
+    Tile::compute(threadIdx.x, s_a, s_b, acc);
+    __syncthreads();
+  }
+  Tile::store(pr, c, threadIdx.x, acc);
+}
+
+template <typename Prob>
+cudaError_t run_gemm(const Prob& pr, cudaStream_t stream) {
+  const bool thin = pr.M() <= 8;
+  const int64_t blocks = thin ? kw::GemmTile<Prob, kw::ThinShape>::num_blocks(pr)
+                              : kw::GemmTile<Prob, kw::WideShape>::num_blocks(pr);
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  if (thin) {
+    toeplitz_gemm_kernel<Prob, kw::ThinShape><<<static_cast<unsigned>(blocks), kw::ThinShape::kThreads, 0, stream>>>(pr);
+  } else {
+    toeplitz_gemm_kernel<Prob, kw::WideShape><<<static_cast<unsigned>(blocks), kw::WideShape::kThreads, 0, stream>>>(pr);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t toeplitz_conv_typed(const ToeplitzParams& t, bool trans, const void* src, const void* weight,
+                                const void* bias, void* dst, cudaStream_t stream) {
+  ToeplitzConv<T, float> pr{t, trans, static_cast<const T*>(src), static_cast<const T*>(weight),
+                            static_cast<const T*>(bias), static_cast<T*>(dst)};
+  return run_gemm(pr, stream);
+}
+
+template <typename T>
+cudaError_t toeplitz_wgrad_typed(const ToeplitzParams& t, const void* grad, const void* input, float* ws,
+                                 void* grad_weight, cudaStream_t stream) {
+  ToeplitzCross<T, float> cross{t, static_cast<const T*>(grad), static_cast<const T*>(input), ws};
+  const cudaError_t err = run_gemm(cross, stream);
+  if (err != cudaSuccess) return err;
+  ToeplitzDiagonal<T, float> diag{t, ws, static_cast<T*>(grad_weight)};
+  return run_gemm(diag, stream);
+}
+
 template <typename T>
 cudaError_t launch_backward_input_typed(const Params& p, const void* grad_output, const void* weight,
                                         void* grad_input, cudaStream_t stream) {
@@ -153,6 +205,27 @@ cudaError_t launch_backward_weight(const Params& p, DType dtype, const void* inp
     case DType::kFloat32: return launch_backward_weight_typed<float>(p, input, grad_output, ws, stream);
     case DType::kFloat16: return launch_backward_weight_typed<__half>(p, input, grad_output, ws, stream);
     case DType::kBFloat16: return launch_backward_weight_typed<__nv_bfloat16>(p, input, grad_output, ws, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_toeplitz_conv(const ToeplitzParams& t, bool trans, DType dtype, const void* src, const void* weight,
+                                 const void* bias, void* dst, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32: return toeplitz_conv_typed<float>(t, trans, src, weight, bias, dst, stream);
+    case DType::kFloat16: return toeplitz_conv_typed<__half>(t, trans, src, weight, bias, dst, stream);
+    case DType::kBFloat16: return toeplitz_conv_typed<__nv_bfloat16>(t, trans, src, weight, bias, dst, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_toeplitz_wgrad(const ToeplitzParams& t, DType dtype, const void* grad_output, const void* input,
+                                  float* ws, void* grad_weight, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32: return toeplitz_wgrad_typed<float>(t, grad_output, input, ws, grad_weight, stream);
+    case DType::kFloat16: return toeplitz_wgrad_typed<__half>(t, grad_output, input, ws, grad_weight, stream);
+    case DType::kBFloat16:
+      return toeplitz_wgrad_typed<__nv_bfloat16>(t, grad_output, input, ws, grad_weight, stream);
   }
   return cudaErrorInvalidValue;
 }

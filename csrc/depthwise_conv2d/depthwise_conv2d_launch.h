@@ -4,6 +4,7 @@
 #include <cuda_runtime_api.h>
 
 #include "depthwise_conv2d/depthwise_conv2d_params.h"
+#include "depthwise_conv2d/depthwise_conv2d_toeplitz.h"
 
 namespace rk::dw {
 
@@ -22,5 +23,16 @@ cudaError_t launch_backward_input(const Params& p, DType dtype, const void* grad
 // workspace `ws` (C, splits, KH * KW); the caller sums over the splits.
 cudaError_t launch_backward_weight(const Params& p, DType dtype, const void* input, const void* grad_output,
                                    float* ws, cudaStream_t stream);
+
+// Toeplitz GEMMs (depthwise_conv2d_toeplitz.h), planned by plan_toeplitz(): forward (trans = false:
+// src = input, dst = output, bias may be null) or input gradient (trans = true: src = grad_output,
+// dst = grad_input, bias null).
+cudaError_t launch_toeplitz_conv(const ToeplitzParams& t, bool trans, DType dtype, const void* src, const void* weight,
+                                 const void* bias, void* dst, cudaStream_t stream);
+
+// Toeplitz weight gradient: `ws` is an fp32 workspace of (C·kf) x out_plane x in_plane elements;
+// `grad_weight` (C, 1, KH, KW) contiguous, of the storage type.
+cudaError_t launch_toeplitz_wgrad(const ToeplitzParams& t, DType dtype, const void* grad_output, const void* input,
+                                  float* ws, void* grad_weight, cudaStream_t stream);
 
 }  // namespace rk::dw
