@@ -9,8 +9,10 @@ Registered operators (``torch.ops.repkernels``):
   ``depthwise_conv2d_backward_weight_triton`` — Triton kernels.
 
 Every op has a fake (meta) implementation; the forward ops have autograd whose backward runs the
-backward ops of the same backend (dgrad: transposed direct conv; wgrad: per-channel reduction over
-batch and positions with fp32 accumulation; bias gradient: a sum).
+backward ops of the same backend (bias gradient: a sum). Each backend computes large kernels as
+per-channel Toeplitz GEMMs (Triton: tensor cores; CUDA: the tile engine of kw_gemm_tile.h) and other
+kernels directly (dgrad: transposed direct conv; wgrad: per-channel reduction over batch and positions),
+always with fp32 accumulation.
 
 Routing under ``auto`` (documented rule): CPU tensors and float64 go to the reference; on a GPU a
 kernel with both sides <= ``CUDNN_MAX_KERNEL`` (7) goes to cuDNN (``F.conv2d``: small kernels are
