@@ -152,6 +152,11 @@ class MultiBranchConv2d(ReparamModule):
             origin.conv.weight.copy_(conv.weight)
             if conv.bias is not None:
                 origin.conv.bias.copy_(conv.bias)
+        if bn is None and isinstance(origin.norm, _BatchNorm) and origin.norm.track_running_stats:
+            # No BN to absorb (e.g. timm's BatchNormAct2d, LayerNorm, or none): start the new norm as the
+            # identity in eval mode (running_var + eps = 1), so a converted pretrained model is unchanged.
+            with torch.no_grad():
+                origin.norm.running_var.fill_(1.0 - origin.norm.eps)
         if bn is not None:
             if not isinstance(bn, _BatchNorm) or bn.num_features != self.out_channels:
                 raise ValueError(f"{type(self).__name__}.from_conv: `bn` must be a BatchNorm over "
