@@ -16,7 +16,6 @@ from helpers import TRITON_ON_CPU, assert_close
 from repkernels.models import kw_convnext_tiny, kw_mobilenetv2, kw_resnet18, kw_resnet50
 from repkernels.nn import (KWAttention, KWConv1d, KWConv2d, KWConv3d, KWLinear, LinearTemperatureSchedule,
                            WarehouseManager, kw_layers, set_temperature, warehouse_summary)
-from repkernels.reference import kernelwarehouse as ref
 
 
 class SmallKWNet(nn.Module):

@@ -6,7 +6,7 @@ Subpackages: ``ops`` (the ops), ``reference`` (their pure-PyTorch specification)
 ``models`` (model builders; needs torchvision, imported on demand).
 """
 
-from . import _extension
+from . import _extension  # noqa: F401 (loads _C, which registers the C++ ops)
 from ._backend import BACKENDS, BackendUnavailableError, backend, get_backend
 from ._version import __version__
 from . import ops, reference
