@@ -8,6 +8,7 @@ from .acb import ACBConv2d
 from .dbb import DBBConv2d
 from .kernel_transform import KernelTransformConv2d, conv_orthogonality, orthogonality_loss, standardize_weight
 from .refconv import RefConv2d
+from .coc import CoCConv2d
 
 __all__ = [
     # KernelWarehouse
@@ -16,5 +17,5 @@ __all__ = [
     # structural re-parameterization
     "ACBConv2d", "Branch", "ConvBranch", "DBBConv2d", "MultiBranchConv2d", "PBConv2d",
     # kernel transformation (RefConv, CoC)
-    "KernelTransformConv2d", "RefConv2d", "conv_orthogonality", "orthogonality_loss", "standardize_weight",
+    "CoCConv2d", "KernelTransformConv2d", "RefConv2d", "conv_orthogonality", "orthogonality_loss", "standardize_weight",
 ]

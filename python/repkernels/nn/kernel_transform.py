@@ -123,6 +123,19 @@ def orthogonality_loss(model: nn.Module) -> torch.Tensor:
     return total
 
 
+def contiguous_strides(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with row-major strides. A 1x1 kernel that went through permutes can have strides that also
+    read as channels_last (e.g. ``(C, 1, C, C)``); ``F.conv2d`` would then pick a channels_last path and sum
+    in another order than for the same kernel in ``nn.Conv2d``."""
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= size
+    if t.stride() == tuple(reversed(expected)):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _reversed_padding(padding, kernel_size, dilation) -> tuple[int, int, int, int]:
     """``F.pad`` sides for ``padding`` (pair or ``'same'``/``'valid'``), as ``nn.Conv2d`` computes them."""
     if padding == "valid":
@@ -226,7 +239,7 @@ class KernelTransformConv2d(ReparamModule):
         if input.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__}: `input` has {input.shape[1]} channels, expected "
                              f"{self.in_channels}")
-        return self.conv_forward(input, self.transformed_weight(), self.bias)
+        return self.conv_forward(input, contiguous_strides(self.transformed_weight()), self.bias)
 
     @torch.no_grad()
     def reparameterize(self) -> nn.Conv2d:
