@@ -14,7 +14,9 @@ groups. Each group of ``T`` maps ``N / G = g`` consecutive 2-D kernels to ``g`` 
 * depthwise conv (``g = C = D``): ``G = 1``, the map mixes all ``C`` kernels with each other.
 
 This is the formulation of the public reference code. The map's weights ``(N, g, map_k, map_k)``
-are the only new parameters; the bias (if any) stays an ordinary trainable parameter.
+are the only new parameters; the bias (if any) stays an ordinary trainable parameter. ``map_k`` may
+exceed the kernel size (the outer taps then only ever read the zero padding); it must be odd so that
+the map keeps the kernel's size.
 
 Initialization (documented choice): ``T`` starts at zero (``zero_init=True``), so ``W' = W`` and a
 converted pretrained model computes exactly what it computed before conversion. The map still gets
