@@ -282,13 +282,16 @@ def test_gradcheck_reference_path():
     w = torch.randn(5, 1, 2, 3, dtype=torch.float64, requires_grad=True)     # 5 kernels: padded to 8
     for skip, sl, dil in ((True, 1, (1, 1)), (False, 2, (2, 1))):
         s = (torch.randn(sl, 2, 1, 3, 3, dtype=torch.float64) * 0.5).requires_grad_()
-        assert torch.autograd.gradcheck(lambda w, s: associate_kernels(w, s, 2, dil, skip), (w, s))
+        assert torch.autograd.gradcheck(lambda w, s, dil=dil, skip=skip: associate_kernels(w, s, 2, dil, skip),
+                                        (w, s))
     assert torch.autograd.gradcheck(standardize_weight, (w,))
     assert torch.autograd.gradcheck(lambda w: conv_orthogonality(w, 2, 1), (w,))
     block = randomize_super_(CoCConv2d(2, 3, 3, padding=1, stnd=True, sl=2, dtype=torch.float64))
     x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
-    fn = lambda x, w, s: F.conv2d(x, standardize_weight(associate_kernels(  # noqa: E731
-        w, s, 2, block.super_dilation, True)), block.bias, 1, 1)
+    def fn(x, w, s):
+        w = standardize_weight(associate_kernels(w, s, 2, block.super_dilation, True))
+        return F.conv2d(x, w, block.bias, 1, 1)
+
     assert torch.autograd.gradcheck(fn, (x, block.weight.detach().requires_grad_(),
                                          block.super_weight.detach().requires_grad_()))
     assert torch.autograd.gradcheck(block, (x,))

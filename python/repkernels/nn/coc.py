@@ -62,7 +62,8 @@ import torch
 import torch.nn as nn
 
 from ..reparam.registry import register_method
-from .kernel_transform import KernelTransformConv2d, conv_orthogonality, kernel_map, same_padding, standardize_weight
+from .kernel_transform import (KernelTransformConv2d, conv_orthogonality, kernel_map, same_padding,
+                               standardize_weight)
 
 SUPER_INITS = ("identity", "random")
 
