@@ -362,3 +362,12 @@ def test_torch_compile_fullgraph():
         out.sum().backward()
         grads = [p.grad for p in block.parameters()]
         assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU runs time the full shapes; this checks the CPU path")
+def test_bench_suite_checks_pass():
+    from repkernels.bench import harness
+    from repkernels.bench.suites import SUITES
+
+    records = harness.run_cases(SUITES["kernel_transform"]([torch.float32], True), True)
+    assert len(records) == 12 and all(r["check"] == "ok" for r in records), records
