@@ -105,7 +105,7 @@ def conv_orthogonality(weight: torch.Tensor, stride: int | Sequence[int] = 1, gr
 def orthogonality_loss(model: nn.Module) -> torch.Tensor:
     """Sum of :func:`conv_orthogonality` over the modules of ``model`` built with ``orth=True``.
 
-    Add it to the task loss with a weight of your choice (OCNN uses ~0.1), e.g.
+    Add it to the task loss with a weight of your choice, e.g.
     ``loss = criterion(out, y) + 0.1 * repkernels.nn.orthogonality_loss(model)``. Returns a zero
     scalar when no module asks for it.
     """
