@@ -197,16 +197,6 @@ class CoCConv2d(KernelTransformConv2d):
             (dh, dw) = self.super_dilation
             self.super_weight[..., top // dh, left // dw] = 1
 
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, **kwargs) -> CoCConv2d:
-        """A CoCConv2d whose basic kernels and bias are copies of ``conv``'s."""
-        block = cls(**cls.conv_args(conv), **kwargs)
-        with torch.no_grad():
-            block.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                block.bias.copy_(conv.bias)
-        return block
-
     def associated_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The spatially associated kernels (before standardization) ``(D, C // g, kh, kw)``."""
         return associate_kernels(self._cast(self.weight, dtype), self._cast(self.super_weight, dtype), self.sa,

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._validation import conv_channels
 from ..reparam.fuse import acc_dtype
 from ..reparam.geometry import PADDING_MODES, as_pair
 from ..reparam.protocol import ReparamModule
@@ -161,15 +162,7 @@ class KernelTransformConv2d(ReparamModule):
                  op: str | None = None) -> None:
         super().__init__()
         op = op or type(self).__name__
-        for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{op}: `{name}` must be a positive int, got {v!r}")
-        if in_channels % groups:
-            raise ValueError(f"{op}: `groups`={groups} must divide `in_channels`={in_channels}")
-        if out_channels % groups:
-            raise ValueError(f"{op}: `groups`={groups} must divide `out_channels`={out_channels}")
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"{op}: `padding_mode` must be one of {PADDING_MODES}, got {padding_mode!r}")
+        conv_channels(in_channels, out_channels, groups, padding_mode, op, PADDING_MODES)
         if not isinstance(bias, bool):
             raise TypeError(f"{op}: `bias` must be a bool, got {bias!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
@@ -222,6 +215,17 @@ class KernelTransformConv2d(ReparamModule):
                     stride=tuple(conv.stride), padding=padding, dilation=tuple(conv.dilation), groups=conv.groups,
                     bias=conv.bias is not None, padding_mode=conv.padding_mode, device=conv.weight.device,
                     dtype=conv.weight.dtype)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **kwargs) -> KernelTransformConv2d:
+        """A block with ``conv``'s geometry whose basic kernels (``weight``) and bias are copies of ``conv``'s;
+        ``kwargs`` are the subclass's own options."""
+        block = cls(**cls.conv_args(conv), **kwargs)
+        with torch.no_grad():
+            block.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                block.bias.copy_(conv.bias)
+        return block
 
     # --- forward / deploy ----------------------------------------------------------------------------
 

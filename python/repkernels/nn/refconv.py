@@ -107,16 +107,6 @@ class RefConv2d(KernelTransformConv2d):
                 nn.init.kaiming_uniform_(self.map_weight, a=math.sqrt(5))
         self._init_bias(self.weight[0].numel())
 
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, **kwargs) -> RefConv2d:
-        """A RefConv2d whose basis is (a copy of) ``conv.weight`` and whose bias is ``conv.bias``."""
-        block = cls(**cls.conv_args(conv), **kwargs)
-        with torch.no_grad():
-            block.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                block.bias.copy_(conv.bias)
-        return block
-
     def transformed_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return refocus_weight(self._cast(self.weight, dtype), self._cast(self.map_weight, dtype), self.groups)
 
