@@ -14,3 +14,8 @@ __all__ = [
     # structural re-parameterization
     "ACBConv2d", "Branch", "ConvBranch", "DBBConv2d", "MultiBranchConv2d", "PBConv2d",
 ]
+
+# ParCNetV2
+from .parcnetv2 import OversizedConv2d, OversizedConv2dDeploy
+
+__all__ += ["OversizedConv2d", "OversizedConv2dDeploy"]
