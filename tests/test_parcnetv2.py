@@ -237,3 +237,113 @@ def test_bad_inputs_and_forms():
         m.reparameterize("merged", input_size=0)
     # smaller and larger inputs are fine (interpolated kernels)
     assert m(torch.randn(1, 3, 2, 9)).shape == (1, 3, 2, 9)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BGUs and ParCV2Block
+# ---------------------------------------------------------------------------------------------------------
+
+from repkernels.nn.parcnetv2 import (ChannelBGU, ChannelLayerNorm, DropPath, ParCV2Block,  # noqa: E402
+                                     SpatialBGU, bgu_hidden_ratio)
+
+
+def test_alpha_tilde_rounding():
+    assert bgu_hidden_ratio(4) == 2.5  # supplementary §C: 8/3 -> 2.5
+    assert bgu_hidden_ratio(3) == 2.0 and bgu_hidden_ratio(2) == 1.5 and bgu_hidden_ratio(6) == 4.0
+    m = ChannelBGU(64, mlp_ratio=4)
+    assert m.hidden == 160 and m.fc1.weight.shape == (320, 64, 1, 1) and m.fc2.weight.shape == (64, 160, 1, 1)
+    assert m.fc1.bias is not None and m.fc2.bias is None
+    # parameter count close to the FFN it replaces (2αC² weights)
+    ffn = 2 * 4 * 64 * 64
+    assert abs(m.fc1.weight.numel() + m.fc2.weight.numel() - ffn) / ffn < 0.07
+    for bad in (0, -1, "4", True):
+        with pytest.raises(ValueError, match="mlp_ratio"):
+            bgu_hidden_ratio(bad)
+    with pytest.raises(ValueError, match="hidden_ratio"):
+        ChannelBGU(8, hidden_ratio=-1.0)
+
+
+def test_channel_bgu_matches_formula():
+    m = _randomize(ChannelBGU(6, mlp_ratio=4)).double()
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
+    h = torch.einsum("oc,nchw->nohw", m.fc1.weight[:, :, 0, 0], x) + m.fc1.bias.view(1, -1, 1, 1)
+    x1, x2 = h[:, :m.hidden], h[:, m.hidden:]
+    expect = torch.einsum("oc,nchw->nohw", m.fc2.weight[:, :, 0, 0], x1 * F.gelu(x2))
+    torch.testing.assert_close(m(x), expect)
+
+
+def test_spatial_bgu_matches_formula():
+    m = _randomize(SpatialBGU(4, 5, local_kernel=3)).double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    h = F.conv2d(x, m.pw1.weight, m.pw1.bias)
+    x1, x2 = h.chunk(2, 1)
+    g = F.gelu(x2)
+    expect = F.conv2d(x1 * _plain_oversized(g, m.oversized), m.pw2.weight)
+    torch.testing.assert_close(m(x), expect)
+    assert m.pw2.bias is None and m.oversized.bias is None
+
+
+def _block(dim=6, size=5, **kw):
+    b = ParCV2Block(dim, size, local_kernel=3, **kw)
+    with torch.no_grad():  # random, non-trivial weights (norm affines and scales too)
+        for p in b.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.dim() == 1 and p.shape[0] == dim else 0.0))
+    return b.eval()
+
+
+@pytest.mark.parametrize("form", ["merged", "separable", "auto"])
+@pytest.mark.parametrize("run", [(5, 5), (7, 3), (2, 2)])
+@pytest.mark.parametrize("scales", [dict(), dict(layer_scale_init=0.5, res_scale_init=1.0)])
+def test_block_reparameterize_exact(form, run, scales):
+    b = _block(**scales)
+    d = b.reparameterize(form)
+    assert d.norm1.weight is None and isinstance(d.layer_scale1, torch.nn.Identity)
+    assert isinstance(b.token_mixer.oversized, OversizedConv2d)  # the original is untouched
+    x = torch.randn(2, 6, *run)
+    with torch.no_grad():
+        ref = b.double()(x.double())
+        b.float()
+        assert _rel_err(d(x), ref) < TOL32
+        assert _rel_err(b(x), ref) < TOL32
+        assert _rel_err(d.reparameterize("separable")(x), ref) < TOL32  # deploying again is harmless
+
+
+def test_block_structure_and_train_mode_behaviour():
+    b = ParCV2Block(8, 4, drop_path=0.5, layer_scale_init=1e-2, res_scale_init=1.0)
+    assert b.token_mixer.oversized.global_kernel_size == (7, 7) and b.mlp.hidden == 20
+    x = torch.randn(16, 8, 4, 4, requires_grad=True)
+    b.train()
+    out = b(x)
+    out.square().sum().backward()
+    assert x.grad is not None and b.token_mixer.oversized.weight_v.grad is not None
+    b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), b(x))  # drop path off in eval
+    assert ChannelLayerNorm(3).bias is None
+
+
+def test_drop_path():
+    d = DropPath(0.5).train()
+    y = d(torch.ones(1000, 2, 1, 1))
+    kept = (y[:, 0, 0, 0] != 0).float().mean().item()
+    assert 0.4 < kept < 0.6 and set(y.unique().tolist()) <= {0.0, 2.0}
+    with pytest.raises(ValueError, match="drop_path"):
+        DropPath(1.0)
+
+
+def test_block_gradcheck_fp64():
+    b = _block(dim=2, size=3, layer_scale_init=0.5).double()
+    x = torch.randn(1, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    with repkernels.backend("reference"):
+        torch.autograd.gradcheck(b, (x,))
+
+
+def test_block_bad_arguments():
+    with pytest.raises(ValueError, match="dim"):
+        ParCV2Block(0, 4)
+    with pytest.raises(ValueError, match="input_size"):
+        ParCV2Block(4, (4, 0))
+    with pytest.raises(ValueError, match="channels"):
+        ParCV2Block(4, 4)(torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="form"):
+        ParCV2Block(4, 4).reparameterize("both")

@@ -16,6 +16,6 @@ __all__ = [
 ]
 
 # ParCNetV2
-from .parcnetv2 import OversizedConv2d, OversizedConv2dDeploy
+from .parcnetv2 import ChannelBGU, OversizedConv2d, OversizedConv2dDeploy, ParCV2Block, SpatialBGU
 
-__all__ += ["OversizedConv2d", "OversizedConv2dDeploy"]
+__all__ += ["ChannelBGU", "OversizedConv2d", "OversizedConv2dDeploy", "ParCV2Block", "SpatialBGU"]

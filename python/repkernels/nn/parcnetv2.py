@@ -316,3 +316,200 @@ class OversizedConv2dDeploy(nn.Module):
     def extra_repr(self) -> str:
         k = "" if self.weight is None else f", kernel={tuple(self.weight.shape[-2:])}"
         return f"{self.channels}, form={self.form!r}, deploy_size={self.deploy_size}{k}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bifurcate gate units and the block
+# ----------------------------------------------------------------------------------------------------------
+
+def bgu_hidden_ratio(mlp_ratio: float) -> float:
+    """α̃ of the channel BGU for an FFN expansion ``α`` (supplementary §C).
+
+    Same parameters as the FFN: ``2αC² = 3α̃C²`` so ``α̃ = 2α/3``, rounded to the nearest multiple of 1/2 so
+    that ``α̃·C`` is a multiple of 32 for the usual multiples of 64 (hardware friendly): α = 4 -> 2.5.
+    """
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
+        raise ValueError(f"bgu_hidden_ratio: `mlp_ratio` must be a positive number, got {mlp_ratio!r}")
+    return max(0.5, round(2.0 * mlp_ratio / 3.0 * 2.0) / 2.0)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of an (N, C, H, W) tensor (ParCNetV2 uses it without bias)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6, affine: bool = True, bias: bool = False) -> None:
+        super().__init__()
+        self.channels, self.eps = channels, eps
+        self.weight = nn.Parameter(torch.ones(channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(channels)) if affine and bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (self.channels,), self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, eps={self.eps}, weight={self.weight is not None}, bias={self.bias is not None}"
+
+
+class ChannelScale(nn.Module):
+    """Per-channel learnable scale of an (N, C, H, W) tensor (layer scale / residual scale)."""
+
+    def __init__(self, channels: int, init_value: float) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((channels,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.view(1, -1, 1, 1).to(x.dtype)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a sample's branch with probability ``p`` in training (survivors scaled by 1/(1−p))."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+            raise ValueError(f"DropPath: `drop_path` must be in [0, 1), got {p!r}")
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class SpatialBGU(nn.Module):
+    """Spatial bifurcate gate unit (the token mixer).
+
+    ``1x1 conv C -> 2C`` (bias), split into ``x1, x2``; ``x2 = oversized(GELU(x2)) + local_dw(GELU(x2))``
+    (:class:`OversizedConv2d`); ``1x1 conv(x1 · x2) C -> C``. Shapes (N, C, h, w) -> (N, C, h, w).
+    ``bias`` is the bias of the depthwise and of the last 1x1 conv (False, as the official code).
+    """
+
+    def __init__(self, dim: int, input_size, local_kernel: int = 7, bias: bool = False) -> None:
+        super().__init__()
+        self.dim = _positive_int(dim, "dim", type(self).__name__)
+        self.pw1 = nn.Conv2d(dim, 2 * dim, 1, bias=True)
+        self.act = nn.GELU()
+        self.oversized = OversizedConv2d(dim, input_size, local_kernel, bias=bias)
+        self.pw2 = nn.Conv2d(dim, dim, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.pw1(x).chunk(2, dim=1)
+        return self.pw2(x1 * self.oversized(self.act(x2)))
+
+    def reparameterize(self, form: str = "auto", input_size=None) -> SpatialBGU:
+        """A copy whose oversized conv is its deploy form (:meth:`OversizedConv2d.reparameterize`)."""
+        new = copy.deepcopy(self)
+        new.oversized = self.oversized.reparameterize(form, input_size)
+        return new
+
+
+class ChannelBGU(nn.Module):
+    """Channel bifurcate gate unit (the FFN): ``fc C -> 2·α̃C`` (bias), split, ``x1 · GELU(x2)``, ``fc α̃C -> C``.
+
+    ``hidden_ratio`` α̃ defaults to :func:`bgu_hidden_ratio` of ``mlp_ratio`` (2.5 for 4). The fcs are 1x1
+    convs on (N, C, h, w). ``bias`` is the last fc's bias (False, as the official code); ``drop`` dropout.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, hidden_ratio: float | None = None, bias: bool = False,
+                 drop: float = 0.0) -> None:
+        super().__init__()
+        op = type(self).__name__
+        self.dim = _positive_int(dim, "dim", op)
+        self.hidden_ratio = bgu_hidden_ratio(mlp_ratio) if hidden_ratio is None else hidden_ratio
+        if isinstance(self.hidden_ratio, bool) or not isinstance(self.hidden_ratio, (int, float)) \
+                or not self.hidden_ratio > 0:
+            raise ValueError(f"{op}: `hidden_ratio` must be a positive number, got {hidden_ratio!r}")
+        self.hidden = max(1, round(self.hidden_ratio * dim))
+        self.fc1 = nn.Conv2d(dim, 2 * self.hidden, 1, bias=True)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(drop)
+        self.fc2 = nn.Conv2d(self.hidden, dim, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.fc1(x).chunk(2, dim=1)
+        return self.drop(self.fc2(self.drop(x1 * self.act(x2))))
+
+
+def _fold_input_affine(conv: nn.Conv2d, norm: ChannelLayerNorm) -> None:
+    """``conv(norm_affine(z))`` -> ``conv'(z)``: the norm's per-channel weight/bias go into the 1x1 conv."""
+    with torch.no_grad():
+        w = conv.weight[:, :, 0, 0]
+        if norm.bias is not None:
+            extra = w @ norm.bias
+            if conv.bias is None:
+                conv.bias = nn.Parameter(extra)
+            else:
+                conv.bias += extra
+        if norm.weight is not None:
+            conv.weight *= norm.weight.view(1, -1, 1, 1)
+    norm.weight, norm.bias = None, None
+
+
+def _fold_output_scale(conv: nn.Conv2d, scale: ChannelScale) -> None:
+    with torch.no_grad():
+        conv.weight *= scale.scale.view(-1, 1, 1, 1)
+        if conv.bias is not None:
+            conv.bias *= scale.scale
+
+
+class ParCV2Block(nn.Module):
+    """ParC V2 block: ``x = r1·x + s1·DropPath(SpatialBGU(LN(x)))``, ``x = r2·x + s2·DropPath(ChannelBGU(LN(x)))``.
+
+    Args:
+        dim: channels C. input_size: the map size ``H`` or ``(H, W)`` the global kernels are learned for.
+        mlp_ratio: FFN expansion α (the channel BGU uses α̃ = :func:`bgu_hidden_ratio`, 2.5 for 4).
+        local_kernel: the local depthwise kernel (7).
+        drop_path: stochastic depth rate. layer_scale_init: init of the branch scales s (None: none).
+        res_scale_init: init of the residual scales r (None: none; the official net uses 1.0 in stages 3–4).
+        drop: dropout inside the channel BGU. norm_eps: LayerNorm epsilon (1e-6, bias-free LayerNorm).
+
+    Shapes: (N, C, h, w) -> (N, C, h, w) (any h, w; see :class:`OversizedConv2d` for other sizes).
+    ``reparameterize(form)`` returns a copy with the oversized conv in deploy form and the LayerNorm weights
+    and layer scales folded into the adjacent 1x1 convs (all exact).
+    """
+
+    def __init__(self, dim: int, input_size, mlp_ratio: float = 4.0, local_kernel: int = 7, drop_path: float = 0.0,
+                 layer_scale_init: float | None = None, res_scale_init: float | None = None, drop: float = 0.0,
+                 norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        self.dim = _positive_int(dim, "dim", type(self).__name__)
+        self.norm1 = ChannelLayerNorm(dim, norm_eps)
+        self.token_mixer = SpatialBGU(dim, input_size, local_kernel)
+        self.norm2 = ChannelLayerNorm(dim, norm_eps)
+        self.mlp = ChannelBGU(dim, mlp_ratio, drop=drop)
+        self.drop_path = DropPath(drop_path)
+        self.layer_scale1 = nn.Identity() if layer_scale_init is None else ChannelScale(dim, layer_scale_init)
+        self.layer_scale2 = nn.Identity() if layer_scale_init is None else ChannelScale(dim, layer_scale_init)
+        self.res_scale1 = nn.Identity() if res_scale_init is None else ChannelScale(dim, res_scale_init)
+        self.res_scale2 = nn.Identity() if res_scale_init is None else ChannelScale(dim, res_scale_init)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.token_mixer.oversized.input_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.dim, type(self).__name__)
+        x = self.res_scale1(x) + self.layer_scale1(self.drop_path(self.token_mixer(self.norm1(x))))
+        return self.res_scale2(x) + self.layer_scale2(self.drop_path(self.mlp(self.norm2(x))))
+
+    def reparameterize(self, form: str = "auto", input_size=None) -> ParCV2Block:
+        """Deploy copy (inference): oversized conv in ``form``; norm affines and layer scales folded."""
+        check_form(form, type(self).__name__)
+        new = copy.deepcopy(self).train(self.training)
+        if isinstance(new.token_mixer.oversized, (OversizedConv2d, OversizedConv2dDeploy)):
+            new.token_mixer.oversized = new.token_mixer.oversized.reparameterize(form, input_size)
+        _fold_input_affine(new.token_mixer.pw1, new.norm1)
+        _fold_input_affine(new.mlp.fc1, new.norm2)
+        if isinstance(new.layer_scale1, ChannelScale):
+            _fold_output_scale(new.token_mixer.pw2, new.layer_scale1)
+            _fold_output_scale(new.mlp.fc2, new.layer_scale2)
+            new.layer_scale1, new.layer_scale2 = nn.Identity(), nn.Identity()
+        return new
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, input_size={self.input_size}"
