@@ -347,3 +347,78 @@ def test_block_bad_arguments():
         ParCV2Block(4, 4)(torch.randn(1, 3, 4, 4))
     with pytest.raises(ValueError, match="form"):
         ParCV2Block(4, 4).reparameterize("both")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model builder
+# ---------------------------------------------------------------------------------------------------------
+
+from repkernels.models import ParCNetV2, parcnetv2_tiny, reparameterize_parcnetv2, stage_sizes  # noqa: E402
+
+
+def test_tiny_kernel_sizes_at_224():
+    assert stage_sizes(224) == [(56, 56), (28, 28), (14, 14), (7, 7)]
+    m = parcnetv2_tiny(num_classes=10, dims=(8, 8, 8, 8))  # official depths, narrow: the layout is what matters
+    assert m.global_kernel_sizes == [(111, 111), (55, 55), (27, 27), (13, 13)]
+    assert [len(s) for s in m.stages] == [3, 3, 12, 3]
+    ks = [s[0].token_mixer.oversized.weight_v.shape[2] for s in m.stages]
+    assert ks == [111, 55, 27, 13]
+    assert [s[0].mlp.hidden for s in m.stages] == [20] * 4
+    d = m.eval().reparameterize("auto")
+    assert [s[0].token_mixer.oversized.form for s in d.stages] == ["separable", "merged", "merged", "merged"]
+    assert d.stages[1][0].token_mixer.oversized.weight.shape[-2:] == (55, 55)
+
+
+def _small_model(**kw):
+    torch.manual_seed(1)
+    m = parcnetv2_tiny(num_classes=5, img_size=32, depths=(1, 1, 2, 1), dims=(8, 8, 16, 16),
+                       layer_scale_init=0.5, **kw)
+    with torch.no_grad():  # non-trivial norm weights and scales so the folds are exercised
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    return m
+
+
+def test_tiny_model_forward_backward():
+    m = _small_model(drop_path_rate=0.1).train()
+    x = torch.randn(2, 3, 32, 32)
+    out = m(x)
+    assert out.shape == (2, 5)
+    F.cross_entropy(out, torch.tensor([0, 3])).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert m.sizes == [(8, 8), (4, 4), (2, 2), (1, 1)]
+
+
+@pytest.mark.parametrize("form", ["auto", "merged", "separable"])
+@pytest.mark.parametrize("img", [32, 48])
+def test_tiny_model_deploy_equivalence(form, img):
+    m = _small_model().eval()
+    d = reparameterize_parcnetv2(m, form)
+    x = torch.randn(2, 3, img, img)
+    with torch.no_grad():
+        ref = m.double()(x.double())
+        m.float()
+        assert _rel_err(d(x), ref) < TOL32
+    # the generic deploy and the deploy size option give the same network function
+    d2 = repkernels.reparam.deploy(m)
+    d3 = m.reparameterize("merged", img_size=img)
+    with torch.no_grad():
+        assert _rel_err(d2(x), ref) < TOL32 and _rel_err(d3(x), ref) < TOL32
+    assert all(isinstance(b.token_mixer.oversized, OversizedConv2d) for s in m.stages for b in s)
+
+
+def test_model_bad_arguments():
+    with pytest.raises(ValueError, match="depths"):
+        ParCNetV2(depths=(1, 1), dims=(8,))
+    with pytest.raises(ValueError, match="dims"):
+        ParCNetV2(depths=(1,), dims=(0,))
+    with pytest.raises(ValueError, match="img_size"):
+        ParCNetV2(depths=(1, 1, 1, 1), dims=(4, 4, 4, 4), img_size=2)
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        ParCNetV2(depths=(1,), dims=(4,), drop_path_rate=1.5)
+    with pytest.raises(ValueError, match="input"):
+        ParCNetV2(depths=(1,), dims=(4,), img_size=16)(torch.randn(3, 16, 16))
+    with pytest.raises(ValueError, match="form"):
+        reparameterize_parcnetv2(ParCNetV2(depths=(1,), dims=(4,), img_size=16), "x")
