@@ -422,3 +422,28 @@ def test_model_bad_arguments():
         ParCNetV2(depths=(1,), dims=(4,), img_size=16)(torch.randn(3, 16, 16))
     with pytest.raises(ValueError, match="form"):
         reparameterize_parcnetv2(ParCNetV2(depths=(1,), dims=(4,), img_size=16), "x")
+
+
+def test_tiny_parameter_count():
+    m = parcnetv2_tiny()
+    n = sum(p.numel() for p in m.parameters())
+    assert 24.5e6 < n < 25.5e6  # ParCNetV2-T is a ~25M-parameter network
+
+
+# ---------------------------------------------------------------------------------------------------------
+# benchmark suite (CPU: shrunken cases are checked against float64)
+# ---------------------------------------------------------------------------------------------------------
+
+def test_bench_suite_checks_on_cpu():
+    from repkernels.bench import harness
+    from repkernels.bench.suites import SUITES
+    from repkernels.bench.suites.parcnetv2 import block_macs, model_macs
+
+    cases = SUITES["parcnetv2"]([torch.float32], True)
+    assert {c.op for c in cases} == {"parcv2_block", "parcnetv2_tiny"}
+    assert 3.5e9 < model_macs() < 5e9 and block_macs(64, 56, 56) > 0
+    picked = [c for c in cases if c.name.startswith("s3") or "inference" in c.name and c.op == "parcnetv2_tiny"]
+    records = harness.run_cases(picked, quick=True)
+    assert records and all(r["check"] in ("ok", "baseline") for r in records), records
+    impls = {r["impl"] for r in records}
+    assert "cudnn" in impls and any("deploy merged" in i for i in impls)

@@ -6,3 +6,7 @@ SUITES = {
     "depthwise_conv2d": depthwise_conv2d.cases,
     "kernelwarehouse": kernelwarehouse.cases,
 }
+
+from . import parcnetv2  # noqa: E402
+
+SUITES["parcnetv2"] = parcnetv2.cases
