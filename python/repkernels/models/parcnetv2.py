@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from ..nn.parcnetv2 import ChannelLayerNorm, ParCV2Block, _positive_int, check_form, size_pair
+from ..nn.parcnetv2 import ChannelLayerNorm, OversizedConv2d, ParCV2Block, _positive_int, check_form, size_pair
 
 TINY = {"depths": (3, 3, 12, 3), "dims": (64, 128, 320, 512)}
 XT = {"depths": (3, 3, 9, 2), "dims": (48, 96, 192, 320)}
@@ -99,8 +99,15 @@ class ParCNetV2(nn.Module):
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
+        """As the official network: every conv/linear kernel (oversized and local taps too) truncated normal
+        with std 0.02, biases zero."""
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, OversizedConv2d):
+            for p in (m.weight_v, m.weight_h, m.weight_local):
+                nn.init.trunc_normal_(p, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
