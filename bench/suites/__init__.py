@@ -8,3 +8,7 @@ SUITES = {
     "kernelwarehouse": kernelwarehouse.cases,
     "kernel_transform": kernel_transform.cases,
 }
+
+from . import parcnetv2  # noqa: E402
+
+SUITES["parcnetv2"] = parcnetv2.cases

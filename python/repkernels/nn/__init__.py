@@ -19,3 +19,8 @@ __all__ = [
     # kernel transformation (RefConv, CoC)
     "CoCConv2d", "KernelTransformConv2d", "RefConv2d", "conv_orthogonality", "orthogonality_loss", "standardize_weight",
 ]
+
+# ParCNetV2
+from .parcnetv2 import ChannelBGU, OversizedConv2d, OversizedConv2dDeploy, ParCV2Block, SpatialBGU
+
+__all__ += ["ChannelBGU", "OversizedConv2d", "OversizedConv2dDeploy", "ParCV2Block", "SpatialBGU"]
