@@ -406,3 +406,58 @@ def test_sync_batchnorm_fused_uses_global_statistics(tmp_path):
         bad = {k: v for k, v in errs.items() if v > 1e-10}
         assert not bad, f"rank {rank}: {bad}"
         assert len(errs) > 10
+
+
+# --- Triton statistics kernel (interpreter on CPU) ----------------------------------------------------
+
+from helpers import requires_triton_cpu  # noqa: E402
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("cin,cout,groups,k,stride,sides,dilation", [
+    (3, 5, 1, (2, 3), (1, 1), (1, 0, -1, 2), (1, 1)),     # broadcast path, asymmetric pad and crop
+    (2, 16, 1, (3, 3), (2, 1), (1, 1, 1, 1), (1, 2)),     # tl.dot path (16 channels, K = 18)
+    (4, 4, 4, (3, 1), (1, 1), (2, 0, 0, 0), (2, 1)),      # depthwise
+    (4, 6, 2, (1, 1), (1, 2), (0, 0, 0, 0), (1, 1)),      # grouped 1x1
+])
+def test_triton_stats_kernel_matches_var_mean(cin, cout, groups, k, stride, sides, dilation):
+    from repkernels.reparam.geometry import conv2d_sides
+    from repkernels.triton_kernels.multibranch_conv_stats import multibranch_conv_stats
+
+    x = torch.randn(2, cin, 6, 7).contiguous(memory_format=torch.channels_last) + 0.5
+    w = torch.randn(cout, cin // groups, *k)
+    mean, var, count = multibranch_conv_stats(x, w, stride, sides, dilation, groups)
+    y = conv2d_sides(x.double(), w.double(), None, stride, sides, dilation, groups)
+    rv, rm = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+    assert count == y.shape[0] * y.shape[2] * y.shape[3]
+    _close(mean, rm, torch.float32, "mean", 1.0)
+    _close(var, rv, torch.float32, "var")
+
+
+@requires_triton_cpu
+def test_triton_backend_op_matches_reference():
+    x, ws, rects, gam, bet = _op_inputs(dtype=torch.float32)
+    outs, grads = [], []
+    for backend in ("triton", "reference"):
+        xr = x.clone().requires_grad_(True)
+        wr = [w.clone().requires_grad_(True) for w in ws]
+        rm = [torch.zeros(3) for _ in rects]
+        bns = [BranchBN(gam[i], bet[i], rm[i], torch.ones(3), 0.1, 1e-5) for i in range(3)]
+        out = multibranch_conv_bn(xr, wr, rects, bns, kernel_size=3, padding=(1, 0, 1, 1), stride=(1, 2),
+                                  backend=backend)
+        out.backward(torch.ones_like(out) + torch.arange(out.numel()).view_as(out).float() / out.numel())
+        outs.append((out.detach(), rm))
+        grads.append([xr.grad, *[w.grad for w in wr]])
+    _close(outs[0][0], outs[1][0], torch.float32, "output")
+    for a, b in zip(outs[0][1], outs[1][1]):
+        _close(a, b, torch.float32, "running mean")
+    for a, b in zip(grads[0], grads[1]):
+        _close(a, b, torch.float32, "grads", 1.0)
+    from repkernels import BackendUnavailableError, backend
+
+    with pytest.raises(BackendUnavailableError):
+        multibranch_conv_bn(x.double(), [w.double() for w in ws], rects, [None] * 3, kernel_size=3, backend="triton")
+    with backend("triton"):      # the global backend reaches the op through backend='auto'
+        out = multibranch_conv_bn(x, ws, rects, [BranchBN(None, None, None, None, 0.1, 1e-5)] * 3, kernel_size=3,
+                                  padding=1)
+    assert out.shape == (2, 3, 5, 5)

@@ -91,7 +91,11 @@ def _channel_stats(y: torch.Tensor, process_group) -> tuple[torch.Tensor, torch.
     """Per-channel (mean, biased var) of ``y`` (N, C, H, W) in float32 (float64 for float64), over all ranks of
     ``process_group``."""
     var, mean = torch.var_mean(y.to(_acc(y.dtype)), dim=(0, 2, 3), correction=0)
-    count = y.shape[0] * y.shape[2] * y.shape[3]
+    return _sync_stats(mean, var, y.shape[0] * y.shape[2] * y.shape[3], process_group)
+
+
+def _sync_stats(mean: torch.Tensor, var: torch.Tensor, count: int, process_group):
+    """Merge per-rank (mean, biased var, count) over ``process_group`` (None: local)."""
     if process_group is None:
         return mean, var, count
     import torch.distributed as dist
@@ -104,6 +108,13 @@ def _channel_stats(y: torch.Tensor, process_group) -> tuple[torch.Tensor, torch.
     m2 = count * (var + (mean - gmean) ** 2)
     dist.all_reduce(m2, group=process_group)
     return gmean, m2 / total, total
+
+
+def _triton_stats(input, weight, stride, sides, dilation, groups, process_group):
+    from ..triton_kernels.multibranch_conv_stats import multibranch_conv_stats
+
+    mean, var, count = multibranch_conv_stats(input, weight, stride, sides, dilation, groups)
+    return _sync_stats(mean, var, count, process_group)
 
 
 class _MultiBranchConvBN(torch.autograd.Function):
@@ -232,9 +243,21 @@ class _MultiBranchConvBN(torch.autograd.Function):
         return (None, grad_x, *grad_w, *grad_cb, *grad_gamma, *grad_beta)
 
 
-def _select_stats(input, groups, process_group, backend):
-    """The function computing a branch's statistics: None = PyTorch conv + ``var_mean`` (reference)."""
-    return None
+def _select_stats(input: torch.Tensor, backend: str):
+    """The function computing a branch's statistics: None = PyTorch conv + ``var_mean`` (reference).
+
+    ``auto`` keeps the PyTorch (cuDNN) conv: the Triton statistics kernel is used when asked for
+    (``backend='triton'`` here or :func:`repkernels.backend`), until benchmarks show where it wins.
+    """
+    from .. import _backend
+
+    reasons = {"triton": lambda: _backend.triton_unavailable_reason(input)}
+    if backend == "auto":
+        name = _backend.select(OP, reasons, input.is_cuda, prefer=())
+    else:
+        with _backend.backend(backend):
+            name = _backend.select(OP, reasons, input.is_cuda, prefer=())
+    return _triton_stats if name == "triton" else None
 
 
 def multibranch_conv_bn(input: torch.Tensor, weights: Sequence[torch.Tensor], branch_rects: Sequence[Sequence[int]],
@@ -253,8 +276,10 @@ def multibranch_conv_bn(input: torch.Tensor, weights: Sequence[torch.Tensor], br
         padding: the block's zero padding, an int, a pair or four sides ``(top, bottom, left, right)``.
         conv_biases: per branch ``(C_out,)`` or None (only the running mean sees it under a BatchNorm).
         process_group: all-reduce the statistics over this group (SyncBatchNorm semantics); None: local.
-        backend: ``'auto'`` / ``'triton'`` (Triton statistics kernel where it can serve the call, see
-            :mod:`repkernels.ops.multibranch_stats`) or ``'reference'`` (PyTorch convs for the statistics).
+        backend: ``'triton'``: branch statistics by the Triton kernel ``multibranch_conv_stats`` (conv with a
+            reduction epilogue, the branch output is never written); ``'reference'``: PyTorch conv +
+            ``var_mean`` (one branch output alive at a time); ``'auto'``: the global backend
+            (:func:`repkernels.backend`), reference unless 'triton' is asked for there.
 
     Returns ``(N, C_out, H_out, W_out)``, differentiable w.r.t. ``input``, weights, conv biases, gammas, betas.
     """
@@ -300,7 +325,7 @@ def multibranch_conv_bn(input: torch.Tensor, weights: Sequence[torch.Tensor], br
             raise TypeError(f"{op}: `bn_params[{i}]` must be a BranchBN or None, got {type(bn).__name__}")
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"{op}: `backend` must be 'auto', 'triton' or 'reference', got {backend!r}")
-    stats_fn = _select_stats(input, groups, process_group, backend)
+    stats_fn = _select_stats(input, backend)
     gammas = [None if bn is None else bn.weight for bn in bn_params]
     betas = [None if bn is None else bn.bias for bn in bn_params]
     meta = (tuple(rects), tuple(bn_params), ks, st, sides, dil, groups, process_group, stats_fn)
