@@ -461,3 +461,17 @@ def test_triton_backend_op_matches_reference():
         out = multibranch_conv_bn(x, ws, rects, [BranchBN(None, None, None, None, 0.1, 1e-5)] * 3, kernel_size=3,
                                   padding=1)
     assert out.shape == (2, 3, 5, 5)
+
+
+def test_merged_conv2d_gradcheck():
+    from repkernels.ops.multibranch_conv_bn import merged_conv2d
+
+    x, ws, rects, gam, bet = _op_inputs(groups=2)
+    b0 = torch.randn(6, dtype=torch.float64)
+    leaves = [t.requires_grad_(True) for t in [x, *ws, gam[0], gam[2], b0, bet[1]]]
+
+    def fn(x, w0, w1, w2, s0, s2, b0, b1):
+        return merged_conv2d(x, [w0, w1, w2], rects, [s0, None, s2], [b0, b1, None], kernel_size=3, stride=(2, 1),
+                             padding=(1, 0, 2, 1), groups=2)
+
+    assert torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-6)

@@ -6,3 +6,7 @@ SUITES = {
     "depthwise_conv2d": depthwise_conv2d.cases,
     "kernelwarehouse": kernelwarehouse.cases,
 }
+
+from . import multibranch_conv_bn  # noqa: E402
+
+SUITES["multibranch_conv_bn"] = multibranch_conv_bn.cases

@@ -272,7 +272,7 @@ class MultiBranchConv2d(ReparamModule):
     def _fused_on(self, input: torch.Tensor) -> bool:
         if self.fused is False or (self.fused == "auto" and not input.is_cuda):
             return False
-        if torch.is_autocast_enabled(input.device.type):
+        if _autocast_on(input):
             return False        # the fused op computes in the input dtype; autocast runs the modules
         return self.training or self.bn_mode == "online"
 
@@ -280,21 +280,14 @@ class MultiBranchConv2d(ReparamModule):
         return self._sides if self.padding_mode == "zeros" else (0, 0, 0, 0)
 
     def _merged_forward(self, input: torch.Tensor, branches) -> torch.Tensor:
-        """``sum_l s_l * conv(x, W_l) + s_l * b_l`` as one conv (``s_l``: ChannelScale or 1), differentiable."""
-        kh, kw = self.kernel_size
-        weight, bias = None, None
-        for branch in branches:
-            w, b = branch.conv.weight, branch.conv.bias
-            t, l, h, wd = branch.rect
-            w = torch.nn.functional.pad(w, (l, kw - l - wd, t, kh - t - h))
-            if isinstance(branch.norm, ChannelScale):
-                s = branch.norm.weight
-                w = w * s.view(-1, 1, 1, 1)
-                b = None if b is None else b * s
-            weight = w if weight is None else weight + w
-            if b is not None:
-                bias = b if bias is None else bias + b
-        return conv2d_sides(input, weight, bias, self.stride, self._conv_sides(), self.dilation, self.groups)
+        """``sum_l s_l * conv(x, W_l) + s_l * b_l`` as one conv (``s_l``: ChannelScale or 1), differentiable;
+        the merged kernel is rebuilt in the backward instead of being kept."""
+        from ..ops.multibranch_conv_bn import merged_conv2d
+
+        scales = [b.norm.weight if isinstance(b.norm, ChannelScale) else None for b in branches]
+        return merged_conv2d(input, [b.conv.weight for b in branches], [b.rect for b in branches], scales,
+                             [b.conv.bias for b in branches], kernel_size=self.kernel_size, stride=self.stride,
+                             padding=self._conv_sides(), dilation=self.dilation, groups=self.groups)
 
     def _fused_forward(self, input: torch.Tensor) -> torch.Tensor:
         from ..ops.multibranch_conv_bn import BranchBN, multibranch_conv_bn
@@ -421,3 +414,10 @@ def _sync_group(norms) -> object:
     if len(groups) != 1:
         return False
     return groups.pop()
+
+
+def _autocast_on(input: torch.Tensor) -> bool:
+    try:
+        return torch.is_autocast_enabled(input.device.type)
+    except RuntimeError:        # a device type without autocast (e.g. meta)
+        return False

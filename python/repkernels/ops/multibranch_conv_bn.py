@@ -330,3 +330,94 @@ def multibranch_conv_bn(input: torch.Tensor, weights: Sequence[torch.Tensor], br
     betas = [None if bn is None else bn.bias for bn in bn_params]
     meta = (tuple(rects), tuple(bn_params), ks, st, sides, dil, groups, process_group, stats_fn)
     return _MultiBranchConvBN.apply(meta, input, *weights, *conv_biases, *gammas, *betas)
+
+
+class _MergedConv(torch.autograd.Function):
+    """``conv(x, sum_l s_l * W_l placed at rect_l) + sum_l s_l * b_l``, keeping ``x`` and the branch weights
+    (not the merged kernel, which the backward rebuilds)."""
+
+    @staticmethod
+    def _merge(rects, kernel_size, weights, scales, dtype):
+        acc = _acc(dtype)
+        merged = weights[0].new_zeros((weights[0].shape[0], weights[0].shape[1]) + tuple(kernel_size), dtype=acc)
+        for (t, le, h, wd), w, s in zip(rects, weights, scales):
+            w = w.to(acc)
+            merged[:, :, t:t + h, le:le + wd] += w if s is None else s.to(acc).view(-1, 1, 1, 1) * w
+        return merged.to(dtype)
+
+    @staticmethod
+    def forward(ctx, meta, input, *params):
+        rects, kernel_size, stride, sides, dilation, groups = meta
+        L = len(rects)
+        weights, scales, biases = params[:L], params[L:2 * L], params[2 * L:]
+        merged = _MergedConv._merge(rects, kernel_size, weights, scales, input.dtype)
+        bias = None
+        for s, b in zip(scales, biases):
+            if b is not None:
+                term = b.to(_acc(input.dtype)) * (1 if s is None else s.to(_acc(input.dtype)))
+                bias = term if bias is None else bias + term
+        out = conv2d_sides(input, merged, None if bias is None else bias.to(input.dtype), stride, sides, dilation,
+                           groups)
+        ctx.meta = meta
+        ctx.has_s = [s is not None for s in scales]
+        ctx.has_b = [b is not None for b in biases]
+        ctx.save_for_backward(input, *weights, *[s for s in scales if s is not None],
+                              *[b for b in biases if b is not None])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rects, kernel_size, stride, sides, dilation, groups = ctx.meta
+        L = len(rects)
+        saved = iter(ctx.saved_tensors)
+        input = next(saved)
+        weights = [next(saved) for _ in range(L)]
+        scales = [next(saved) if h else None for h in ctx.has_s]
+        biases = [next(saved) if h else None for h in ctx.has_b]
+        merged = _MergedConv._merge(rects, kernel_size, weights, scales, input.dtype)
+        need_x = ctx.needs_input_grad[1]
+        need_w = any(ctx.needs_input_grad[2:2 + 2 * L])
+        with torch.enable_grad():
+            xd = input.detach().requires_grad_(need_x)
+            md = merged.detach().requires_grad_(need_w)
+            y = conv2d_sides(xd, md, None, stride, sides, dilation, groups)
+        targets = [t for t, n in ((xd, need_x), (md, need_w)) if n]
+        grads = iter(torch.autograd.grad(y, targets, grad_out) if targets else ())
+        grad_x = next(grads) if need_x else None
+        grad_m = next(grads).to(_acc(input.dtype)) if need_w else None
+        gsum = grad_out.to(_acc(grad_out.dtype)).sum(dim=(0, 2, 3)) if any(ctx.has_b) else None
+        gw, gs, gb = [None] * L, [None] * L, [None] * L
+        for l, ((t, le, h, wd), w, s, b) in enumerate(zip(rects, weights, scales, biases)):
+            if grad_m is not None:
+                part = grad_m[:, :, t:t + h, le:le + wd]
+                if ctx.needs_input_grad[2 + l]:
+                    gw[l] = (part if s is None else part * s.to(part.dtype).view(-1, 1, 1, 1)).to(w.dtype)
+                if s is not None and ctx.needs_input_grad[2 + L + l]:
+                    gs[l] = (part * w.to(part.dtype)).sum(dim=(1, 2, 3))
+            if b is not None and ctx.needs_input_grad[2 + 2 * L + l]:
+                gb[l] = gsum if s is None else gsum * s.to(gsum.dtype)
+            if s is not None and b is not None and ctx.needs_input_grad[2 + L + l]:
+                extra = gsum * b.to(gsum.dtype)
+                gs[l] = extra if gs[l] is None else gs[l] + extra
+        gs = [None if g is None else g.to(s.dtype) for g, s in zip(gs, scales)]
+        gb = [None if g is None else g.to(b.dtype) for g, b in zip(gb, biases)]
+        return (None, grad_x, *gw, *gs, *gb)
+
+
+def merged_conv2d(input: torch.Tensor, weights: Sequence[torch.Tensor], branch_rects: Sequence[Sequence[int]],
+                  scales: Sequence[torch.Tensor | None], biases: Sequence[torch.Tensor | None], *, kernel_size,
+                  stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    """``sum_l s_l * (conv(x, W_l) + b_l)`` with ``W_l`` at ``rect_l`` of the kernel, as ONE conv.
+
+    ``scales[l]`` ``(C_out,)`` or None (1), ``biases[l]`` ``(C_out,)`` or None. The blocks' ``bn_mode='online'``
+    and ``norm=None`` training path. Saves ``x`` and the branch weights; the merged kernel is rebuilt in the
+    backward. Differentiable w.r.t. everything.
+    """
+    L = len(weights)
+    if not (len(branch_rects) == len(scales) == len(biases) == L) or L == 0:
+        raise ValueError("merged_conv2d: `weights`, `branch_rects`, `scales`, `biases` must be non-empty and of "
+                         "the same length")
+    meta = (tuple(Rect(*r) for r in branch_rects), as_pair(kernel_size, "kernel_size", "merged_conv2d", 1),
+            as_pair(stride, "stride", "merged_conv2d", 1), _as_sides(padding, "merged_conv2d"),
+            as_pair(dilation, "dilation", "merged_conv2d", 1), groups)
+    return _MergedConv.apply(meta, input, *weights, *scales, *biases)
