@@ -492,3 +492,16 @@ def test_gpu_block_matches_float64(dtype):
     with torch.no_grad():
         for form in ("merged", "separable"):
             assert _rel_err(b.reparameterize(form)(xs).float().cpu(), b64.eval()(x64)) < 10 * rtol
+
+
+def test_block_channels_last():
+    b = _block(dim=8, size=6)
+    x = torch.randn(2, 8, 6, 6)
+    xc = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = b(x)
+        out = b(xc)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        for form in ("merged", "separable"):
+            assert _rel_err(b.reparameterize(form)(xc), ref) < TOL32
