@@ -4,12 +4,14 @@ Everything runs on the CPU reference path (small channels and sizes)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import repkernels
-from helpers import requires_triton_cpu
+from helpers import requires_gpu, requires_triton_cpu
 from repkernels.nn.parcnetv2 import (AUTO_MAX_MAC_RATIO, OversizedConv2d, OversizedConv2dDeploy, choose_form,
                                      kernel_resize_matrix, merged_kernel, oversized_macs, resize_taps)
 
@@ -442,8 +444,64 @@ def test_bench_suite_checks_on_cpu():
     cases = SUITES["parcnetv2"]([torch.float32], True)
     assert {c.op for c in cases} == {"parcv2_block", "parcnetv2_tiny"}
     assert 3.5e9 < model_macs() < 5e9 and block_macs(64, 56, 56) > 0
-    picked = [c for c in cases if c.name.startswith("s3") or "inference" in c.name and c.op == "parcnetv2_tiny"]
+    picked = [c for c in cases if c.name.startswith("s3") and "train" in c.name
+              or "inference" in c.name and c.op == "parcnetv2_tiny"]
     records = harness.run_cases(picked, quick=True)
     assert records and all(r["check"] in ("ok", "baseline") for r in records), records
     impls = {r["impl"] for r in records}
     assert "cudnn" in impls and any("deploy merged" in i for i in impls)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile and GPU
+# ---------------------------------------------------------------------------------------------------------
+
+def test_torch_compile_fullgraph():
+    b = _block(dim=4, size=5)
+    d = b.reparameterize("merged")
+    cb = torch.compile(b, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    torch.testing.assert_close(torch.compile(d, backend="aot_eager", fullgraph=True)(x), d(x), rtol=1e-6, atol=1e-6)
+    out = cb(x)
+    torch.testing.assert_close(out, b(x), rtol=1e-6, atol=1e-6)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    (g_ref,) = torch.autograd.grad(b(x).sum(), x)
+    torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-6)
+    x2 = torch.randn(1, 4, 7, 3)  # another size: resized kernels inside the graph
+    torch.testing.assert_close(cb(x2), b(x2), rtol=1e-6, atol=1e-6)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_block_matches_float64(dtype):
+    from helpers import TOLERANCES
+    rtol, _ = TOLERANCES[dtype]
+    b = _block(dim=16, size=14).train()
+    b64 = copy.deepcopy(b).double()
+    b.cuda().to(dtype)
+    x = torch.randn(4, 16, 14, 14, device="cuda")
+    xs = x.to(dtype).requires_grad_()
+    out = b(xs)
+    out.float().square().sum().backward()
+    x64 = xs.detach().double().cpu().requires_grad_()
+    ref = b64(x64)
+    ref.square().sum().backward()
+    assert _rel_err(out.float().cpu(), ref) < 10 * rtol
+    assert _rel_err(xs.grad.float().cpu(), x64.grad) < 20 * rtol
+    b.eval()
+    with torch.no_grad():
+        for form in ("merged", "separable"):
+            assert _rel_err(b.reparameterize(form)(xs).float().cpu(), b64.eval()(x64)) < 10 * rtol
+
+
+def test_block_channels_last():
+    b = _block(dim=8, size=6)
+    x = torch.randn(2, 8, 6, 6)
+    xc = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = b(x)
+        out = b(xc)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        for form in ("merged", "separable"):
+            assert _rel_err(b.reparameterize(form)(xc), ref) < TOL32
