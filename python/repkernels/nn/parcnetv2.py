@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
