@@ -1,5 +1,18 @@
-"""Depthwise conv2d shapes: ConvNeXt / MobileNet (K = 3, 7), RepLKNet / SLaK (K = 13, 31) and
-ParCNetV2 oversized kernels (27x27 on 14x14 and its separable 27x1 / 1x27 pair)."""
+"""Depthwise conv2d, forward and forward+backward, on the shape families of issue 5:
+
+* memory bound, small K (MobileNet / ConvNeXt, K = 3, 7): ``auto`` routes these to cuDNN;
+* RepLKNet / SLaK / UniRepLKNet (B = 64, C = 128…1024, H = W = 56…7, K = 31, 13);
+* ParCNetV2 oversized kernels, K = 2H − 1 (H = W = 7, 14, 28, 56): (2H−1)×1, 1×(2W−1) and, for the
+  small maps, the full (2H−1)×(2W−1);
+* detection / segmentation small batch (B = 1, 2, 8 at 200×304, K = 13, 31), stride 2.
+
+Padding is K//2 per axis (ParCNetV2: H − 1), so the oversized kernels see their whole input. FLOPs
+count useful multiply-adds only (taps that land on padding zeros are not counted), ×3 for fwd+bwd
+(forward, input gradient, weight gradient). Bytes are the fewest a kernel must move: forward reads x
+and writes y; backward reads grad_y twice and x once and writes grad_x. Run with
+``python -m repkernels.bench --ops depthwise_conv2d`` (cudnn.benchmark is on: the baseline is
+``F.conv2d(groups=C)`` at its autotuned best).
+"""
 
 from __future__ import annotations
 
@@ -15,50 +28,100 @@ from ..harness import Case
 
 OP = "depthwise_conv2d"
 
-# (label, batch, channels, height, width, (kh, kw))  — 'same' padding, stride 1
+# (label, batch, channels, height, width, (kh, kw), stride). A kernel side given as "2h-1" / "2w-1"
+# is the oversized ParCNetV2 kernel of the (possibly shrunken) map.
 SHAPES = [
-    ("mobilenet k3", 64, 144, 56, 56, (3, 3)),
-    ("convnext s1 k7", 64, 96, 56, 56, (7, 7)),
-    ("convnext s3 k7", 64, 384, 14, 14, (7, 7)),
-    ("replknet s1 k31", 64, 128, 56, 56, (31, 31)),
-    ("replknet s3 k13", 64, 512, 14, 14, (13, 13)),
-    ("replknet s4 k13", 64, 1024, 7, 7, (13, 13)),
-    ("parcv2 s3 27x27", 64, 384, 14, 14, (27, 27)),
-    ("parcv2 s3 27x1", 64, 384, 14, 14, (27, 1)),
-    ("parcv2 s3 1x27", 64, 384, 14, 14, (1, 27)),
+    ("mobilenet k3", 64, 144, 56, 56, (3, 3), 1),
+    ("convnext s1 k7", 64, 96, 56, 56, (7, 7), 1),
+    ("convnext s3 k7", 64, 384, 14, 14, (7, 7), 1),
+    ("replknet s1 k31", 64, 128, 56, 56, (31, 31), 1),
+    ("replknet s2 k31", 64, 256, 28, 28, (31, 31), 1),
+    ("replknet s3 k13", 64, 512, 14, 14, (13, 13), 1),
+    ("replknet s4 k13", 64, 1024, 7, 7, (13, 13), 1),
+    ("slak s1 51x5", 64, 128, 56, 56, (51, 5), 1),
+    ("parcv2 56 (2h-1)x1", 64, 64, 56, 56, ("2h-1", 1), 1),
+    ("parcv2 56 1x(2w-1)", 64, 64, 56, 56, (1, "2w-1"), 1),
+    ("parcv2 28 (2h-1)x1", 64, 128, 28, 28, ("2h-1", 1), 1),
+    ("parcv2 28 1x(2w-1)", 64, 128, 28, 28, (1, "2w-1"), 1),
+    ("parcv2 14 (2h-1)x1", 64, 320, 14, 14, ("2h-1", 1), 1),
+    ("parcv2 14 full", 64, 320, 14, 14, ("2h-1", "2w-1"), 1),
+    ("parcv2 7 (2h-1)x1", 64, 512, 7, 7, ("2h-1", 1), 1),
+    ("parcv2 7 full", 64, 512, 7, 7, ("2h-1", "2w-1"), 1),
+    ("det b1 k13", 1, 128, 200, 304, (13, 13), 1),
+    ("det b2 k31", 2, 128, 200, 304, (31, 31), 1),
+    ("det b8 k13", 8, 256, 200, 304, (13, 13), 1),
+    ("stride2 k13", 64, 128, 56, 56, (13, 13), 2),
 ]
-QUICK = ("convnext s1 k7", "replknet s1 k31", "replknet s3 k13", "parcv2 s3 27x27")
+QUICK = ("convnext s1 k7", "replknet s1 k31", "replknet s3 k13", "parcv2 14 (2h-1)x1", "parcv2 7 full",
+         "det b1 k13")
+MODES = ("fwd", "fwd+bwd")
 
 
-def _setup(n, c, h, w, kernel, dtype, device, small):
+def _kernel(spec, h, w) -> tuple[int, int]:
+    side = {"2h-1": 2 * h - 1, "2w-1": 2 * w - 1}
+    return tuple(side.get(k, k) if isinstance(k, str) else k for k in spec)
+
+
+def _out(size, k, s, p):
+    return (size + 2 * p - k) // s + 1
+
+
+def useful_macs(n, c, h, w, kernel, stride) -> int:
+    """Multiply-adds whose input tap lies inside the image (padding K//2)."""
+    def axis(size, k, s):
+        p = k // 2
+        return sum(1 for o in range(_out(size, k, s, p)) for i in range(k) if 0 <= o * s - p + i < size)
+    return n * c * axis(h, kernel[0], stride) * axis(w, kernel[1], stride)
+
+
+def _setup(n, c, h, w, kernel_spec, stride, mode, dtype, device, small):
     if small:  # CPU check: the emulation and the Triton interpreter are slow
-        n, c, h, w = 1, 2, min(h, 12), min(w, 12)
-    kh, kw = kernel
+        n, c, h, w = min(n, 2), 2, min(h, 9), min(w, 10)
+    kh, kw = _kernel(kernel_spec, h, w)
     padding = (kh // 2, kw // 2)
     x = torch.randn(n, c, h, w, dtype=dtype, device=device)
     wt = torch.randn(c, 1, kh, kw, dtype=dtype, device=device) / (kh * kw) ** 0.5
     b = torch.randn(c, dtype=dtype, device=device)
+    oh, ow = _out(h, kh, stride, padding[0]), _out(w, kw, stride, padding[1])
+    grad = torch.randn(n, c, oh, ow, dtype=dtype, device=device)
     gpu = device == "cuda"
+    s2, p2 = [stride, stride], list(padding)
 
-    def cudnn():
-        return F.conv2d(x, wt, b, 1, padding, 1, c)
+    def wrap(fn):
+        if mode == "fwd":
+            return lambda: fn(x, wt, b)
 
-    def reference():
-        with repkernels.backend("reference"):
-            return repkernels.ops.depthwise_conv2d(x, wt, b, 1, padding)
+        def run():
+            args = [t.detach().requires_grad_() for t in (x, wt, b)]
+            out = fn(*args)
+            grads = torch.autograd.grad(out, args, grad)
+            return torch.cat([out.flatten()] + [g.flatten() for g in grads])
+        return run
 
-    impls = {"cudnn": cudnn, "reference": reference}
+    def with_backend(name):
+        def call(xx, ww, bb):
+            with repkernels.backend(name):
+                return repkernels.ops.depthwise_conv2d(xx, ww, bb, stride, padding)
+        return call
+
+    impls = {"cudnn": wrap(lambda xx, ww, bb: F.conv2d(xx, ww, bb, stride, padding, 1, c)),
+             "reference": wrap(with_backend("reference"))}
     if _extension.HAS_C:
-        impls["cuda" if gpu else "cuda (CPU emulation)"] = functools.partial(
-            torch.ops.repkernels.depthwise_conv2d, x, wt, b, [1, 1], list(padding), [1, 1])
+        impls["cuda" if gpu else "cuda (CPU emulation)"] = wrap(
+            lambda xx, ww, bb: torch.ops.repkernels.depthwise_conv2d(xx, ww, bb, s2, p2, [1, 1]))
     if _backend.HAS_TRITON and (gpu or _backend.TRITON_INTERPRET):
-        impls["triton" if gpu else "triton (interpreter)"] = functools.partial(
-            torch.ops.repkernels.depthwise_conv2d_triton, x, wt, b, [1, 1], list(padding), [1, 1])
+        impls["triton" if gpu else "triton (interpreter)"] = wrap(
+            lambda xx, ww, bb: torch.ops.repkernels.depthwise_conv2d_triton(xx, ww, bb, s2, p2, [1, 1]))
     if gpu:
-        impls["auto"] = functools.partial(repkernels.ops.depthwise_conv2d, x, wt, b, 1, padding)
+        impls["auto"] = wrap(with_backend("auto"))
 
     def ref64():
-        return F.conv2d(x.double(), wt.double(), b.double(), 1, padding, 1, c)
+        args = [t.detach().double().requires_grad_() for t in (x, wt, b)]
+        out = F.conv2d(*args, stride=stride, padding=padding, groups=c)
+        if mode == "fwd":
+            return out
+        grads = torch.autograd.grad(out, args, grad.double())
+        return torch.cat([out.flatten()] + [g.flatten() for g in grads])
 
     return impls, ref64
 
@@ -66,12 +129,20 @@ def _setup(n, c, h, w, kernel, dtype, device, small):
 def cases(dtypes: list[torch.dtype], quick: bool) -> list[Case]:
     out = []
     for dtype in dtypes:
-        for label, n, c, h, w, kernel in SHAPES:
+        elem = torch.finfo(dtype).bits // 8
+        for label, n, c, h, w, kernel_spec, stride in SHAPES:
             if quick and label not in QUICK:
                 continue
-            elem = torch.finfo(dtype).bits // 8
-            flops = 2.0 * n * c * h * w * kernel[0] * kernel[1]
-            nbytes = float(elem * (2 * n * c * h * w + c * kernel[0] * kernel[1] + c))
-            name = f"{label} b{n} c{c} {h}x{w}"
-            out.append(Case(OP, name, dtype, functools.partial(_setup, n, c, h, w, kernel, dtype), flops, nbytes))
+            kernel = _kernel(kernel_spec, h, w)
+            oh, ow = _out(h, kernel[0], stride, kernel[0] // 2), _out(w, kernel[1], stride, kernel[1] // 2)
+            macs = useful_macs(n, c, h, w, kernel, stride)
+            x_el, y_el, w_el = n * c * h * w, n * c * oh * ow, c * kernel[0] * kernel[1] + c
+            for mode in MODES:
+                if mode == "fwd":
+                    flops, nbytes = 2.0 * macs, float(elem * (x_el + y_el + w_el))
+                else:  # fwd + dgrad + wgrad
+                    flops, nbytes = 6.0 * macs, float(elem * (2 * x_el + 3 * y_el + 2 * x_el + 2 * w_el))
+                name = f"{label} {mode} b{n} c{c} {h}x{w} k{kernel[0]}x{kernel[1]}"
+                out.append(Case(OP, name, dtype, functools.partial(_setup, n, c, h, w, kernel_spec, stride, mode,
+                                                                   dtype), flops, nbytes))
     return out

@@ -1,7 +1,8 @@
-// repkernels::depthwise_conv2d — schema, argument checks, CUDA implementation and its CPU emulation.
+// repkernels::depthwise_conv2d, depthwise_conv2d_backward_input, depthwise_conv2d_backward_weight —
+// schemas, argument checks, CUDA implementations and their CPU emulation.
 //
-// The CPU implementation runs the CUDA kernel's tile code (depthwise_conv2d_fwd_tile.h) block by
-// block and thread by thread, so the test suite checks the GPU algorithm on machines without a GPU.
+// The CPU implementations run the CUDA kernels' tile code (depthwise_conv2d_fwd_tile.h,
+// depthwise_conv2d_bwd_tile.h) block by block and thread by thread, so the test suite checks the GPU algorithm on machines without a GPU.
 // It is a test vehicle, not a fast CPU kernel: repkernels.ops sends CPU tensors to the reference.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -10,11 +11,13 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <limits>
 #include <vector>
 
+#include "depthwise_conv2d/depthwise_conv2d_bwd_tile.h"
 #include "depthwise_conv2d/depthwise_conv2d_fwd_tile.h"
 #include "depthwise_conv2d/depthwise_conv2d_launch.h"
 
@@ -180,6 +183,199 @@ at::Tensor depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weig
   return out;
 }
 
+
+// ---------------------------------------------------------------- backward
+
+// Checks `grad_output` against the forward problem and returns it (any strides).
+Params make_backward_params(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                            c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  Params p = make_params(input, weight, std::nullopt, stride, padding, dilation);
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == p.n && grad.size(1) == p.c && grad.size(2) == p.oh &&
+                  grad.size(3) == p.ow,
+              "depthwise_conv2d backward: `grad` must have the output shape (", p.n, ", ", p.c, ", ", p.oh, ", ",
+              p.ow, "), got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), "depthwise_conv2d backward: `grad` dtype ",
+              grad.scalar_type(), " does not match `input` dtype ", input.scalar_type());
+  TORCH_CHECK(grad.device() == input.device(), "depthwise_conv2d backward: `grad` is on ", grad.device(),
+              " but `input` is on ", input.device());
+  return p;
+}
+
+at::Tensor make_grad_input(const at::Tensor& input) {
+  const bool channels_last = input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous();
+  return at::empty(input.sizes(), input.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                              : at::MemoryFormat::Contiguous));
+}
+
+// Stride 1: the input gradient is the forward conv of grad_output with the flipped filter and
+// padding (k - 1)·d - p. Returns that forward problem (planned).
+Params flipped_forward_params(const Params& p, const at::Tensor& grad, const at::Tensor& grad_input) {
+  Params f = p;
+  f.h = p.oh;
+  f.w = p.ow;
+  f.oh = p.h;
+  f.ow = p.w;
+  f.ph = (p.kh - 1) * p.dh - p.ph;
+  f.pw = (p.kw - 1) * p.dw - p.pw;
+  for (int i = 0; i < 4; ++i) {
+    f.in_stride[i] = grad.stride(i);
+    f.out_stride[i] = grad_input.stride(i);
+  }
+  plan(f);
+  return f;
+}
+
+template <typename T, typename Acc, typename Shape>
+void emulate_backward_input(const Params& p, const T* grad, const T* weight, T* grad_input) {
+  using Tile = DgradTile<T, Acc, Shape>;
+  at::parallel_for(0, num_dgrad_blocks(p), 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> acc(Shape::kThreads * Shape::kRows);
+    for (int64_t block = begin; block < end; ++block) {
+      const BlockCoord b = Tile::coord(p, block);
+      std::fill(acc.begin(), acc.end(), Acc(0));
+      for (int tid = 0; tid < Shape::kThreads; ++tid) {
+        Tile::direct(p, b, tid, grad, weight, acc.data() + tid * Shape::kRows);
+        Tile::store(p, b, tid, acc.data() + tid * Shape::kRows, grad_input);
+      }
+    }
+  });
+}
+
+template <typename T, typename Acc>
+void emulate_backward_weight(const Params& p, const T* input, const T* grad, Acc* ws) {
+  using Tile = WgradTile<T, Acc>;
+  using S = WgradShape;
+  const bool staged = p.config != TileConfig::kDirect;
+  const int64_t smem_elems = staged ? S::smem_elems(p, p.kh_chunk, p.kw_chunk) : 0;
+  at::parallel_for(0, num_wgrad_blocks(p), 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> smem(smem_elems);
+    std::vector<Acc> acc(S::kThreads * S::kTaps);
+    for (int64_t block = begin; block < end; ++block) {
+      const auto b = Tile::coord(p, block);
+      const int64_t t0 = Tile::first_tile(p, b), t1 = Tile::end_tile(p, b);
+      for (int64_t kh0 = 0; kh0 < p.kh; kh0 += p.kh_chunk) {
+        for (int64_t kw0 = 0; kw0 < p.kw; kw0 += p.kw_chunk) {
+          std::fill(acc.begin(), acc.end(), Acc(0));
+          for (int64_t tile = t0; tile < t1; ++tile) {
+            if (staged) {
+              // Poison shared memory so that a read of anything the stage phase did not write shows.
+              std::fill(smem.begin(), smem.end(), std::numeric_limits<Acc>::quiet_NaN());
+              for (int tid = 0; tid < S::kThreads; ++tid) Tile::stage(p, b, tile, kh0, kw0, tid, input, grad, smem.data());
+              for (int tid = 0; tid < S::kThreads; ++tid) Tile::compute(p, kh0, kw0, tid, smem.data(), acc.data() + tid * S::kTaps);
+            } else {
+              for (int tid = 0; tid < S::kThreads; ++tid)
+                Tile::direct(p, b, tile, kh0, kw0, tid, input, grad, acc.data() + tid * S::kTaps);
+            }
+          }
+          for (int tid = 0; tid < S::kThreads; ++tid) Tile::write(p, b, kh0, kw0, tid, acc.data() + tid * S::kTaps, ws);
+        }
+      }
+    }
+  });
+}
+
+// Blocks the CPU emulation plans the weight gradient for: few, so that the tests see several splits.
+constexpr int64_t kEmulationWgradBlocks = 8;
+
+at::Tensor depthwise_conv2d_backward_input_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                               const at::Tensor& weight, c10::IntArrayRef stride,
+                                               c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  Params p = make_backward_params(grad, input, weight, stride, padding, dilation);
+  at::Tensor grad_input = make_grad_input(input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_conv2d_bwd_input_cpu", [&] {
+    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    if (p.sh == 1 && p.sw == 1) {
+      const Params f = flipped_forward_params(p, grad, grad_input);
+      at::Tensor wf = weight.flip({2, 3}).contiguous();
+      if (f.config == TileConfig::kNarrow) {
+        emulate_forward<scalar_t, Acc, NarrowTile>(f, grad.const_data_ptr<scalar_t>(), wf.const_data_ptr<scalar_t>(),
+                                                   nullptr, grad_input.mutable_data_ptr<scalar_t>());
+      } else {
+        emulate_forward<scalar_t, Acc, WideTile>(f, grad.const_data_ptr<scalar_t>(), wf.const_data_ptr<scalar_t>(),
+                                                 nullptr, grad_input.mutable_data_ptr<scalar_t>());
+      }
+    } else {
+      for (int i = 0; i < 4; ++i) {
+        p.in_stride[i] = grad_input.stride(i);
+        p.out_stride[i] = grad.stride(i);
+      }
+      plan_dgrad(p);
+      at::Tensor w = weight.contiguous();
+      emulate_backward_input<scalar_t, Acc, WideTile>(p, grad.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                                     grad_input.mutable_data_ptr<scalar_t>());
+    }
+  });
+  return grad_input;
+}
+
+at::Tensor depthwise_conv2d_backward_weight_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                                const at::Tensor& weight, c10::IntArrayRef stride,
+                                                c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  Params p = make_backward_params(grad, input, weight, stride, padding, dilation);
+  for (int i = 0; i < 4; ++i) p.out_stride[i] = grad.stride(i);
+  plan_wgrad(p, kEmulationWgradBlocks);
+  const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor ws = at::empty({p.c, p.splits, p.kh * p.kw}, input.options().dtype(acc_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_conv2d_bwd_weight_cpu", [&] {
+    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    emulate_backward_weight<scalar_t, Acc>(p, input.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+                                           ws.mutable_data_ptr<Acc>());
+  });
+  return ws.sum(1).view({p.c, 1, p.kh, p.kw}).to(input.scalar_type());
+}
+
+DType cuda_dtype(const at::Tensor& input) {
+  switch (input.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "depthwise_conv2d (cuda): `input` dtype must be float32, float16 or bfloat16, got ",
+                         input.scalar_type());
+  }
+}
+
+at::Tensor depthwise_conv2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& input,
+                                                const at::Tensor& weight, c10::IntArrayRef stride,
+                                                c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  Params p = make_backward_params(grad, input, weight, stride, padding, dilation);
+  const DType dtype = cuda_dtype(input);
+  c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor grad_input = make_grad_input(input);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (p.sh == 1 && p.sw == 1) {
+    const Params f = flipped_forward_params(p, grad, grad_input);
+    at::Tensor wf = weight.flip({2, 3}).contiguous();
+    C10_CUDA_CHECK(launch_forward(f, dtype, grad.const_data_ptr(), wf.const_data_ptr(), nullptr,
+                                  grad_input.mutable_data_ptr(), stream));
+  } else {
+    for (int i = 0; i < 4; ++i) {
+      p.in_stride[i] = grad_input.stride(i);
+      p.out_stride[i] = grad.stride(i);
+    }
+    plan_dgrad(p);
+    at::Tensor w = weight.contiguous();
+    C10_CUDA_CHECK(launch_backward_input(p, dtype, grad.const_data_ptr(), w.const_data_ptr(),
+                                         grad_input.mutable_data_ptr(), stream));
+  }
+  return grad_input;
+}
+
+at::Tensor depthwise_conv2d_backward_weight_cuda(const at::Tensor& grad, const at::Tensor& input,
+                                                 const at::Tensor& weight, c10::IntArrayRef stride,
+                                                 c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  Params p = make_backward_params(grad, input, weight, stride, padding, dilation);
+  const DType dtype = cuda_dtype(input);
+  c10::cuda::CUDAGuard guard(input.device());
+  for (int i = 0; i < 4; ++i) p.out_stride[i] = grad.stride(i);
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, input.device().index()));
+  plan_wgrad(p, 4 * int64_t(sms));
+  at::Tensor ws = at::empty({p.c, p.splits, p.kh * p.kw}, input.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(launch_backward_weight(p, dtype, input.const_data_ptr(), grad.const_data_ptr(),
+                                        ws.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+  return ws.sum(1).view({p.c, 1, p.kh, p.kw}).to(input.scalar_type());
+}
+
 }  // namespace
 }  // namespace dw
 }  // namespace rk
@@ -187,8 +383,20 @@ at::Tensor depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weig
 TORCH_LIBRARY_FRAGMENT(repkernels, m) {
   m.def("depthwise_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
         "int[2] dilation) -> Tensor");
+  m.def("depthwise_conv2d_backward_input(Tensor grad, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
+        "int[2] dilation) -> Tensor");
+  m.def("depthwise_conv2d_backward_weight(Tensor grad, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
+        "int[2] dilation) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(repkernels, CPU, m) { m.impl("depthwise_conv2d", &rk::dw::depthwise_conv2d_cpu); }
+TORCH_LIBRARY_IMPL(repkernels, CPU, m) {
+  m.impl("depthwise_conv2d", &rk::dw::depthwise_conv2d_cpu);
+  m.impl("depthwise_conv2d_backward_input", &rk::dw::depthwise_conv2d_backward_input_cpu);
+  m.impl("depthwise_conv2d_backward_weight", &rk::dw::depthwise_conv2d_backward_weight_cpu);
+}
 
-TORCH_LIBRARY_IMPL(repkernels, CUDA, m) { m.impl("depthwise_conv2d", &rk::dw::depthwise_conv2d_cuda); }
+TORCH_LIBRARY_IMPL(repkernels, CUDA, m) {
+  m.impl("depthwise_conv2d", &rk::dw::depthwise_conv2d_cuda);
+  m.impl("depthwise_conv2d_backward_input", &rk::dw::depthwise_conv2d_backward_input_cuda);
+  m.impl("depthwise_conv2d_backward_weight", &rk::dw::depthwise_conv2d_backward_weight_cuda);
+}

@@ -1,6 +1,7 @@
 // CUDA kernels of the depthwise conv2d op. The per-tile work lives in depthwise_conv2d_fwd_tile.h,
 // shared with the CPU emulation that the test suite runs.
 #include "common/cuda_types.cuh"
+#include "depthwise_conv2d/depthwise_conv2d_bwd_tile.h"
 #include "depthwise_conv2d/depthwise_conv2d_fwd_tile.h"
 #include "depthwise_conv2d/depthwise_conv2d_launch.h"
 
@@ -67,7 +68,94 @@ cudaError_t launch_typed(const Params& p, const void* input, const void* weight,
   return cudaErrorInvalidValue;
 }
 
+template <typename T, typename Shape>
+__global__ void __launch_bounds__(Shape::kThreads)
+    backward_input_kernel(const Params p, const T* __restrict__ grad_output, const T* __restrict__ weight,
+                          T* __restrict__ grad_input) {
+  using Tile = DgradTile<T, float, Shape>;
+  const BlockCoord b = Tile::coord(p, blockIdx.x);
+  float acc[Shape::kRows];
+#pragma unroll
+  for (int r = 0; r < Shape::kRows; ++r) acc[r] = 0.f;
+  Tile::direct(p, b, threadIdx.x, grad_output, weight, acc);
+  Tile::store(p, b, threadIdx.x, acc, grad_input);
+}
+
+template <typename T, bool kStaged>
+__global__ void __launch_bounds__(WgradShape::kThreads)
+    backward_weight_kernel(const Params p, const T* __restrict__ input, const T* __restrict__ grad_output,
+                           float* __restrict__ ws) {
+  extern __shared__ float smem[];
+  using Tile = WgradTile<T, float>;
+  const auto b = Tile::coord(p, blockIdx.x);
+  const int tid = threadIdx.x;
+  const int64_t t0 = Tile::first_tile(p, b), t1 = Tile::end_tile(p, b);
+  for (int64_t kh0 = 0; kh0 < p.kh; kh0 += p.kh_chunk) {
+    for (int64_t kw0 = 0; kw0 < p.kw; kw0 += p.kw_chunk) {
+      float acc[WgradShape::kTaps];
+#pragma unroll
+      for (int k = 0; k < WgradShape::kTaps; ++k) acc[k] = 0.f;
+      for (int64_t tile = t0; tile < t1; ++tile) {
+        if constexpr (kStaged) {
+          Tile::stage(p, b, tile, kh0, kw0, tid, input, grad_output, smem);
+          __syncthreads();
+          Tile::compute(p, kh0, kw0, tid, smem, acc);
+          __syncthreads();
+        } else {
+          Tile::direct(p, b, tile, kh0, kw0, tid, input, grad_output, acc);
+        }
+      }
+      Tile::write(p, b, kh0, kw0, tid, acc, ws);
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch_backward_input_typed(const Params& p, const void* grad_output, const void* weight,
+                                        void* grad_input, cudaStream_t stream) {
+  backward_input_kernel<T, WideTile><<<num_dgrad_blocks(p), WideTile::kThreads, 0, stream>>>(
+      p, static_cast<const T*>(grad_output), static_cast<const T*>(weight), static_cast<T*>(grad_input));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_backward_weight_typed(const Params& p, const void* input, const void* grad_output, float* ws,
+                                         cudaStream_t stream) {
+  if (p.config == TileConfig::kDirect) {
+    backward_weight_kernel<T, false><<<num_wgrad_blocks(p), WgradShape::kThreads, 0, stream>>>(
+        p, static_cast<const T*>(input), static_cast<const T*>(grad_output), ws);
+  } else {
+    const size_t smem = sizeof(float) * WgradShape::smem_elems(p, p.kh_chunk, p.kw_chunk);
+    backward_weight_kernel<T, true><<<num_wgrad_blocks(p), WgradShape::kThreads, smem, stream>>>(
+        p, static_cast<const T*>(input), static_cast<const T*>(grad_output), ws);
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t launch_backward_input(const Params& p, DType dtype, const void* grad_output, const void* weight,
+                                  void* grad_input, cudaStream_t stream) {
+  if (num_dgrad_blocks(p) == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kFloat32: return launch_backward_input_typed<float>(p, grad_output, weight, grad_input, stream);
+    case DType::kFloat16: return launch_backward_input_typed<__half>(p, grad_output, weight, grad_input, stream);
+    case DType::kBFloat16:
+      return launch_backward_input_typed<__nv_bfloat16>(p, grad_output, weight, grad_input, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_backward_weight(const Params& p, DType dtype, const void* input, const void* grad_output,
+                                   float* ws, cudaStream_t stream) {
+  if (num_wgrad_blocks(p) == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kFloat32: return launch_backward_weight_typed<float>(p, input, grad_output, ws, stream);
+    case DType::kFloat16: return launch_backward_weight_typed<__half>(p, input, grad_output, ws, stream);
+    case DType::kBFloat16: return launch_backward_weight_typed<__nv_bfloat16>(p, input, grad_output, ws, stream);
+  }
+  return cudaErrorInvalidValue;
+}
 
 cudaError_t launch_forward(const Params& p, DType dtype, const void* input, const void* weight, const void* bias,
                            void* output, cudaStream_t stream) {

@@ -27,6 +27,8 @@ struct Params {
   TileConfig config;
   int64_t kh_chunk, kw_chunk;
   int64_t tiles_h, tiles_w;
+  // wgrad plan (plan_wgrad()): blocks per channel, grad_out tiles per block
+  int64_t splits, tiles_per_split;
 };
 
 template <int ThreadsW, int ThreadsH, int Rows>
@@ -80,5 +82,57 @@ inline void plan(Params& p) {
 }
 
 inline int64_t num_blocks(const Params& p) { return p.n * p.c * p.tiles_h * p.tiles_w; }
+
+// Input gradient with a stride > 1 (DgradTile): wide grad-input tiles, no staging.
+inline void plan_dgrad(Params& p) {
+  p.config = TileConfig::kDirect;
+  p.kh_chunk = p.kh;
+  p.kw_chunk = p.kw;
+  p.tiles_h = cdiv(p.h, WideTile::kTileH);
+  p.tiles_w = cdiv(p.w, WideTile::kTileW);
+}
+
+inline int64_t num_dgrad_blocks(const Params& p) { return p.n * p.c * p.tiles_h * p.tiles_w; }
+
+// Weight gradient tiles (WgradTile): kTileH x kTileW grad_out positions staged per step, kThreads
+// threads each owning up to kTaps taps of the current chunk.
+struct WgradShape {
+  static constexpr int kThreads = 256;
+  static constexpr int kTaps = 4;
+  static constexpr int kTileH = 8;
+  static constexpr int kTileW = 32;
+  static constexpr int64_t kMaxChunkTaps = int64_t(kThreads) * kTaps;
+
+  RK_HD static int64_t in_rows(const Params& p, int64_t kc) { return (kTileH - 1) * p.sh + (kc - 1) * p.dh + 1; }
+  RK_HD static int64_t in_cols(const Params& p, int64_t kwc) { return (kTileW - 1) * p.sw + (kwc - 1) * p.dw + 1; }
+  RK_HD static int64_t smem_elems(const Params& p, int64_t kc, int64_t kwc) {
+    return in_rows(p, kc) * in_cols(p, kwc) + kTileH * kTileW;
+  }
+};
+
+// Weight gradient: tap chunks (<= kMaxChunkTaps taps, staged window within the shared-memory budget,
+// else kDirect) and the split of each channel's grad_out tiles over `target_blocks` blocks in all.
+inline void plan_wgrad(Params& p, int64_t target_blocks) {
+  using S = WgradShape;
+  int64_t kc = p.kh, kwc = p.kw;
+  while (kc > 1 && kc * kwc > S::kMaxChunkTaps) kc = (kc + 1) / 2;
+  while (kwc > 1 && kc * kwc > S::kMaxChunkTaps) kwc = (kwc + 1) / 2;
+  while (kc > 1 && S::smem_elems(p, kc, kwc) > kSmemBudgetElems) kc = (kc + 1) / 2;
+  while (kwc > 1 && S::smem_elems(p, kc, kwc) > kSmemBudgetElems) kwc = (kwc + 1) / 2;
+  p.config = S::smem_elems(p, kc, kwc) <= kSmemBudgetElems ? TileConfig::kWide : TileConfig::kDirect;
+  if (p.config == TileConfig::kWide) {  // grow back as far as the budgets allow
+    while (kc < p.kh && (kc + 1) * kwc <= S::kMaxChunkTaps && S::smem_elems(p, kc + 1, kwc) <= kSmemBudgetElems) ++kc;
+  }
+  p.kh_chunk = kc;
+  p.kw_chunk = kwc;
+  p.tiles_h = cdiv(p.oh, S::kTileH);
+  p.tiles_w = cdiv(p.ow, S::kTileW);
+  const int64_t tiles = p.n * p.tiles_h * p.tiles_w;
+  int64_t splits = imax(1, imin(cdiv(target_blocks, imax(p.c, 1)), tiles));
+  p.tiles_per_split = imax(1, cdiv(tiles, splits));
+  p.splits = imax(1, cdiv(tiles, p.tiles_per_split));
+}
+
+inline int64_t num_wgrad_blocks(const Params& p) { return p.c * p.splits; }
 
 }  // namespace rk::dw

@@ -2,16 +2,28 @@
 
 Registered operators (``torch.ops.repkernels``):
 
-* ``depthwise_conv2d``        — CUDA kernel from the compiled extension (its CPU implementation is
-  an emulation of the CUDA kernel, used by the tests);
-* ``depthwise_conv2d_triton`` — Triton kernel.
+* ``depthwise_conv2d``, ``depthwise_conv2d_backward_input``, ``depthwise_conv2d_backward_weight`` —
+  CUDA kernels from the compiled extension (their CPU implementations emulate the CUDA kernels block by
+  block, for the tests);
+* ``depthwise_conv2d_triton``, ``depthwise_conv2d_backward_input_triton``,
+  ``depthwise_conv2d_backward_weight_triton`` — Triton kernels.
 
-Both have a fake (meta) implementation and autograd. Gradients are computed by the reference
-(``aten.convolution_backward``) until dedicated backward kernels exist.
+Every op has a fake (meta) implementation; the forward ops have autograd whose backward runs the
+backward ops of the same backend (dgrad: transposed direct conv; wgrad: per-channel reduction over
+batch and positions with fp32 accumulation; bias gradient: a sum).
+
+Routing under ``auto`` (documented rule): CPU tensors and float64 go to the reference; on a GPU a
+kernel with both sides <= ``CUDNN_MAX_KERNEL`` (7) goes to cuDNN (``F.conv2d``: small kernels are
+memory bound and cuDNN's depthwise kernels are at the bandwidth limit); kernels that cover most of
+the map (the Toeplitz rule of ``triton_kernels/depthwise_conv2d_toeplitz.py``: ParCNetV2's 2H − 1,
+K = 13 on 7×7, ...) go to Triton's Toeplitz GEMMs (tensor cores), falling back to CUDA; other
+kernels go to the CUDA kernels, falling back to Triton. A kernel side larger than ``MAX_KERNEL_SIZE``
+is served by the reference with a one-time warning, whatever the backend asked for.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +35,17 @@ from .. import reference as _reference
 OP = "depthwise_conv2d"
 
 IntPair = int | Sequence[int]
+
+#: Largest kernel side the Triton and CUDA kernels take (at least 2·56 − 1 is required); larger
+#: kernels fall back to the reference with a one-time warning.
+MAX_KERNEL_SIZE = 1024
+#: Under ``auto`` on a GPU, kernels with both sides <= this go to cuDNN (F.conv2d).
+CUDNN_MAX_KERNEL = 7
+_warned_too_large = False
+
+
+def _has_c_op(name: str) -> bool:
+    return _extension.HAS_C and hasattr(torch.ops.repkernels, name)
 
 
 def _out_hw(input: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
@@ -44,6 +67,15 @@ def _fake(input, weight, bias, stride, padding, dilation):
     return _empty_output(input, weight, stride, padding, dilation)
 
 
+def _fake_bwd_input(grad, input, weight, stride, padding, dilation):
+    fmt = torch.channels_last if _validation.channels_last_output(input) else torch.contiguous_format
+    return torch.empty_like(input, memory_format=fmt)
+
+
+def _fake_bwd_weight(grad, input, weight, stride, padding, dilation):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
 def _setup_context(ctx, inputs, output):
     input, weight, bias, stride, padding, dilation = inputs
     ctx.save_for_backward(input, weight)
@@ -51,14 +83,29 @@ def _setup_context(ctx, inputs, output):
     ctx.conv_args = (list(stride), list(padding), list(dilation))
 
 
-def _backward(ctx, grad_out):
-    input, weight = ctx.saved_tensors
-    stride, padding, dilation = ctx.conv_args
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad_out, input, weight, [weight.shape[0]] if ctx.has_bias else None,
-        stride, padding, dilation, False, [0, 0], input.shape[1], mask)
-    return grad_input, grad_weight, grad_bias, None, None, None
+def _make_backward(bwd_input, bwd_weight):
+    def backward(ctx, grad_out):
+        input, weight = ctx.saved_tensors
+        args = (grad_out, input, weight, *ctx.conv_args)
+        grad_input = bwd_input(*args) if ctx.needs_input_grad[0] else None
+        grad_weight = bwd_weight(*args) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_input, grad_weight, grad_bias, None, None, None
+    return backward
+
+
+#: Whether the Triton ops may use the Toeplitz-GEMM kernels (oversized kernels; see
+#: triton_kernels/depthwise_conv2d_toeplitz.py for the rule). Set False to force the direct kernels.
+TRITON_TOEPLITZ = True
+
+
+def _toeplitz_plan(input, weight, stride, padding, dilation):
+    if not TRITON_TOEPLITZ:
+        return None
+    from ..triton_kernels import depthwise_conv2d_toeplitz as toeplitz
+
+    return toeplitz.plan(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3], tuple(stride),
+                         tuple(padding), tuple(dilation))
 
 
 if _backend.HAS_TRITON:
@@ -66,17 +113,72 @@ if _backend.HAS_TRITON:
     def _depthwise_conv2d_triton(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                  stride: Sequence[int], padding: Sequence[int],
                                  dilation: Sequence[int]) -> torch.Tensor:
+        from ..triton_kernels import depthwise_conv2d_toeplitz as toeplitz
         from ..triton_kernels.depthwise_conv2d_fwd import depthwise_conv2d_fwd
 
         out = _empty_output(input, weight, stride, padding, dilation)
+        plan = _toeplitz_plan(input, weight, stride, padding, dilation)
+        if plan is not None:
+            return toeplitz.forward(input, weight, bias, plan, out)
         return depthwise_conv2d_fwd(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), out)
 
+    @torch.library.custom_op("repkernels::depthwise_conv2d_backward_input_triton", mutates_args=())
+    def _depthwise_conv2d_backward_input_triton(grad: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+                                                stride: Sequence[int], padding: Sequence[int],
+                                                dilation: Sequence[int]) -> torch.Tensor:
+        from ..triton_kernels.depthwise_conv2d_bwd_input import depthwise_conv2d_bwd_input
+
+        from ..triton_kernels import depthwise_conv2d_toeplitz as toeplitz
+
+        out = _fake_bwd_input(grad, input, weight, stride, padding, dilation)
+        plan = _toeplitz_plan(input, weight, stride, padding, dilation)
+        if plan is not None:
+            return toeplitz.backward_input(grad, weight, plan, out)
+        return depthwise_conv2d_bwd_input(grad, weight, tuple(stride), tuple(padding), tuple(dilation), out)
+
+    @torch.library.custom_op("repkernels::depthwise_conv2d_backward_weight_triton", mutates_args=())
+    def _depthwise_conv2d_backward_weight_triton(grad: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+                                                 stride: Sequence[int], padding: Sequence[int],
+                                                 dilation: Sequence[int]) -> torch.Tensor:
+        from ..triton_kernels.depthwise_conv2d_bwd_weight import depthwise_conv2d_bwd_weight
+
+        from ..triton_kernels import depthwise_conv2d_toeplitz as toeplitz
+
+        out = _fake_bwd_weight(grad, input, weight, stride, padding, dilation)
+        plan = _toeplitz_plan(input, weight, stride, padding, dilation)
+        if plan is not None:
+            return toeplitz.backward_weight(input, grad, plan, out)
+        return depthwise_conv2d_bwd_weight(input, grad, tuple(stride), tuple(padding), tuple(dilation), out)
+
     _depthwise_conv2d_triton.register_fake(_fake)
-    _depthwise_conv2d_triton.register_autograd(_backward, setup_context=_setup_context)
+    _depthwise_conv2d_backward_input_triton.register_fake(_fake_bwd_input)
+    _depthwise_conv2d_backward_weight_triton.register_fake(_fake_bwd_weight)
+    _depthwise_conv2d_triton.register_autograd(
+        _make_backward(lambda *a: torch.ops.repkernels.depthwise_conv2d_backward_input_triton(*a),
+                       lambda *a: torch.ops.repkernels.depthwise_conv2d_backward_weight_triton(*a)),
+        setup_context=_setup_context)
+
+
+def _reference_backward_input(grad, input, weight, stride, padding, dilation):
+    return torch.ops.aten.convolution_backward(grad, input, weight, None, stride, padding, dilation, False,
+                                               [0, 0], input.shape[1], [True, False, False])[0]
+
+
+def _reference_backward_weight(grad, input, weight, stride, padding, dilation):
+    return torch.ops.aten.convolution_backward(grad, input, weight, None, stride, padding, dilation, False,
+                                               [0, 0], input.shape[1], [False, True, False])[1]
+
 
 if _extension.HAS_C:
     torch.library.register_fake("repkernels::depthwise_conv2d")(_fake)
-    torch.library.register_autograd("repkernels::depthwise_conv2d", _backward, setup_context=_setup_context)
+    if _has_c_op("depthwise_conv2d_backward_input"):
+        torch.library.register_fake("repkernels::depthwise_conv2d_backward_input")(_fake_bwd_input)
+        torch.library.register_fake("repkernels::depthwise_conv2d_backward_weight")(_fake_bwd_weight)
+        _c_backward = _make_backward(lambda *a: torch.ops.repkernels.depthwise_conv2d_backward_input(*a),
+                                     lambda *a: torch.ops.repkernels.depthwise_conv2d_backward_weight(*a))
+    else:  # an extension built before the backward kernels existed
+        _c_backward = _make_backward(_reference_backward_input, _reference_backward_weight)
+    torch.library.register_autograd("repkernels::depthwise_conv2d", _c_backward, setup_context=_setup_context)
 
 
 def _normalize(input, weight, bias, stride, padding, dilation):
@@ -134,18 +236,39 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         (N, C, OH, OW) with OH = (H + 2·pad_h − dil_h·(kh − 1) − 1) // stride_h + 1 (likewise OW),
         channels_last when ``input`` is. Accumulation is in fp32 for half-precision inputs.
 
-    The backend is chosen by :func:`repkernels.backend` / ``REPKERNELS_BACKEND`` (default ``auto``).
+    The backend is chosen by :func:`repkernels.backend` / ``REPKERNELS_BACKEND`` (default ``auto``; see
+    the module docstring for the routing rule). Gradients run on the backend that ran the forward.
     """
     input, stride, padding, dilation = _normalize(input, weight, bias, stride, padding, dilation)
+    kh, kw = weight.shape[2], weight.shape[3]
+    if max(kh, kw) > MAX_KERNEL_SIZE:
+        _warn_too_large(kh, kw)
+        return _reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
+    if (_backend.get_backend() == "auto" and input.is_cuda and max(kh, kw) <= CUDNN_MAX_KERNEL):
+        return _reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)  # cuDNN
     tensors = (input, weight) if bias is None else (input, weight, bias)
+    # Oversized kernels: Triton's Toeplitz GEMMs run on tensor cores, the CUDA kernels are direct.
+    toeplitz = input.is_cuda and _backend.HAS_TRITON and _toeplitz_plan(input, weight, stride, padding,
+                                                                       dilation) is not None
     which = _backend.select(
         OP,
         {"cuda": lambda: _backend.cuda_unavailable_reason(*tensors),
          "triton": lambda: _backend.triton_unavailable_reason(*tensors)},
         on_gpu=input.is_cuda,
+        prefer=("triton", "cuda") if toeplitz else ("cuda", "triton"),
     )
     if which == "cuda":
         return torch.ops.repkernels.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
     if which == "triton":
         return torch.ops.repkernels.depthwise_conv2d_triton(input, weight, bias, stride, padding, dilation)
     return _reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
+
+
+def _warn_too_large(kh: int, kw: int) -> None:
+    global _warned_too_large
+    if _warned_too_large:
+        return
+    _warned_too_large = True
+    warnings.warn(f"{OP}: kernel {kh}x{kw} is larger than the fast kernels' maximum side "
+                  f"({MAX_KERNEL_SIZE}); using the reference (F.conv2d). This warning is shown once.",
+                  RuntimeWarning, stacklevel=3)
