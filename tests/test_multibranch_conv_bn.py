@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from helpers import TOLERANCES
 from repkernels.nn import ACBConv2d, DBBConv2d, PBConv2d

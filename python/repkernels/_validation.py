@@ -37,6 +37,17 @@ def conv_channels(in_channels: object, out_channels: object, groups: object, pad
         raise ValueError(f"{op}: `padding_mode` must be one of {tuple(padding_modes)}, got {padding_mode!r}")
 
 
+def nchw_input(input: object, channels: int, op: str) -> torch.Tensor:
+    """Check a module's ``input`` is a 4-D (N, C, H, W) tensor with ``channels`` channels."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{op}: `input` must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"{op}: `input` must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
+    if input.shape[1] != channels:
+        raise ValueError(f"{op}: `input` has {input.shape[1]} channels, expected {channels}")
+    return input
+
+
 def tensor(t: object, name: str, op: str, ndim: int | None = None, floating: bool = True) -> torch.Tensor:
     """Check ``t`` is a tensor (of rank ``ndim`` if given, floating point if asked)."""
     if not isinstance(t, torch.Tensor):

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._validation import conv_channels
+from .._validation import conv_channels, nchw_input
 from ..reparam.fuse import acc_dtype
 from ..reparam.geometry import PADDING_MODES, as_pair
 from ..reparam.protocol import ReparamModule
@@ -237,12 +237,7 @@ class KernelTransformConv2d(ReparamModule):
         return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() != 4:
-            raise ValueError(f"{type(self).__name__}: `input` must be 4-D (N, C, H, W), got shape "
-                             f"{tuple(input.shape)}")
-        if input.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__}: `input` has {input.shape[1]} channels, expected "
-                             f"{self.in_channels}")
+        nchw_input(input, self.in_channels, type(self).__name__)
         return self.conv_forward(input, contiguous_strides(self.transformed_weight()), self.bias)
 
     @torch.no_grad()

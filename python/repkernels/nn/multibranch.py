@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._validation import conv_channels, nchw_input
 from ..reparam.fuse import acc_dtype, fold_bn
 from ..reparam.geometry import PADDING_MODES, Rect, as_pair, conv2d_sides, padding_sides
 from ..reparam.protocol import ReparamModule
@@ -163,15 +164,7 @@ class MultiBranchConv2d(ReparamModule):
                  fused: bool | str = "auto") -> None:
         super().__init__()
         op = op or type(self).__name__
-        for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{op}: `{name}` must be a positive int, got {v!r}")
-        if in_channels % groups:
-            raise ValueError(f"{op}: `groups`={groups} must divide `in_channels`={in_channels}")
-        if out_channels % groups:
-            raise ValueError(f"{op}: `groups`={groups} must divide `out_channels`={out_channels}")
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"{op}: `padding_mode` must be one of {PADDING_MODES}, got {padding_mode!r}")
+        conv_channels(in_channels, out_channels, groups, padding_mode, op, PADDING_MODES)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = as_pair(kernel_size, "kernel_size", op, 1)
         self.stride = as_pair(stride, "stride", op, 1)
@@ -254,12 +247,7 @@ class MultiBranchConv2d(ReparamModule):
         return (pt - t * dh, pb - (kh - t - h) * dh, pl - l * dw, pr - (kw - l - w) * dw)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() != 4:
-            raise ValueError(f"{type(self).__name__}: `input` must be 4-D (N, C, H, W), got shape "
-                             f"{tuple(input.shape)}")
-        if input.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__}: `input` has {input.shape[1]} channels, expected "
-                             f"{self.in_channels}")
+        nchw_input(input, self.in_channels, type(self).__name__)
         if self.padding_mode != "zeros":
             pt, pb, pl, pr = self._sides
             input = torch.nn.functional.pad(input, (pl, pr, pt, pb), mode=self.padding_mode)
