@@ -110,7 +110,20 @@ def _progress(items: list, desc: str):
 
 
 def run_cases(cases: list[Case], quick: bool) -> list[dict]:
-    """Check (and on a GPU, time) every implementation of every case. Returns one record per pair."""
+    """Check (and on a GPU, time) every implementation of every case. Returns one record per pair.
+
+    float32 means IEEE float32 for every implementation, cuDNN included: TF32 is switched off for the run
+    (``torch.backends.cudnn.allow_tf32`` and ``torch.backends.cuda.matmul.allow_tf32``), so no path is timed
+    with cheaper, less precise products than another, and the float32 check tolerance applies to all."""
+    cudnn_tf32, matmul_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _run_cases(cases, quick)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn_tf32, matmul_tf32
+
+
+def _run_cases(cases: list[Case], quick: bool) -> list[dict]:
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     records = []

@@ -16,6 +16,8 @@ Gradients use the same rule (they are convolutions too).
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 
 import pytest
@@ -54,3 +56,15 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def ieee_fp32():
+    """float32 products in IEEE fp32: TF32 off for cuDNN and matmuls (PyTorch lets cuDNN use TF32 by default,
+    which a float32 tolerance against a float64 reference does not allow for)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

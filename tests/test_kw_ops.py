@@ -428,6 +428,8 @@ def test_explicit_backends_that_cannot_serve_raise():
         with pytest.raises(repkernels.BackendUnavailableError, match="kw_assemble: backend 'cuda'"):
             kw_assemble(att, wh, layout)
     if _backend.HAS_TRITON:
+        if torch.cuda.is_available():  # on a GPU machine CPU tensors would be refused for their device
+            att, wh = att.cuda(), wh.cuda()
         with repkernels.backend("triton"):
             with pytest.raises(repkernels.BackendUnavailableError, match="float64"):
                 kw_assemble(att, wh, layout)

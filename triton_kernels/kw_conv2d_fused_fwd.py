@@ -109,11 +109,14 @@ def kw_conv2d_fused_fwd_kernel(
 GB = 16  # samples per program: the M dimension of the assembly GEMM (tl.dot needs >= 16)
 
 
-def tiles(co: int, ci: int, n: int, p: int) -> tuple[int, int, int, int] | None:
+def tiles(co: int, ci: int, n: int, p: int, itemsize: int = 2) -> tuple[int, int, int, int] | None:
     """(BLOCK_O, BLOCK_C, BLOCK_P, BLOCK_N) for cells of ``co`` x ``ci``, or None when a 16 x 16 weight tile does
-    not fit inside a cell. From the layer only (never the batch)."""
-    block_o = 32 if co % 32 == 0 else 16
-    block_c = 32 if ci % 32 == 0 else 16
+    not fit inside a cell. From the layer and dtype only (never the batch). 32-wide tiles only for 2-byte
+    dtypes: with fp32 operands the (GB x 32 x 32) weight tile, the (GB x 32 x BLOCK_P) input tile and the
+    (BLOCK_N x 1024) warehouse slice need more shared memory than an H100 has (seen: 266 KB > 227 KB)."""
+    wide = 32 if itemsize <= 2 else 16
+    block_o = wide if co % wide == 0 else 16
+    block_c = wide if ci % wide == 0 else 16
     if co % block_o or ci % block_c:
         return None
     return block_o, block_c, pow2_clamp(p, 16, 64), pow2_clamp(n, 16, 32)
@@ -133,7 +136,7 @@ def kw_conv2d_fused_fwd(x: torch.Tensor, attention: torch.Tensor, warehouse: tor
     oh, ow = out.shape[-2:]
     if out.numel() == 0:
         return out
-    block_o, block_c, block_p, block_n = tiles(co, ci, n, oh * ow)
+    block_o, block_c, block_p, block_n = tiles(co, ci, n, oh * ow, x.element_size())
     attention = attention.contiguous()
     warehouse = warehouse.contiguous()
     bias_arg = bias.contiguous() if bias is not None else warehouse
@@ -148,6 +151,6 @@ def kw_conv2d_fused_fwd(x: torch.Tensor, attention: torch.Tensor, warehouse: tor
         HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(x.dtype), PRECISION=conv_precision(x.dtype),
         ASM_PRECISION=matmul_precision(x.dtype),
         GB=GB, BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_N=block_n,
-        num_warps=8,
+        num_warps=8, num_stages=1,  # the loops are short; pipelining them only multiplies shared memory
     )
     return out

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .implicit_gemm import implicit_gemm_acc
 from .kw_common import conv_precision, dot_in_fp32, pow2_clamp
 
 
@@ -52,24 +53,8 @@ def per_sample_conv2d_fwd_kernel(
     K = CIG * KH * KW
     w_base = w_ptr + b * COUT * K + oc.to(tl.int64)[:, None] * K
     x_base = x_ptr + b * sxn + (g * CIG).to(tl.int64) * sxc
-    acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        c = k // (KH * KW)
-        q = k % (KH * KW)
-        ih = ih0[None, :] + (q // KW)[:, None] * DH
-        iw = iw0[None, :] + (q % KW)[:, None] * DW
-        x_ok = k_ok[:, None] & p_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xv = tl.load(x_base + c.to(tl.int64)[:, None] * sxc + ih * sxh + iw * sxw, mask=x_ok, other=0.0)
-        wv = tl.load(w_base + k[None, :], mask=o_ok[:, None] & k_ok[None, :], other=0.0)
-        if USE_DOT:
-            if DOT_FP32:
-                wv = wv.to(tl.float32)
-                xv = xv.to(tl.float32)
-            acc = tl.dot(wv, xv, acc, input_precision=PRECISION)
-        else:
-            acc += tl.sum(wv.to(tl.float32)[:, :, None] * xv.to(tl.float32)[None, :, :], axis=1)
+    acc = implicit_gemm_acc(tl.zeros((BLOCK_O, BLOCK_P), dtype=tl.float32), x_base, w_base, sxc, sxh, sxw,
+                            ih0, iw0, p_ok, o_ok, K, H, W, KH, KW, DH, DW, USE_DOT, DOT_FP32, PRECISION, BLOCK_K)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + oc, mask=o_ok, other=0.0).to(tl.float32)[:, None]

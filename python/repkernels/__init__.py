@@ -3,10 +3,10 @@
 Backends (``cuda``, ``triton``, ``reference``, ``auto``) are chosen per call; see :func:`backend`.
 Subpackages: ``ops`` (the ops), ``reference`` (their pure-PyTorch specification), ``nn`` (modules),
 ``reparam`` (convert / reparameterize / deploy), ``search`` and ``analysis`` (PBConv),
-``models`` (model builders; needs torchvision, imported on demand).
+``models`` (model builders; the KernelWarehouse ones import torchvision when called).
 """
 
-from . import _extension
+from . import _extension  # noqa: F401 (loads _C, which registers the C++ ops)
 from ._backend import BACKENDS, BackendUnavailableError, backend, get_backend
 from ._version import __version__
 from . import ops, reference

@@ -23,6 +23,31 @@ def pair(value: int | Sequence[int], name: str, op: str, minimum: int) -> tuple[
     return out
 
 
+def conv_channels(in_channels: object, out_channels: object, groups: object, padding_mode: str, op: str,
+                  padding_modes: Sequence[str] = ("zeros", "reflect", "replicate", "circular")) -> None:
+    """Check the channel/group/padding-mode arguments of an ``nn.Conv2d``-like constructor."""
+    for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{op}: `{name}` must be a positive int, got {v!r}")
+    if in_channels % groups:
+        raise ValueError(f"{op}: `groups`={groups} must divide `in_channels`={in_channels}")
+    if out_channels % groups:
+        raise ValueError(f"{op}: `groups`={groups} must divide `out_channels`={out_channels}")
+    if padding_mode not in padding_modes:
+        raise ValueError(f"{op}: `padding_mode` must be one of {tuple(padding_modes)}, got {padding_mode!r}")
+
+
+def nchw_input(input: object, channels: int, op: str) -> torch.Tensor:
+    """Check a module's ``input`` is a 4-D (N, C, H, W) tensor with ``channels`` channels."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{op}: `input` must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"{op}: `input` must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
+    if input.shape[1] != channels:
+        raise ValueError(f"{op}: `input` has {input.shape[1]} channels, expected {channels}")
+    return input
+
+
 def tensor(t: object, name: str, op: str, ndim: int | None = None, floating: bool = True) -> torch.Tensor:
     """Check ``t`` is a tensor (of rank ``ndim`` if given, floating point if asked)."""
     if not isinstance(t, torch.Tensor):

@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..reparam.fuse import full_rect
 from ..reparam.geometry import Rect
 from ..reparam.registry import register_method
-from .multibranch import ConvBranch, MultiBranchConv2d, check_norm
+from .multibranch import ConvBranch, MultiBranchConv2d, check_bn_mode, check_norm
 
 
 def acb_rects(kernel_size: tuple[int, int]) -> list[Rect]:
@@ -28,16 +28,20 @@ class ACBConv2d(MultiBranchConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 norm: str | None = "bn") -> None:
+                 norm: str | None = "bn", bn_mode: str = "exact", fused: bool | str = "auto") -> None:
         op = type(self).__name__
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op=op)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op=op,
+                         fused=fused)
         norm = check_norm(norm, op)
+        bn_mode = check_bn_mode(bn_mode, norm, op)
         self.norm_type = norm
         self.branches.append(ConvBranch(full_rect(self.kernel_size), self._conv(self.kernel_size, bias, device, dtype),
                                         self._norm(norm, out_channels, device, dtype)))
         for r in acb_rects(self.kernel_size):
             self.branches.append(ConvBranch(r, self._conv(r.size, False, device, dtype),
                                             self._norm(norm, out_channels, device, dtype)))
+        if bn_mode == "online":
+            self._make_online(device, dtype)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, bn: nn.Module | None = None, **kwargs) -> ACBConv2d:
@@ -47,13 +51,14 @@ class ACBConv2d(MultiBranchConv2d):
         return block
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", norm={self.norm_type!r}"
+        return super().extra_repr() + f", norm={self.norm_type!r}" + \
+            (f", bn_mode={self.bn_mode!r}" if self.bn_mode != "exact" else "")
 
 
 def build_acb(name: str, conv: nn.Conv2d, bn: nn.Module | None = None, *, norm="bn",
-              zero_init: bool = False) -> ACBConv2d:
+              zero_init: bool = False, bn_mode: str = "exact", fused: bool | str = "auto") -> ACBConv2d:
     """``convert`` builder for ``"acb"``."""
-    block = ACBConv2d.from_conv(conv, bn, norm=norm)
+    block = ACBConv2d.from_conv(conv, bn, norm=norm, bn_mode=bn_mode, fused=fused)
     return block.zero_init_branches_() if zero_init else block
 
 
@@ -69,4 +74,4 @@ def _takes_bn(options: dict) -> bool:
 
 
 register_method("acb", build_acb, supports=acb_supports, takes_bn=_takes_bn, overwrite=True,
-                description="Asymmetric Convolution Block (KxK + 1xK + Kx1); options: norm, zero_init")
+                description="Asymmetric Convolution Block (KxK + 1xK + Kx1); options: norm, zero_init, bn_mode, fused")

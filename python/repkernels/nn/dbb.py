@@ -152,9 +152,10 @@ class DBBConv2d(MultiBranchConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 norm: str | None = "bn", internal_channels: int | None = None) -> None:
+                 norm: str | None = "bn", internal_channels: int | None = None, fused: bool | str = "auto") -> None:
         op = type(self).__name__
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op=op)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op=op,
+                         fused=fused)
         norm = check_norm(norm, op)
         self.norm_type = norm
         if internal_channels is None:
@@ -199,9 +200,9 @@ class DBBConv2d(MultiBranchConv2d):
 
 
 def build_dbb(name: str, conv: nn.Conv2d, bn: nn.Module | None = None, *, norm="bn",
-              internal_channels: int | None = None, zero_init: bool = False) -> DBBConv2d:
+              internal_channels: int | None = None, zero_init: bool = False, fused: bool | str = "auto") -> DBBConv2d:
     """``convert`` builder for ``"dbb"``."""
-    block = DBBConv2d.from_conv(conv, bn, norm=norm, internal_channels=internal_channels)
+    block = DBBConv2d.from_conv(conv, bn, norm=norm, internal_channels=internal_channels, fused=fused)
     return block.zero_init_branches_() if zero_init else block
 
 
@@ -217,4 +218,4 @@ def _takes_bn(options: dict) -> bool:
 
 register_method("dbb", build_dbb, supports=dbb_supports, takes_bn=_takes_bn, overwrite=True,
                 description="Diverse Branch Block (KxK, 1x1, 1x1-avg, 1x1-KxK branches); options: norm, "
-                            "internal_channels, zero_init")
+                            "internal_channels, zero_init, fused")

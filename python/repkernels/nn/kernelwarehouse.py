@@ -21,7 +21,7 @@ Cell layout and mixture order are those of :mod:`repkernels.reference.kernelware
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch

@@ -17,6 +17,16 @@ Branch kinds:
 Padding: the block's padding is turned into four sides ``(top, bottom, left, right)``. With
 ``padding_mode='zeros'`` every branch zero-pads (or crops) the input by its own derived sides. With
 another mode the block pads the input once with that mode and the branches only crop.
+
+Training modes (``fused`` and ``bn_mode``, see :class:`MultiBranchConv2d`):
+
+* ``bn_mode='exact'`` (default): every branch has its own BatchNorm. With ``fused`` on, the
+  :class:`ConvBranch` terms with a training-mode BatchNorm (or no norm) are computed by
+  :func:`repkernels.ops.multibranch_conv_bn` (same outputs, gradients and running statistics,
+  without keeping any branch output); other branches (DBB's two-stage ones) run as usual.
+* ``bn_mode='online'`` (OREPA-style): each branch's BatchNorm is replaced by a learnable per-channel
+  :class:`ChannelScale`, and one BatchNorm (``post_norm``) follows the sum. With ``fused`` on, training
+  runs one conv with the merged kernel ``sum_l s_l * W_l`` and one BatchNorm.
 """
 
 from __future__ import annotations
@@ -27,11 +37,45 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._validation import conv_channels, nchw_input
 from ..reparam.fuse import acc_dtype, fold_bn
 from ..reparam.geometry import PADDING_MODES, Rect, as_pair, conv2d_sides, padding_sides
 from ..reparam.protocol import ReparamModule
 
 NORMS = ("bn", None)
+BN_MODES = ("exact", "online")
+FUSED = (True, False, "auto")
+
+
+def check_fused(fused: object, op: str) -> bool | str:
+    """``True`` (fused training path whenever it can serve the call), ``False``, or ``'auto'`` (CUDA inputs)."""
+    if fused is True or fused is False or fused == "auto":
+        return fused
+    raise ValueError(f"{op}: `fused` must be True, False or 'auto', got {fused!r}")
+
+
+def check_bn_mode(bn_mode: object, norm: str | None, op: str) -> str:
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"{op}: `bn_mode` must be one of {BN_MODES}, got {bn_mode!r}")
+    if bn_mode == "online" and norm is None:
+        raise ValueError(f"{op}: `bn_mode`='online' needs norm='bn' (it replaces the branch BatchNorms "
+                         "by scales and adds one BatchNorm after the sum)")
+    return bn_mode
+
+
+class ChannelScale(nn.Module):
+    """``y * weight[c]`` per channel: the branch "norm" of ``bn_mode='online'`` (initialized to ones)."""
+
+    def __init__(self, num_features: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input * self.weight.view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}"
 
 
 def check_norm(norm: object, op: str) -> str | None:
@@ -64,7 +108,9 @@ class Branch(nn.Module):
 
 def zero_last_(norm: nn.Module | None, conv: nn.Conv2d | None) -> None:
     with torch.no_grad():
-        if norm is not None and getattr(norm, "affine", False):
+        if isinstance(norm, ChannelScale):
+            norm.weight.zero_()
+        elif norm is not None and getattr(norm, "affine", False):
             norm.weight.zero_()
             norm.bias.zero_()
         elif conv is not None:
@@ -93,6 +139,10 @@ class ConvBranch(Branch):
         return y if self.norm is None else self.norm(y)
 
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.norm, ChannelScale):
+            w, b = fold_bn(self.conv.weight, self.conv.bias, None)
+            s = self.norm.weight.detach().to(w.dtype)
+            return w * s.view(-1, 1, 1, 1), b * s
         return fold_bn(self.conv.weight, self.conv.bias, self.norm)
 
     def zero_init_(self) -> None:
@@ -110,18 +160,11 @@ class MultiBranchConv2d(ReparamModule):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, padding_mode: str = "zeros", *, op: str | None = None) -> None:
+                 groups: int = 1, padding_mode: str = "zeros", *, op: str | None = None,
+                 fused: bool | str = "auto") -> None:
         super().__init__()
         op = op or type(self).__name__
-        for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{op}: `{name}` must be a positive int, got {v!r}")
-        if in_channels % groups:
-            raise ValueError(f"{op}: `groups`={groups} must divide `in_channels`={in_channels}")
-        if out_channels % groups:
-            raise ValueError(f"{op}: `groups`={groups} must divide `out_channels`={out_channels}")
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"{op}: `padding_mode` must be one of {PADDING_MODES}, got {padding_mode!r}")
+        conv_channels(in_channels, out_channels, groups, padding_mode, op, PADDING_MODES)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = as_pair(kernel_size, "kernel_size", op, 1)
         self.stride = as_pair(stride, "stride", op, 1)
@@ -130,6 +173,18 @@ class MultiBranchConv2d(ReparamModule):
         self.padding_mode = padding_mode
         self._sides = padding_sides(self.padding, self.kernel_size, self.stride, self.dilation, op)
         self.branches = nn.ModuleList()
+        self.fused = check_fused(fused, op)
+        self.bn_mode = "exact"
+        self.post_norm: nn.Module | None = None
+
+    def _make_online(self, device, dtype) -> None:
+        """``bn_mode='online'``: branch BatchNorms -> :class:`ChannelScale`, one BatchNorm after the sum."""
+        for branch in self.branches:
+            if not isinstance(branch, ConvBranch):
+                raise ValueError(f"{type(self).__name__}: bn_mode='online' supports conv branches only")
+            branch.norm = ChannelScale(self.out_channels, device=device, dtype=dtype)
+        self.post_norm = nn.BatchNorm2d(self.out_channels, device=device, dtype=dtype)
+        self.bn_mode = "online"
 
     # --- construction helpers -------------------------------------------------------------------
 
@@ -152,15 +207,23 @@ class MultiBranchConv2d(ReparamModule):
             origin.conv.weight.copy_(conv.weight)
             if conv.bias is not None:
                 origin.conv.bias.copy_(conv.bias)
+        if bn is None and isinstance(origin.norm, _BatchNorm) and origin.norm.track_running_stats:
+            # No BN to absorb (e.g. timm's BatchNormAct2d, LayerNorm, or none): start the new norm as the
+            # identity in eval mode (running_var + eps = 1), so a converted pretrained model is unchanged.
+            with torch.no_grad():
+                origin.norm.running_var.fill_(1.0 - origin.norm.eps)
         if bn is not None:
             if not isinstance(bn, _BatchNorm) or bn.num_features != self.out_channels:
                 raise ValueError(f"{type(self).__name__}.from_conv: `bn` must be a BatchNorm over "
                                  f"{self.out_channels} channels, got {bn!r}")
             if origin.norm is None:
                 raise ValueError(f"{type(self).__name__}.from_conv: `bn` was given but the block has norm=None")
-            origin.norm = copy.deepcopy(bn)
+            if self.bn_mode == "online":
+                self.post_norm = copy.deepcopy(bn)
+            else:
+                origin.norm = copy.deepcopy(bn)
             for m in self.modules():
-                if isinstance(m, _BatchNorm) and m is not origin.norm:
+                if isinstance(m, _BatchNorm) and m is not origin.norm and m is not self.post_norm:
                     m.eps, m.momentum = bn.eps, bn.momentum
 
     @staticmethod
@@ -184,17 +247,74 @@ class MultiBranchConv2d(ReparamModule):
         return (pt - t * dh, pb - (kh - t - h) * dh, pl - l * dw, pr - (kw - l - w) * dw)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() != 4:
-            raise ValueError(f"{type(self).__name__}: `input` must be 4-D (N, C, H, W), got shape "
-                             f"{tuple(input.shape)}")
-        if input.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__}: `input` has {input.shape[1]} channels, expected "
-                             f"{self.in_channels}")
+        nchw_input(input, self.in_channels, type(self).__name__)
         if self.padding_mode != "zeros":
             pt, pb, pl, pr = self._sides
             input = torch.nn.functional.pad(input, (pl, pr, pt, pb), mode=self.padding_mode)
-        out = None
+        if self._fused_on(input):
+            out = self._fused_forward(input)
+        else:
+            out = None
+            for branch in self.branches:
+                y = branch(input, self.branch_sides(branch.rect))
+                out = y if out is None else out + y
+        return out if self.post_norm is None else self.post_norm(out)
+
+    # --- fused training path ----------------------------------------------------------------------
+
+    def _fused_on(self, input: torch.Tensor) -> bool:
+        if self.fused is False or (self.fused == "auto" and not input.is_cuda):
+            return False
+        if _autocast_on(input):
+            return False        # the fused op computes in the input dtype; autocast runs the modules
+        return self.training or self.bn_mode == "online"
+
+    def _conv_sides(self) -> tuple[int, int, int, int]:
+        return self._sides if self.padding_mode == "zeros" else (0, 0, 0, 0)
+
+    def _merged_forward(self, input: torch.Tensor, branches) -> torch.Tensor:
+        """``sum_l s_l * conv(x, W_l) + s_l * b_l`` as one conv (``s_l``: ChannelScale or 1), differentiable;
+        the merged kernel is rebuilt in the backward instead of being kept."""
+        from ..ops.multibranch_conv_bn import merged_conv2d
+
+        scales = [b.norm.weight if isinstance(b.norm, ChannelScale) else None for b in branches]
+        return merged_conv2d(input, [b.conv.weight for b in branches], [b.rect for b in branches], scales,
+                             [b.conv.bias for b in branches], kernel_size=self.kernel_size, stride=self.stride,
+                             padding=self._conv_sides(), dilation=self.dilation, groups=self.groups)
+
+    def _fused_forward(self, input: torch.Tensor) -> torch.Tensor:
+        from ..ops.multibranch_conv_bn import BranchBN, multibranch_conv_bn
+
+        plain, bn_branches, rest = [], [], []
         for branch in self.branches:
+            norm = getattr(branch, "norm", None)
+            if type(branch) is ConvBranch and (norm is None or isinstance(norm, ChannelScale)):
+                plain.append(branch)
+            elif type(branch) is ConvBranch and isinstance(norm, _BatchNorm) and norm.training:
+                bn_branches.append(branch)
+            else:
+                rest.append(branch)
+        group = None
+        if bn_branches:
+            group = _sync_group([b.norm for b in bn_branches])
+            if group is False:          # mixed or different process groups: the unfused modules
+                rest, bn_branches = rest + bn_branches, []
+        out = None
+        if bn_branches:
+            params = []
+            for branch in bn_branches:
+                norm = branch.norm
+                params.append(BranchBN(norm.weight, norm.bias, norm.running_mean if norm.track_running_stats else None,
+                                       norm.running_var if norm.track_running_stats else None,
+                                       _momentum_step(norm), norm.eps))
+            out = multibranch_conv_bn(input, [b.conv.weight for b in bn_branches], [b.rect for b in bn_branches],
+                                      params, kernel_size=self.kernel_size, stride=self.stride,
+                                      padding=self._conv_sides(), dilation=self.dilation, groups=self.groups,
+                                      conv_biases=[b.conv.bias for b in bn_branches], process_group=group)
+        if plain:
+            y = self._merged_forward(input, plain)
+            out = y if out is None else out + y
+        for branch in rest:
             y = branch(input, self.branch_sides(branch.rect))
             out = y if out is None else out + y
         return out
@@ -219,6 +339,8 @@ class MultiBranchConv2d(ReparamModule):
             t, l, h, wd = branch.rect
             weight[:, :, t:t + h, l:l + wd] += w
             bias += b
+        if self.post_norm is not None:
+            weight, bias = fold_bn(weight, bias, self.post_norm)
         return weight.to(ref.dtype), bias.to(ref.dtype)
 
     def reparameterize(self) -> nn.Conv2d:
@@ -255,3 +377,40 @@ class MultiBranchConv2d(ReparamModule):
             s += f", padding_mode={self.padding_mode!r}"
         return s
 
+
+
+def _momentum_step(norm: _BatchNorm) -> float:
+    """The update factor ``norm.forward`` would use this step; increments ``num_batches_tracked`` as it does."""
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    return factor
+
+
+def _sync_group(norms) -> object:
+    """None (local statistics), a process group (all norms SyncBatchNorm over it, with > 1 rank), or False
+    (a mix the fused op cannot reproduce: the caller falls back to the unfused modules)."""
+    syncs = [isinstance(n, nn.SyncBatchNorm) for n in norms]
+    if not any(syncs):
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None             # what nn.SyncBatchNorm does: local batch statistics
+    groups = set()
+    for n, is_sync in zip(norms, syncs):
+        pg = (n.process_group or dist.group.WORLD) if is_sync else None
+        if is_sync and dist.get_world_size(pg) == 1:
+            pg = None
+        groups.add(pg)
+    if len(groups) != 1:
+        return False
+    return groups.pop()
+
+
+def _autocast_on(input: torch.Tensor) -> bool:
+    try:
+        return torch.is_autocast_enabled(input.device.type)
+    except RuntimeError:        # a device type without autocast (e.g. meta)
+        return False

@@ -14,7 +14,7 @@ import torch.nn as nn
 from ..reparam.fuse import full_rect
 from ..reparam.geometry import Rect, as_rect
 from ..reparam.registry import register_method
-from .multibranch import ConvBranch, MultiBranchConv2d, check_norm
+from .multibranch import ConvBranch, MultiBranchConv2d, check_bn_mode, check_norm
 
 
 def default_branches(kernel_size: int | Sequence[int]) -> list[Rect]:
@@ -64,10 +64,12 @@ class PBConv2d(MultiBranchConv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  branches: Sequence[Sequence[int]] | None = None, norm: str | None = "bn",
-                 sub_kernels_only: bool = False) -> None:
+                 sub_kernels_only: bool = False, bn_mode: str = "exact", fused: bool | str = "auto") -> None:
         op = type(self).__name__
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op=op)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op=op,
+                         fused=fused)
         norm = check_norm(norm, op)
+        bn_mode = check_bn_mode(bn_mode, norm, op)
         if branches is None:
             if self.kernel_size == (1, 1):
                 raise ValueError(f"{op}: a 1x1 kernel has no sub-kernels; pass `branches` explicitly")
@@ -80,6 +82,8 @@ class PBConv2d(MultiBranchConv2d):
         for r in rects:
             self.branches.append(ConvBranch(r, self._conv(r.size, False, device, dtype),
                                             self._norm(norm, out_channels, device, dtype)))
+        if bn_mode == "online":
+            self._make_online(device, dtype)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, bn: nn.Module | None = None, **kwargs) -> PBConv2d:
@@ -89,7 +93,8 @@ class PBConv2d(MultiBranchConv2d):
         return block
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", branches={[tuple(r) for r in self.rects[1:]]}, norm={self.norm_type!r}"
+        return super().extra_repr() + f", branches={[tuple(r) for r in self.rects[1:]]}, norm={self.norm_type!r}" + \
+            (f", bn_mode={self.bn_mode!r}" if self.bn_mode != "exact" else "")
 
 
 def pbconv_supports(conv: nn.Conv2d) -> str | None:
@@ -120,10 +125,12 @@ def resolve_branches(branches, name: str, conv: nn.Conv2d):
 
 
 def build_pbconv(name: str, conv: nn.Conv2d, bn: nn.Module | None = None, *, branches=None, norm="bn",
-                 sub_kernels_only: bool = False, zero_init: bool = False) -> PBConv2d:
+                 sub_kernels_only: bool = False, zero_init: bool = False, bn_mode: str = "exact",
+                 fused: bool | str = "auto") -> PBConv2d:
     """``convert`` builder for ``"pbconv"``; ``zero_init`` starts the extra branches at zero."""
     rects = resolve_branches(branches, name, conv)
-    block = PBConv2d.from_conv(conv, bn, branches=rects, norm=norm, sub_kernels_only=sub_kernels_only)
+    block = PBConv2d.from_conv(conv, bn, branches=rects, norm=norm, sub_kernels_only=sub_kernels_only,
+                               bn_mode=bn_mode, fused=fused)
     return block.zero_init_branches_() if zero_init else block
 
 
@@ -133,4 +140,4 @@ def _takes_bn(options: dict) -> bool:
 
 register_method("pbconv", build_pbconv, supports=pbconv_supports, takes_bn=_takes_bn, overwrite=True,
                 description="Position Boosting Convolution (KxK + small kernels over rectangles); options: "
-                            "branches, norm, sub_kernels_only, zero_init")
+                            "branches, norm, sub_kernels_only, zero_init, bn_mode, fused")

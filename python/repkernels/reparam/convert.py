@@ -234,7 +234,7 @@ def convert(model: nn.Module, method: str | ReparamMethod, *, include=None, excl
         if exc and _matches(exc, name, conv, stem):
             report.skipped.append((name, "matched by `exclude`"))
             continue
-        reason = spec.supports(conv)
+        reason = spec.reason(conv, options)
         if reason:
             report.skipped.append((name, reason))
             continue

@@ -30,6 +30,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .._validation import pair as as_pair
+
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -52,19 +54,6 @@ class Rect(NamedTuple):
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def as_pair(value: int | Sequence[int], name: str, op: str, minimum: int) -> tuple[int, int]:
-    """An int or a pair of ints as a pair, each ``>= minimum``; errors name ``op`` and ``name``."""
-    if _is_int(value):
-        out = (int(value), int(value))
-    elif isinstance(value, (tuple, list, torch.Size)) and len(value) == 2 and all(_is_int(v) for v in value):
-        out = (int(value[0]), int(value[1]))
-    else:
-        raise TypeError(f"{op}: `{name}` must be an int or a pair of ints, got {value!r}")
-    if out[0] < minimum or out[1] < minimum:
-        raise ValueError(f"{op}: `{name}` must be >= {minimum}, got {value!r}")
-    return out
 
 
 def as_rect(value: object, kernel_size: tuple[int, int], name: str, op: str) -> Rect:

@@ -19,7 +19,9 @@ BatchNorm right after it, when there is one) into the method's training-time blo
     model, report = repkernels.reparam.convert(model, "mine", my_option=2)
 
 * ``supports(conv) -> str | None``: why this method cannot convert ``conv`` (None = it can). Such convs
-  are skipped and listed in the report with that reason.
+  are skipped and listed in the report with that reason. ``supports`` may instead take two arguments,
+  ``supports(conv, options)``, to see the options given to ``convert`` (e.g. CoC converts 1x1 convs only
+  when asked with ``c1x1=True``); one-argument callables keep working.
 * ``takes_bn``: whether the block absorbs the BatchNorm after the conv (then that BN is replaced by
   ``nn.Identity``), either a bool or ``takes_bn(options) -> bool`` (e.g. not when ``norm=None``).
 * The block must follow the protocol (``reparameterize() -> nn.Conv2d``) so that
@@ -51,10 +53,16 @@ class ReparamMethod:
 
     name: str
     build: Builder
-    supports: Callable[[nn.Conv2d], str | None] = _supports_any
+    supports: Callable[..., str | None] = _supports_any
     takes_bn: bool | Callable[[dict], bool] = True
     description: str = ""
     option_names: frozenset[str] | None = field(default=None, compare=False)
+
+    def reason(self, conv: nn.Conv2d, options: dict) -> str | None:
+        """Why ``conv`` cannot be converted with ``options`` (None = it can): calls ``supports``."""
+        if _takes_options(self.supports):
+            return self.supports(conv, dict(options))
+        return self.supports(conv)
 
     def absorbs_bn(self, options: dict) -> bool:
         return bool(self.takes_bn(options)) if callable(self.takes_bn) else bool(self.takes_bn)
@@ -71,6 +79,19 @@ class ReparamMethod:
 _METHODS: dict[str, ReparamMethod] = {}
 
 
+def _takes_options(supports: Callable) -> bool:
+    """Whether ``supports`` accepts a second positional argument (the ``convert`` options)."""
+    try:
+        params = list(inspect.signature(supports).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return True
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2
+
+
 def _keyword_options(build: Builder) -> frozenset[str] | None:
     """Names the builder accepts as options (None when it takes ``**kwargs``)."""
     try:
@@ -84,7 +105,7 @@ def _keyword_options(build: Builder) -> frozenset[str] | None:
                      if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
 
 
-def register_method(name: str, build: Builder, *, supports: Callable[[nn.Conv2d], str | None] | None = None,
+def register_method(name: str, build: Builder, *, supports: Callable[..., str | None] | None = None,
                     takes_bn: bool | Callable[[dict], bool] = True, description: str = "",
                     overwrite: bool = False) -> ReparamMethod:
     """Register ``build(name, conv, bn=None, **options) -> block`` under ``name`` (see the module docstring)."""
