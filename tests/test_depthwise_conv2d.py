@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import repkernels
-from helpers import (HAS_GPU, assert_close, requires_c, requires_gpu, requires_triton_cpu,
+from helpers import (HAS_GPU, assert_close, ieee_fp32, requires_c, requires_gpu, requires_triton_cpu,
                      requires_triton_gpu)
 from repkernels.ops import depthwise_conv2d
 
@@ -266,10 +266,8 @@ GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.fixture
 def no_tf32():
     """fp32 tolerances assume IEEE fp32 products (the Triton Toeplitz kernels use TF32 when cuDNN may)."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
+    with ieee_fp32():
+        yield
 
 
 @requires_gpu

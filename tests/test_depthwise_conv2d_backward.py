@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import repkernels
-from helpers import HAS_GPU, assert_close, requires_c, requires_gpu, requires_triton_cpu, requires_triton_gpu
+from helpers import assert_close, ieee_fp32, requires_c, requires_gpu, requires_triton_cpu, requires_triton_gpu
 from repkernels.ops import depthwise_conv2d
 
 dw_ops = importlib.import_module("repkernels.ops.depthwise_conv2d")
@@ -149,7 +149,7 @@ def test_cuda_op_autograd_uses_backward_kernels(case):
 
 @requires_c
 def test_cuda_backward_ops_opcheck():
-    x, w, b, stride, padding, dilation = make_case(CASES[1], torch.float32)
+    x, w, _b, stride, padding, dilation = make_case(CASES[1], torch.float32)
     g = torch.randn(1, 2, 5, 5)
     for name in ("depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight"):
         op = getattr(torch.ops.repkernels, name).default
@@ -187,7 +187,7 @@ def test_cuda_toeplitz_emulation_forward_and_backward(case, monkeypatch):
 
 @requires_c
 def test_cuda_backward_ops_reject_bad_grad():
-    x, w, b, stride, padding, dilation = make_case(CASES[1], torch.float32)
+    x, w, _b, stride, padding, dilation = make_case(CASES[1], torch.float32)
     for name in ("depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight"):
         op = getattr(torch.ops.repkernels, name)
         with pytest.raises(RuntimeError, match=r"`grad` must have the output shape \(1, 2, 5, 5\)"):
@@ -231,7 +231,7 @@ def test_triton_toeplitz_path_matches_reference(case, plane, monkeypatch):
 
     monkeypatch.setattr(toeplitz, "TOEPLITZ_WASTE", 10 ** 6)
     monkeypatch.setattr(toeplitz, "MAX_PLANE_2D", 10 ** 6 if plane == "2d" else 0)
-    n, c, h, w, k, stride, padding, dilation = case
+    _n, c, h, w, k, stride, padding, dilation = case
     assert toeplitz.plan(h, w, *k, _pair(stride), _pair(padding), _pair(dilation)) is not None
     for dtype, channels_last in ((torch.float32, False), (torch.float32, True), (torch.float16, False),
                                  (torch.bfloat16, True)):
@@ -354,10 +354,8 @@ GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.fixture
 def no_tf32():
     """fp32 tolerances assume IEEE fp32 products (the Toeplitz kernels use TF32 when cuDNN may)."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
+    with ieee_fp32():
+        yield
 
 
 @requires_gpu

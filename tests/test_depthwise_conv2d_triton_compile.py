@@ -69,8 +69,8 @@ SCRIPT = textwrap.dedent('''
 @pytest.mark.skipif(not _backend.HAS_TRITON, reason="Triton is not installed")
 def test_triton_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT)], check=False, env=env, capture_output=True,
+                          text=True, timeout=600)
     out = proc.stdout.strip()
     if out.startswith("SKIP"):
         pytest.skip(f"this Triton has no ahead-of-time compile API: {out}")

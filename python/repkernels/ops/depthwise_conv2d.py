@@ -129,9 +129,8 @@ if _backend.HAS_TRITON:
     def _depthwise_conv2d_backward_input_triton(grad: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
                                                 stride: Sequence[int], padding: Sequence[int],
                                                 dilation: Sequence[int]) -> torch.Tensor:
-        from ..triton_kernels.depthwise_conv2d_bwd_input import depthwise_conv2d_bwd_input
-
         from ..triton_kernels import depthwise_conv2d_toeplitz as toeplitz
+        from ..triton_kernels.depthwise_conv2d_bwd_input import depthwise_conv2d_bwd_input
 
         out = _fake_bwd_input(grad, input, weight, stride, padding, dilation)
         plan = _toeplitz_plan(input, weight, stride, padding, dilation)
@@ -143,9 +142,8 @@ if _backend.HAS_TRITON:
     def _depthwise_conv2d_backward_weight_triton(grad: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
                                                  stride: Sequence[int], padding: Sequence[int],
                                                  dilation: Sequence[int]) -> torch.Tensor:
-        from ..triton_kernels.depthwise_conv2d_bwd_weight import depthwise_conv2d_bwd_weight
-
         from ..triton_kernels import depthwise_conv2d_toeplitz as toeplitz
+        from ..triton_kernels.depthwise_conv2d_bwd_weight import depthwise_conv2d_bwd_weight
 
         out = _fake_bwd_weight(grad, input, weight, stride, padding, dilation)
         plan = _toeplitz_plan(input, weight, stride, padding, dilation)
