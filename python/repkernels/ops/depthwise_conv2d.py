@@ -14,7 +14,11 @@ per-channel Toeplitz GEMMs (Triton: tensor cores; CUDA: the tile engine of kw_ge
 kernels directly (dgrad: transposed direct conv; wgrad: per-channel reduction over batch and positions),
 always with fp32 accumulation.
 
-Routing under ``auto`` (documented rule): CPU tensors and float64 go to the reference; on a GPU a
+Routing under ``auto``: CPU tensors and float64 go to the reference. On a GPU, by default, the first call
+of each problem (shapes, dtype, memory format, stride/padding/dilation, and whether gradients are needed)
+times cuDNN and every fast backend that can serve it — forward, or forward+backward when the inputs
+require grad — and keeps the fastest (see :mod:`repkernels._autotune`; ``REPKERNELS_AUTOTUNE=0`` turns
+this off). Under ``torch.compile`` tracing, or with autotuning off, the static rule applies: a
 kernel with both sides <= ``CUDNN_MAX_KERNEL`` (7) goes to cuDNN (``F.conv2d``: small kernels are
 memory bound and cuDNN's depthwise kernels are at the bandwidth limit); kernels large relative to
 the map (the Toeplitz rule of ``triton_kernels/depthwise_conv2d_toeplitz.py``: ParCNetV2's 2H − 1,
@@ -32,7 +36,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import _backend, _extension, _validation
+from .. import _autotune, _backend, _extension, _validation
 from .. import reference as _reference
 
 OP = "depthwise_conv2d"
@@ -245,9 +249,13 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if max(kh, kw) > MAX_KERNEL_SIZE:
         _warn_too_large(kh, kw)
         return _reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
+    tensors = (input, weight) if bias is None else (input, weight, bias)
+    if _backend.get_backend() == "auto" and input.is_cuda and _autotune.enabled():
+        which = _measured_choice(input, weight, bias, stride, padding, dilation, tensors)
+        if which is not None:
+            return _run(which, input, weight, bias, stride, padding, dilation)
     if (_backend.get_backend() == "auto" and input.is_cuda and max(kh, kw) <= CUDNN_MAX_KERNEL):
         return _reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)  # cuDNN
-    tensors = (input, weight) if bias is None else (input, weight, bias)
     # Oversized kernels: Triton's Toeplitz GEMMs run on tensor cores, the CUDA kernels are direct.
     toeplitz = input.is_cuda and _backend.HAS_TRITON and _toeplitz_plan(input, weight, stride, padding,
                                                                        dilation) is not None
@@ -258,11 +266,29 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         on_gpu=input.is_cuda,
         prefer=("triton", "cuda") if toeplitz else ("cuda", "triton"),
     )
+    return _run(which, input, weight, bias, stride, padding, dilation)
+
+
+def _run(which: str, input, weight, bias, stride, padding, dilation) -> torch.Tensor:
     if which == "cuda":
         return torch.ops.repkernels.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
     if which == "triton":
         return torch.ops.repkernels.depthwise_conv2d_triton(input, weight, bias, stride, padding, dilation)
-    return _reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
+    return _reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)  # cuDNN on a GPU
+
+
+def _measured_choice(input, weight, bias, stride, padding, dilation, tensors) -> str | None:
+    """The fastest of cuDNN and the fast backends that can serve this call, timed once per problem (shape,
+    dtype, memory format, geometry, and whether gradients will be needed: forward+backward is timed then)."""
+    candidates = ["reference"]
+    if _backend.cuda_unavailable_reason(*tensors) is None:
+        candidates.append("cuda")
+    if _backend.triton_unavailable_reason(*tensors) is None:
+        candidates.append("triton")
+    if len(candidates) == 1:
+        return None
+    return _autotune.choose(OP, input, weight, bias, (stride, padding, dilation), candidates,
+                            lambda which, x, w, b: _run(which, x, w, b, stride, padding, dilation))
 
 
 def _warn_too_large(kh: int, kw: int) -> None:
