@@ -475,3 +475,24 @@ def test_merged_conv2d_gradcheck():
                              padding=(1, 0, 2, 1), groups=2)
 
     assert torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-6)
+
+
+def test_fused_block_under_torch_compile():
+    """torch.compile (aot_eager: traces forward and backward) of a fused block: same outputs, grads, stats."""
+    block = _randomize(PBConv2d(4, 6, 3, padding=1, branches=[(0, 0, 2, 2), (1, 1, 2, 2)], dtype=torch.float64),
+                       random.Random(5))
+    fused, plain = _pair(block)
+    compiled = torch.compile(fused, backend="aot_eager")
+    for step in range(2):
+        x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        oa, ob = compiled(xa), plain(xb)
+        g = torch.randn_like(ob)
+        oa.backward(g), ob.backward(g)
+        _close(oa, ob, torch.float64, f"compiled output {step}")
+        _close(xa.grad, xb.grad, torch.float64, f"compiled grad input {step}")
+        for (n, pa), (_, pb) in zip(fused.named_parameters(), plain.named_parameters()):
+            _close(pa.grad, pb.grad, torch.float64, f"compiled grad {n}", 1.0 if n.endswith("conv.bias") else 0.0)
+        for (n, ba), (_, bb) in zip(fused.named_buffers(), plain.named_buffers()):
+            assert torch.allclose(ba.double(), bb.double(), rtol=1e-10, atol=1e-12), f"compiled buffer {n}"
+        fused.zero_grad(), plain.zero_grad()
