@@ -376,6 +376,19 @@ def _sync_worker(rank: int, world: int, init_file: str, queue) -> None:
             for (n, a), (_, b) in zip(sync.named_buffers(), ref.named_buffers()):
                 errs[f"{n}{step}"] = (a.double() - b.double()).abs().max().item()
             sync.zero_grad(), ref.zero_grad()
+        # a mix of synced and local norms, or two different groups: the fused op cannot reproduce it -> unfused
+        other = dist.new_group([0, 1])
+        errs["mixed_is_fallback"] = float(_sync_group([nn.SyncBatchNorm(4), nn.BatchNorm2d(4)]) is not False)
+        errs["two_groups_is_fallback"] = float(_sync_group([nn.SyncBatchNorm(4),
+                                                            nn.SyncBatchNorm(4, process_group=other)]) is not False)
+        errs["synced_group"] = float(_sync_group([nn.SyncBatchNorm(4), nn.SyncBatchNorm(4)]) is not dist.group.WORLD)
+        mixed = copy.deepcopy(sync)
+        mixed.branches[1].norm = nn.BatchNorm2d(4, dtype=torch.float64)
+        try:       # falls back to the unfused modules, where PyTorch's SyncBatchNorm refuses CPU training
+            mixed.train()(x[sl])
+            errs["mixed_did_not_fall_back"] = 1.0
+        except ValueError:
+            pass
         queue.put((rank, errs))
     except Exception as exc:  # report to the parent instead of hanging it
         queue.put((rank, repr(exc)))
@@ -496,3 +509,24 @@ def test_fused_block_under_torch_compile():
         for (n, ba), (_, bb) in zip(fused.named_buffers(), plain.named_buffers()):
             assert torch.allclose(ba.double(), bb.double(), rtol=1e-10, atol=1e-12), f"compiled buffer {n}"
         fused.zero_grad(), plain.zero_grad()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_on_gpu_matches_float64_reference(dtype):
+    """On CUDA, fused='auto' takes the fused path; compare with the unfused block in float64."""
+    block = _randomize(PBConv2d(16, 32, 3, padding=1, branches=[(0, 0, 2, 2), (1, 1, 2, 2), (1, 0, 1, 3)]),
+                       random.Random(2)).cuda()
+    assert block.fused == "auto" and block._fused_on(torch.empty(1, device="cuda"))
+    x = torch.randn(8, 16, 12, 12, device="cuda")
+    if dtype == torch.float32:
+        compare_training(block, x, steps=2, what="cuda fp32")
+    else:
+        fused, ref = _pair(block)
+        fused.to(dtype).train(), ref.double().train()
+        xf, xr = x.to(dtype).requires_grad_(True), x.double().requires_grad_(True)
+        of, orf = fused(xf), ref(xr)
+        g = torch.randn_like(orf)
+        of.backward(g.to(dtype)), orf.backward(g)
+        _close(of, orf, dtype, "cuda bf16 output", 1.0)
+        _close(xf.grad, xr.grad, dtype, "cuda bf16 grad input", 1.0)

@@ -186,8 +186,8 @@ class _MultiBranchConvBN(torch.autograd.Function):
         g_iter = iter(saved[1 + L:])
         gammas = [next(g_iter) if h else None for h in has_g]
         need_x = ctx.needs_input_grad[1]
-        g32 = grad_out.to(_acc(grad_out.dtype))
-        sum_g_local = g32.sum(dim=(0, 2, 3))
+        acc = _acc(grad_out.dtype)
+        sum_g_local = grad_out.sum(dim=(0, 2, 3), dtype=acc)
         sum_g = sum_g_local
         if process_group is not None:
             import torch.distributed as dist
@@ -210,8 +210,9 @@ class _MultiBranchConvBN(torch.autograd.Function):
                     grad_cb[l] = sum_g_local.to(grad_out.dtype)
             else:
                 mean, inv, a = mean_list[l], inv_list[l], a_list[l]
-                xhat = (y.detach().to(g32.dtype) - mean.view(1, -1, 1, 1)) * inv.view(1, -1, 1, 1)
-                sum_gx_local = (g32 * xhat).sum(dim=(0, 2, 3))
+                # One branch-sized float temporary (t), turned in place from xhat into dy:
+                t = (y.detach().to(acc) - mean.view(1, -1, 1, 1)).mul_(inv.view(1, -1, 1, 1))
+                sum_gx_local = (grad_out.to(acc) * t).sum(dim=(0, 2, 3))
                 sum_gx = sum_gx_local
                 total = count_local
                 if process_group is not None:
@@ -219,10 +220,10 @@ class _MultiBranchConvBN(torch.autograd.Function):
                     buf = torch.cat([sum_gx_local, sum_gx_local.new_full((1,), float(count_local))])
                     dist.all_reduce(buf, group=process_group)
                     sum_gx, total = buf[:-1], int(round(buf[-1].item()))
-                dy32 = g32 - (sum_g / total).view(1, -1, 1, 1) - xhat * (sum_gx / total).view(1, -1, 1, 1)
-                del xhat
-                dy = (dy32 * a.view(1, -1, 1, 1)).to(grad_out.dtype)
-                del dy32
+                # dy = a * (g - mean(g) - xhat * mean(g * xhat))
+                t.mul_(-(sum_gx / total).view(1, -1, 1, 1)).add_(grad_out).sub_((sum_g / total).view(1, -1, 1, 1))
+                dy = t.mul_(a.view(1, -1, 1, 1)).to(grad_out.dtype)
+                del t
                 if has_g[l] and ctx.needs_input_grad[2 + 2 * L + l]:
                     grad_gamma[l] = sum_gx_local.to(gammas[l].dtype)
                 if has_b[l] and ctx.needs_input_grad[2 + 3 * L + l]:
