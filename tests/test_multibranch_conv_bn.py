@@ -289,6 +289,10 @@ def test_op_argument_errors():
         multibranch_conv_bn(x, ws, rects, bns, backend="cuda", **kw)
     with pytest.raises(ValueError, match="more than 1 value"):
         multibranch_conv_bn(x[:1, :, :3, :3], ws, rects, bns, kernel_size=3, padding=0)
+    with pytest.raises(ValueError, match="running_mean and running_var"):
+        multibranch_conv_bn(x, ws, rects, [BranchBN(None, None, torch.zeros(3), None, 0.1, 1e-5)] * 3, **kw)
+    with pytest.raises(ValueError, match="momentum"):
+        multibranch_conv_bn(x, ws, rects, [BranchBN(None, None, None, None, 1.5, 1e-5)] * 3, **kw)
     with pytest.raises(ValueError, match="`fused`"):
         PBConv2d(3, 3, 3, fused="yes")
     with pytest.raises(ValueError, match="`bn_mode`"):
@@ -530,3 +534,16 @@ def test_fused_on_gpu_matches_float64_reference(dtype):
         of.backward(g.to(dtype)), orf.backward(g)
         _close(of, orf, dtype, "cuda bf16 output", 1.0)
         _close(xf.grad, xr.grad, dtype, "cuda bf16 grad input", 1.0)
+
+
+def test_fused_path_selection():
+    """'auto': fused for CUDA inputs only; exact mode fuses in training only; online merges in eval too."""
+    cpu = torch.empty(1)
+    exact = PBConv2d(3, 4, 3, branches=[(0, 0, 2, 2)])
+    assert exact.fused == "auto" and not exact.train()._fused_on(cpu)
+    exact.fused = True
+    assert exact.train()._fused_on(cpu) and not exact.eval()._fused_on(cpu)
+    online = ACBConv2d(3, 4, 3, bn_mode="online", fused=True)
+    assert online.eval()._fused_on(cpu) and online.train()._fused_on(cpu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not exact.train()._fused_on(cpu)

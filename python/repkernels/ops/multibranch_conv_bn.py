@@ -324,6 +324,10 @@ def multibranch_conv_bn(input: torch.Tensor, weights: Sequence[torch.Tensor], br
     for i, bn in enumerate(bn_params):
         if bn is not None and not isinstance(bn, BranchBN):
             raise TypeError(f"{op}: `bn_params[{i}]` must be a BranchBN or None, got {type(bn).__name__}")
+        if bn is not None and (bn.running_mean is None) != (bn.running_var is None):
+            raise ValueError(f"{op}: `bn_params[{i}]` must give both running_mean and running_var, or neither")
+        if bn is not None and not 0.0 <= float(bn.momentum) <= 1.0:
+            raise ValueError(f"{op}: `bn_params[{i}].momentum` must be in [0, 1], got {bn.momentum!r}")
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"{op}: `backend` must be 'auto', 'triton' or 'reference', got {backend!r}")
     stats_fn = _select_stats(input, backend)
