@@ -547,3 +547,33 @@ def test_fused_path_selection():
     assert online.eval()._fused_on(cpu) and online.train()._fused_on(cpu)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not exact.train()._fused_on(cpu)
+
+
+def test_cuda_bn_backward_wiring_with_emulated_kernels(monkeypatch):
+    """The CUDA backward path (torch.batch_norm_backward_reduce / _elemt, CUDA-only) with CPU emulations of
+    those two kernels (their documented formulas): checks our use of them against the generic path."""
+    import sys
+
+    mod = sys.modules["repkernels.ops.multibranch_conv_bn"]      # (the package attribute is the function)
+
+    def reduce(g, x, mean, invstd, weight, input_g, weight_g, bias_g):
+        xmu = x.to(mean.dtype) - mean.view(1, -1, 1, 1)
+        sum_dy = g.to(mean.dtype).sum((0, 2, 3))
+        sum_dy_xmu = (g.to(mean.dtype) * xmu).sum((0, 2, 3))
+        return sum_dy, sum_dy_xmu, sum_dy_xmu * invstd if weight_g else None, sum_dy if bias_g else None
+
+    def elemt(g, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+        n = count.sum().item()
+        scale = invstd if weight is None else invstd * weight
+        xmu = x.to(mean.dtype) - mean.view(1, -1, 1, 1)
+        dx = (g.to(mean.dtype) - (sum_dy / n).view(1, -1, 1, 1)
+              - xmu * (sum_dy_xmu / n * invstd ** 2).view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
+        return dx.to(x.dtype)
+
+    block = _randomize(PBConv2d(4, 6, 3, padding=1, stride=2, branches=[(0, 0, 2, 2), (1, 0, 2, 3)],
+                                dtype=torch.float64), random.Random(9))
+    block.branches[2].norm = nn.BatchNorm2d(6, affine=False, dtype=torch.float64)
+    monkeypatch.setattr(mod, "_use_cuda_bn_backward", lambda y: True)
+    monkeypatch.setattr(torch, "batch_norm_backward_reduce", reduce)
+    monkeypatch.setattr(torch, "batch_norm_backward_elemt", elemt)
+    compare_training(block, torch.randn(3, 4, 7, 8, dtype=torch.float64), steps=2, what="emulated CUDA BN backward")

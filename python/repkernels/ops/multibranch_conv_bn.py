@@ -208,6 +208,15 @@ class _MultiBranchConvBN(torch.autograd.Function):
                 dy = grad_out
                 if has_cb[l]:
                     grad_cb[l] = sum_g_local.to(grad_out.dtype)
+            elif _use_cuda_bn_backward(y):
+                dy, sum_gx_local = _bn_backward_cuda(grad_out, y.detach(), mean_list[l], inv_list[l], gammas[l],
+                                                     sum_g_local, count_local, process_group)
+                if has_g[l] and ctx.needs_input_grad[2 + 2 * L + l]:
+                    grad_gamma[l] = sum_gx_local.to(gammas[l].dtype)
+                if has_b[l] and ctx.needs_input_grad[2 + 3 * L + l]:
+                    grad_beta[l] = sum_g_local.to(ctx.beta_dtypes[l])
+                if has_cb[l]:
+                    grad_cb[l] = torch.zeros_like(sum_g_local, dtype=grad_out.dtype)
             else:
                 mean, inv, a = mean_list[l], inv_list[l], a_list[l]
                 # One branch-sized float temporary (t), turned in place from xhat into dy:
@@ -242,6 +251,37 @@ class _MultiBranchConvBN(torch.autograd.Function):
                     grad_w[l] = next(gi)
             del y, dy
         return (None, grad_x, *grad_w, *grad_cb, *grad_gamma, *grad_beta)
+
+
+def _use_cuda_bn_backward(y: torch.Tensor) -> bool:
+    """PyTorch's fused BatchNorm-backward CUDA kernels (no fake impls: not while torch.compile traces)."""
+    return y.is_cuda and not torch.compiler.is_compiling()
+
+
+def _bn_backward_cuda(grad_out, y, mean, inv, gamma, sum_g_local, count_local, process_group):
+    """BatchNorm backward of one branch with PyTorch's fused CUDA kernels (those of ``nn.SyncBatchNorm``): one
+    reduction pass (``sum g``, ``sum g * (y - mean)``) and one elementwise pass, in ``y``'s dtype.
+
+    Returns ``(dy, sum(g * xhat) local)``.
+    """
+    fmt = torch.channels_last if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous() \
+        else torch.contiguous_format
+    g = grad_out.contiguous(memory_format=fmt)
+    y = y.contiguous(memory_format=fmt)
+    sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(g, y, mean, inv, None, True, False, False)
+    sum_gx_local = sum_dy_xmu * inv
+    total = count_local
+    if process_group is not None:
+        import torch.distributed as dist
+
+        buf = torch.cat([sum_dy, sum_dy_xmu, sum_dy.new_full((1,), float(count_local))])
+        dist.all_reduce(buf, group=process_group)
+        c = sum_dy.shape[0]
+        sum_dy, sum_dy_xmu, total = buf[:c], buf[c:2 * c], int(round(buf[-1].item()))
+    weight = None if gamma is None else gamma.to(mean.dtype)
+    count = torch.tensor([total], dtype=torch.int32, device=y.device)
+    dy = torch.batch_norm_backward_elemt(g, y, mean, inv, weight, sum_dy, sum_dy_xmu, count)
+    return dy, sum_gx_local
 
 
 def _select_stats(input: torch.Tensor, backend: str):
