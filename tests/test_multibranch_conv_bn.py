@@ -577,3 +577,16 @@ def test_cuda_bn_backward_wiring_with_emulated_kernels(monkeypatch):
     monkeypatch.setattr(torch, "batch_norm_backward_reduce", reduce)
     monkeypatch.setattr(torch, "batch_norm_backward_elemt", elemt)
     compare_training(block, torch.randn(3, 4, 7, 8, dtype=torch.float64), steps=2, what="emulated CUDA BN backward")
+
+
+def test_conv_no_copy_matches_conv2d_sides():
+    from repkernels.ops.multibranch_conv_bn import _conv_no_copy
+    from repkernels.reparam.geometry import conv2d_sides
+
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    w = torch.randn(6, 2, 2, 3, dtype=torch.float64)
+    for sides, stride, dil in itertools.product([(1, 0, 1, 0), (0, 2, 1, 1), (-1, 1, 2, -1), (2, 2, 0, 0)],
+                                               [(1, 1), (2, 1), (2, 2)], [(1, 1), (2, 1)]):
+        ref = conv2d_sides(x, w, None, stride, sides, dil, 2)
+        out = _conv_no_copy(x, w, stride, sides, dil, 2)
+        assert out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-12, atol=1e-12), (sides, stride, dil)

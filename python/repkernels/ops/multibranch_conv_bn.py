@@ -83,6 +83,24 @@ def _as_sides(padding, op: str) -> tuple[int, int, int, int]:
     return (ph, ph, pw, pw)
 
 
+def _conv_no_copy(input, weight, stride, sides, dilation, groups) -> torch.Tensor:
+    """``conv2d_sides`` (no autograd) without padding/cropping a copy of ``input`` when the sides are uneven:
+    a conv with symmetric padding ``max(sides)`` per axis, then a view of the rows/columns the uneven padding
+    produces (exact when the stride divides the offset; otherwise ``conv2d_sides``)."""
+    pt, pb, pl, pr = sides
+    if pt == pb and pl == pr and pt >= 0 and pl >= 0:
+        return F.conv2d(input, weight, None, stride, (pt, pl), dilation, groups)
+    ph, pw = max(pt, pb, 0), max(pl, pr, 0)
+    oy, ox = ph - pt, pw - pl
+    if oy % stride[0] or ox % stride[1]:
+        return conv2d_sides(input, weight, None, stride, sides, dilation, groups)
+    kh, kw = weight.shape[2:]
+    oh = (input.shape[2] + pt + pb - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (input.shape[3] + pl + pr - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    y = F.conv2d(input, weight, None, stride, (ph, pw), dilation, groups)
+    return y[:, :, oy // stride[0]:oy // stride[0] + oh, ox // stride[1]:ox // stride[1] + ow]
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -143,7 +161,7 @@ class _MultiBranchConvBN(torch.autograd.Function):
                     mean, var, count = stats_fn(input, w, stride, bsides, dilation, groups, process_group)
                 else:
                     with torch.no_grad():
-                        y = conv2d_sides(input, w, None, stride, bsides, dilation, groups)
+                        y = _conv_no_copy(input, w, stride, bsides, dilation, groups)
                         mean, var, count = _channel_stats(y, process_group)
                         del y
                 if count <= 1:
