@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from helpers import TOLERANCES
 from repkernels.nn import ACBConv2d, DBBConv2d, PBConv2d
@@ -427,7 +426,7 @@ def test_sync_batchnorm_fused_uses_global_statistics(tmp_path):
 
 # --- Triton statistics kernel (interpreter on CPU) ----------------------------------------------------
 
-from helpers import requires_triton_cpu  # noqa: E402
+from helpers import requires_triton_cpu
 
 
 @requires_triton_cpu

@@ -195,7 +195,7 @@ class _MultiBranchConvBN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        (rects, bns, kernel_size, stride, sides, dilation, groups, process_group, stats_fn) = ctx.meta
+        (rects, bns, kernel_size, stride, sides, dilation, groups, process_group, _) = ctx.meta
         a_list, mean_list, inv_list = ctx.stats
         has_cb, has_g, has_b = ctx.has
         saved = ctx.saved_tensors
