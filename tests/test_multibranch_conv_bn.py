@@ -379,6 +379,18 @@ def _sync_worker(rank: int, world: int, init_file: str, queue) -> None:
             for (n, a), (_, b) in zip(sync.named_buffers(), ref.named_buffers()):
                 errs[f"{n}{step}"] = (a.double() - b.double()).abs().max().item()
             sync.zero_grad(), ref.zero_grad()
+        # DistributedDataParallel over fused blocks (local BatchNorm): same averaged gradients as over unfused ones
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp_f, ddp_u = DDP(copy.deepcopy(block).train()), DDP(copy.deepcopy(ref).train())
+        for step in range(2):
+            outs = [m(x[sl].clone()) for m in (ddp_f, ddp_u)]
+            for o in outs:
+                o.backward(g[sl])
+            errs[f"ddp out{step}"] = (outs[0] - outs[1]).abs().max().item()
+            for (n, p), (_, q) in zip(ddp_f.named_parameters(), ddp_u.named_parameters()):
+                errs[f"ddp {n}{step}"] = (p.grad - q.grad).abs().max().item() / max(q.grad.abs().max().item(), 1.0)
+            ddp_f.zero_grad(), ddp_u.zero_grad()
         # a mix of synced and local norms, or two different groups: the fused op cannot reproduce it -> unfused
         other = dist.new_group([0, 1])
         errs["mixed_is_fallback"] = float(_sync_group([nn.SyncBatchNorm(4), nn.BatchNorm2d(4)]) is not False)
@@ -589,3 +601,10 @@ def test_conv_no_copy_matches_conv2d_sides():
         ref = conv2d_sides(x, w, None, stride, sides, dil, 2)
         out = _conv_no_copy(x, w, stride, sides, dil, 2)
         assert out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-12, atol=1e-12), (sides, stride, dil)
+
+
+def test_fused_channels_last_input():
+    block = _randomize(ACBConv2d(4, 6, 3, padding=1, stride=2, dtype=torch.float64), random.Random(4))
+    block = block.to(memory_format=torch.channels_last)
+    x = torch.randn(3, 4, 9, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    compare_training(block, x, steps=2, what="channels_last")
