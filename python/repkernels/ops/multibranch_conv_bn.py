@@ -183,8 +183,7 @@ class _MultiBranchConvBN(torch.autograd.Function):
             a_list.append(a)
             mean_list.append(mean)
             inv_list.append(inv)
-        out = conv2d_sides(input, merged.to(input.dtype), None, stride, sides, dilation, groups)
-        out = out + shift.to(out.dtype).view(1, -1, 1, 1)
+        out = conv2d_sides(input, merged.to(input.dtype), shift.to(input.dtype), stride, sides, dilation, groups)
         ctx.meta = meta
         ctx.stats = (a_list, mean_list, inv_list)
         ctx.has = ([b is not None for b in conv_biases], [g is not None for g in gammas],
