@@ -288,6 +288,10 @@ def test_op_argument_errors():
         multibranch_conv_bn(x, ws, rects, bns, backend="cuda", **kw)
     with pytest.raises(ValueError, match="more than 1 value"):
         multibranch_conv_bn(x[:1, :, :3, :3], ws, rects, bns, kernel_size=3, padding=0)
+    with pytest.raises(ValueError, match="running_mean and running_var"):
+        multibranch_conv_bn(x, ws, rects, [BranchBN(None, None, torch.zeros(3), None, 0.1, 1e-5)] * 3, **kw)
+    with pytest.raises(ValueError, match="momentum"):
+        multibranch_conv_bn(x, ws, rects, [BranchBN(None, None, None, None, 1.5, 1e-5)] * 3, **kw)
     with pytest.raises(ValueError, match="`fused`"):
         PBConv2d(3, 3, 3, fused="yes")
     with pytest.raises(ValueError, match="`bn_mode`"):
@@ -375,6 +379,31 @@ def _sync_worker(rank: int, world: int, init_file: str, queue) -> None:
             for (n, a), (_, b) in zip(sync.named_buffers(), ref.named_buffers()):
                 errs[f"{n}{step}"] = (a.double() - b.double()).abs().max().item()
             sync.zero_grad(), ref.zero_grad()
+        # DistributedDataParallel over fused blocks (local BatchNorm): same averaged gradients as over unfused ones
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp_f, ddp_u = DDP(copy.deepcopy(block).train()), DDP(copy.deepcopy(ref).train())
+        for step in range(2):
+            outs = [m(x[sl].clone()) for m in (ddp_f, ddp_u)]
+            for o in outs:
+                o.backward(g[sl])
+            errs[f"ddp out{step}"] = (outs[0] - outs[1]).abs().max().item()
+            for (n, p), (_, q) in zip(ddp_f.named_parameters(), ddp_u.named_parameters()):
+                errs[f"ddp {n}{step}"] = (p.grad - q.grad).abs().max().item() / max(q.grad.abs().max().item(), 1.0)
+            ddp_f.zero_grad(), ddp_u.zero_grad()
+        # a mix of synced and local norms, or two different groups: the fused op cannot reproduce it -> unfused
+        other = dist.new_group([0, 1])
+        errs["mixed_is_fallback"] = float(_sync_group([nn.SyncBatchNorm(4), nn.BatchNorm2d(4)]) is not False)
+        errs["two_groups_is_fallback"] = float(_sync_group([nn.SyncBatchNorm(4),
+                                                            nn.SyncBatchNorm(4, process_group=other)]) is not False)
+        errs["synced_group"] = float(_sync_group([nn.SyncBatchNorm(4), nn.SyncBatchNorm(4)]) is not dist.group.WORLD)
+        mixed = copy.deepcopy(sync)
+        mixed.branches[1].norm = nn.BatchNorm2d(4, dtype=torch.float64)
+        try:       # falls back to the unfused modules, where PyTorch's SyncBatchNorm refuses CPU training
+            mixed.train()(x[sl])
+            errs["mixed_did_not_fall_back"] = 1.0
+        except ValueError:
+            pass
         queue.put((rank, errs))
     except Exception as exc:  # report to the parent instead of hanging it
         queue.put((rank, repr(exc)))
@@ -409,7 +438,7 @@ def test_sync_batchnorm_fused_uses_global_statistics(tmp_path):
 
 # --- Triton statistics kernel (interpreter on CPU) ----------------------------------------------------
 
-from helpers import requires_triton_cpu  # noqa: E402
+from helpers import requires_triton_cpu
 
 
 @requires_triton_cpu
@@ -474,3 +503,108 @@ def test_merged_conv2d_gradcheck():
                              padding=(1, 0, 2, 1), groups=2)
 
     assert torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-6)
+
+
+def test_fused_block_under_torch_compile():
+    """torch.compile (aot_eager: traces forward and backward) of a fused block: same outputs, grads, stats."""
+    block = _randomize(PBConv2d(4, 6, 3, padding=1, branches=[(0, 0, 2, 2), (1, 1, 2, 2)], dtype=torch.float64),
+                       random.Random(5))
+    fused, plain = _pair(block)
+    compiled = torch.compile(fused, backend="aot_eager")
+    for step in range(2):
+        x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        oa, ob = compiled(xa), plain(xb)
+        g = torch.randn_like(ob)
+        oa.backward(g), ob.backward(g)
+        _close(oa, ob, torch.float64, f"compiled output {step}")
+        _close(xa.grad, xb.grad, torch.float64, f"compiled grad input {step}")
+        for (n, pa), (_, pb) in zip(fused.named_parameters(), plain.named_parameters()):
+            _close(pa.grad, pb.grad, torch.float64, f"compiled grad {n}", 1.0 if n.endswith("conv.bias") else 0.0)
+        for (n, ba), (_, bb) in zip(fused.named_buffers(), plain.named_buffers()):
+            assert torch.allclose(ba.double(), bb.double(), rtol=1e-10, atol=1e-12), f"compiled buffer {n}"
+        fused.zero_grad(), plain.zero_grad()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_on_gpu_matches_float64_reference(dtype):
+    """On CUDA, fused='auto' takes the fused path; compare with the unfused block in float64."""
+    block = _randomize(PBConv2d(16, 32, 3, padding=1, branches=[(0, 0, 2, 2), (1, 1, 2, 2), (1, 0, 1, 3)]),
+                       random.Random(2)).cuda()
+    assert block.fused == "auto" and block._fused_on(torch.empty(1, device="cuda"))
+    x = torch.randn(8, 16, 12, 12, device="cuda")
+    if dtype == torch.float32:
+        compare_training(block, x, steps=2, what="cuda fp32")
+    else:
+        fused, ref = _pair(block)
+        fused.to(dtype).train(), ref.double().train()
+        xf, xr = x.to(dtype).requires_grad_(True), x.double().requires_grad_(True)
+        of, orf = fused(xf), ref(xr)
+        g = torch.randn_like(orf)
+        of.backward(g.to(dtype)), orf.backward(g)
+        _close(of, orf, dtype, "cuda bf16 output", 1.0)
+        _close(xf.grad, xr.grad, dtype, "cuda bf16 grad input", 1.0)
+
+
+def test_fused_path_selection():
+    """'auto': fused for CUDA inputs only; exact mode fuses in training only; online merges in eval too."""
+    cpu = torch.empty(1)
+    exact = PBConv2d(3, 4, 3, branches=[(0, 0, 2, 2)])
+    assert exact.fused == "auto" and not exact.train()._fused_on(cpu)
+    exact.fused = True
+    assert exact.train()._fused_on(cpu) and not exact.eval()._fused_on(cpu)
+    online = ACBConv2d(3, 4, 3, bn_mode="online", fused=True)
+    assert online.eval()._fused_on(cpu) and online.train()._fused_on(cpu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not exact.train()._fused_on(cpu)
+
+
+def test_cuda_bn_backward_wiring_with_emulated_kernels(monkeypatch):
+    """The CUDA backward path (torch.batch_norm_backward_reduce / _elemt, CUDA-only) with CPU emulations of
+    those two kernels (their documented formulas): checks our use of them against the generic path."""
+    import sys
+
+    mod = sys.modules["repkernels.ops.multibranch_conv_bn"]      # (the package attribute is the function)
+
+    def reduce(g, x, mean, invstd, weight, input_g, weight_g, bias_g):
+        xmu = x.to(mean.dtype) - mean.view(1, -1, 1, 1)
+        sum_dy = g.to(mean.dtype).sum((0, 2, 3))
+        sum_dy_xmu = (g.to(mean.dtype) * xmu).sum((0, 2, 3))
+        return sum_dy, sum_dy_xmu, sum_dy_xmu * invstd if weight_g else None, sum_dy if bias_g else None
+
+    def elemt(g, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+        n = count.sum().item()
+        scale = invstd if weight is None else invstd * weight
+        xmu = x.to(mean.dtype) - mean.view(1, -1, 1, 1)
+        dx = (g.to(mean.dtype) - (sum_dy / n).view(1, -1, 1, 1)
+              - xmu * (sum_dy_xmu / n * invstd ** 2).view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
+        return dx.to(x.dtype)
+
+    block = _randomize(PBConv2d(4, 6, 3, padding=1, stride=2, branches=[(0, 0, 2, 2), (1, 0, 2, 3)],
+                                dtype=torch.float64), random.Random(9))
+    block.branches[2].norm = nn.BatchNorm2d(6, affine=False, dtype=torch.float64)
+    monkeypatch.setattr(mod, "_use_cuda_bn_backward", lambda y: True)
+    monkeypatch.setattr(torch, "batch_norm_backward_reduce", reduce)
+    monkeypatch.setattr(torch, "batch_norm_backward_elemt", elemt)
+    compare_training(block, torch.randn(3, 4, 7, 8, dtype=torch.float64), steps=2, what="emulated CUDA BN backward")
+
+
+def test_conv_no_copy_matches_conv2d_sides():
+    from repkernels.ops.multibranch_conv_bn import _conv_no_copy
+    from repkernels.reparam.geometry import conv2d_sides
+
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    w = torch.randn(6, 2, 2, 3, dtype=torch.float64)
+    for sides, stride, dil in itertools.product([(1, 0, 1, 0), (0, 2, 1, 1), (-1, 1, 2, -1), (2, 2, 0, 0)],
+                                               [(1, 1), (2, 1), (2, 2)], [(1, 1), (2, 1)]):
+        ref = conv2d_sides(x, w, None, stride, sides, dil, 2)
+        out = _conv_no_copy(x, w, stride, sides, dil, 2)
+        assert out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-12, atol=1e-12), (sides, stride, dil)
+
+
+def test_fused_channels_last_input():
+    block = _randomize(ACBConv2d(4, 6, 3, padding=1, stride=2, dtype=torch.float64), random.Random(4))
+    block = block.to(memory_format=torch.channels_last)
+    x = torch.randn(3, 4, 9, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    compare_training(block, x, steps=2, what="channels_last")

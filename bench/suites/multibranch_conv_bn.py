@@ -217,7 +217,7 @@ def report(batch: int = 64, dtype: torch.dtype = torch.bfloat16, device: str | N
                 g = torch.randn_like(x)
                 t, peak = {}, {}
                 for k, m in mods.items():
-                    def run(m=m):
+                    def run(m=m, x=x, g=g):
                         xi = x.detach().requires_grad_()
                         m(xi).backward(g)
                     t[k] = time_ms(run, False)

@@ -82,6 +82,24 @@ def _as_sides(padding, op: str) -> tuple[int, int, int, int]:
     return (ph, ph, pw, pw)
 
 
+def _conv_no_copy(input, weight, stride, sides, dilation, groups) -> torch.Tensor:
+    """``conv2d_sides`` (no autograd) without padding/cropping a copy of ``input`` when the sides are uneven:
+    a conv with symmetric padding ``max(sides)`` per axis, then a view of the rows/columns the uneven padding
+    produces (exact when the stride divides the offset; otherwise ``conv2d_sides``)."""
+    pt, pb, pl, pr = sides
+    if pt == pb and pl == pr and pt >= 0 and pl >= 0:
+        return F.conv2d(input, weight, None, stride, (pt, pl), dilation, groups)
+    ph, pw = max(pt, pb, 0), max(pl, pr, 0)
+    oy, ox = ph - pt, pw - pl
+    if oy % stride[0] or ox % stride[1]:
+        return conv2d_sides(input, weight, None, stride, sides, dilation, groups)
+    kh, kw = weight.shape[2:]
+    oh = (input.shape[2] + pt + pb - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (input.shape[3] + pl + pr - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    y = F.conv2d(input, weight, None, stride, (ph, pw), dilation, groups)
+    return y[:, :, oy // stride[0]:oy // stride[0] + oh, ox // stride[1]:ox // stride[1] + ow]
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -142,7 +160,7 @@ class _MultiBranchConvBN(torch.autograd.Function):
                     mean, var, count = stats_fn(input, w, stride, bsides, dilation, groups, process_group)
                 else:
                     with torch.no_grad():
-                        y = conv2d_sides(input, w, None, stride, bsides, dilation, groups)
+                        y = _conv_no_copy(input, w, stride, bsides, dilation, groups)
                         mean, var, count = _channel_stats(y, process_group)
                         del y
                 if count <= 1:
@@ -164,8 +182,7 @@ class _MultiBranchConvBN(torch.autograd.Function):
             a_list.append(a)
             mean_list.append(mean)
             inv_list.append(inv)
-        out = conv2d_sides(input, merged.to(input.dtype), None, stride, sides, dilation, groups)
-        out = out + shift.to(out.dtype).view(1, -1, 1, 1)
+        out = conv2d_sides(input, merged.to(input.dtype), shift.to(input.dtype), stride, sides, dilation, groups)
         ctx.meta = meta
         ctx.stats = (a_list, mean_list, inv_list)
         ctx.has = ([b is not None for b in conv_biases], [g is not None for g in gammas],
@@ -176,7 +193,7 @@ class _MultiBranchConvBN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        (rects, bns, kernel_size, stride, sides, dilation, groups, process_group, stats_fn) = ctx.meta
+        (rects, bns, kernel_size, stride, sides, dilation, groups, process_group, _) = ctx.meta
         a_list, mean_list, inv_list = ctx.stats
         has_cb, has_g, has_b = ctx.has
         saved = ctx.saved_tensors
@@ -185,8 +202,8 @@ class _MultiBranchConvBN(torch.autograd.Function):
         g_iter = iter(saved[1 + L:])
         gammas = [next(g_iter) if h else None for h in has_g]
         need_x = ctx.needs_input_grad[1]
-        g32 = grad_out.to(_acc(grad_out.dtype))
-        sum_g_local = g32.sum(dim=(0, 2, 3))
+        acc = _acc(grad_out.dtype)
+        sum_g_local = grad_out.sum(dim=(0, 2, 3), dtype=acc)
         sum_g = sum_g_local
         if process_group is not None:
             import torch.distributed as dist
@@ -207,10 +224,20 @@ class _MultiBranchConvBN(torch.autograd.Function):
                 dy = grad_out
                 if has_cb[l]:
                     grad_cb[l] = sum_g_local.to(grad_out.dtype)
+            elif _use_cuda_bn_backward(y):
+                dy, sum_gx_local = _bn_backward_cuda(grad_out, y.detach(), mean_list[l], inv_list[l], gammas[l],
+                                                     sum_g_local, count_local, process_group)
+                if has_g[l] and ctx.needs_input_grad[2 + 2 * L + l]:
+                    grad_gamma[l] = sum_gx_local.to(gammas[l].dtype)
+                if has_b[l] and ctx.needs_input_grad[2 + 3 * L + l]:
+                    grad_beta[l] = sum_g_local.to(ctx.beta_dtypes[l])
+                if has_cb[l]:
+                    grad_cb[l] = torch.zeros_like(sum_g_local, dtype=grad_out.dtype)
             else:
                 mean, inv, a = mean_list[l], inv_list[l], a_list[l]
-                xhat = (y.detach().to(g32.dtype) - mean.view(1, -1, 1, 1)) * inv.view(1, -1, 1, 1)
-                sum_gx_local = (g32 * xhat).sum(dim=(0, 2, 3))
+                # One branch-sized float temporary (t), turned in place from xhat into dy:
+                t = (y.detach().to(acc) - mean.view(1, -1, 1, 1)).mul_(inv.view(1, -1, 1, 1))
+                sum_gx_local = (grad_out.to(acc) * t).sum(dim=(0, 2, 3))
                 sum_gx = sum_gx_local
                 total = count_local
                 if process_group is not None:
@@ -218,10 +245,10 @@ class _MultiBranchConvBN(torch.autograd.Function):
                     buf = torch.cat([sum_gx_local, sum_gx_local.new_full((1,), float(count_local))])
                     dist.all_reduce(buf, group=process_group)
                     sum_gx, total = buf[:-1], int(round(buf[-1].item()))
-                dy32 = g32 - (sum_g / total).view(1, -1, 1, 1) - xhat * (sum_gx / total).view(1, -1, 1, 1)
-                del xhat
-                dy = (dy32 * a.view(1, -1, 1, 1)).to(grad_out.dtype)
-                del dy32
+                # dy = a * (g - mean(g) - xhat * mean(g * xhat))
+                t.mul_(-(sum_gx / total).view(1, -1, 1, 1)).add_(grad_out).sub_((sum_g / total).view(1, -1, 1, 1))
+                dy = t.mul_(a.view(1, -1, 1, 1)).to(grad_out.dtype)
+                del t
                 if has_g[l] and ctx.needs_input_grad[2 + 2 * L + l]:
                     grad_gamma[l] = sum_gx_local.to(gammas[l].dtype)
                 if has_b[l] and ctx.needs_input_grad[2 + 3 * L + l]:
@@ -240,6 +267,37 @@ class _MultiBranchConvBN(torch.autograd.Function):
                     grad_w[l] = next(gi)
             del y, dy
         return (None, grad_x, *grad_w, *grad_cb, *grad_gamma, *grad_beta)
+
+
+def _use_cuda_bn_backward(y: torch.Tensor) -> bool:
+    """PyTorch's fused BatchNorm-backward CUDA kernels (no fake impls: not while torch.compile traces)."""
+    return y.is_cuda and not torch.compiler.is_compiling()
+
+
+def _bn_backward_cuda(grad_out, y, mean, inv, gamma, sum_g_local, count_local, process_group):
+    """BatchNorm backward of one branch with PyTorch's fused CUDA kernels (those of ``nn.SyncBatchNorm``): one
+    reduction pass (``sum g``, ``sum g * (y - mean)``) and one elementwise pass, in ``y``'s dtype.
+
+    Returns ``(dy, sum(g * xhat) local)``.
+    """
+    fmt = torch.channels_last if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous() \
+        else torch.contiguous_format
+    g = grad_out.contiguous(memory_format=fmt)
+    y = y.contiguous(memory_format=fmt)
+    sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(g, y, mean, inv, None, True, False, False)
+    sum_gx_local = sum_dy_xmu * inv
+    total = count_local
+    if process_group is not None:
+        import torch.distributed as dist
+
+        buf = torch.cat([sum_dy, sum_dy_xmu, sum_dy.new_full((1,), float(count_local))])
+        dist.all_reduce(buf, group=process_group)
+        c = sum_dy.shape[0]
+        sum_dy, sum_dy_xmu, total = buf[:c], buf[c:2 * c], int(round(buf[-1].item()))
+    weight = None if gamma is None else gamma.to(mean.dtype)
+    count = torch.tensor([total], dtype=torch.int32, device=y.device)
+    dy = torch.batch_norm_backward_elemt(g, y, mean, inv, weight, sum_dy, sum_dy_xmu, count)
+    return dy, sum_gx_local
 
 
 def _select_stats(input: torch.Tensor, backend: str):
@@ -322,6 +380,10 @@ def multibranch_conv_bn(input: torch.Tensor, weights: Sequence[torch.Tensor], br
     for i, bn in enumerate(bn_params):
         if bn is not None and not isinstance(bn, BranchBN):
             raise TypeError(f"{op}: `bn_params[{i}]` must be a BranchBN or None, got {type(bn).__name__}")
+        if bn is not None and (bn.running_mean is None) != (bn.running_var is None):
+            raise ValueError(f"{op}: `bn_params[{i}]` must give both running_mean and running_var, or neither")
+        if bn is not None and not 0.0 <= float(bn.momentum) <= 1.0:
+            raise ValueError(f"{op}: `bn_params[{i}].momentum` must be in [0, 1], got {bn.momentum!r}")
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"{op}: `backend` must be 'auto', 'triton' or 'reference', got {backend!r}")
     stats_fn = _select_stats(input, backend)
