@@ -548,10 +548,13 @@ def test_fused_on_gpu_matches_float64_reference(dtype):
 
 
 def test_fused_path_selection():
-    """'auto': fused for CUDA inputs only; exact mode fuses in training only; online merges in eval too."""
+    """Default off; 'auto': fused for CUDA inputs only; exact mode fuses in training only; online merges in eval
+    too."""
     cpu = torch.empty(1)
     exact = PBConv2d(3, 4, 3, branches=[(0, 0, 2, 2)])
-    assert exact.fused == "auto" and not exact.train()._fused_on(cpu)
+    assert exact.fused is False and not exact.train()._fused_on(cpu)
+    exact.fused = "auto"
+    assert not exact.train()._fused_on(cpu)
     exact.fused = True
     assert exact.train()._fused_on(cpu) and not exact.eval()._fused_on(cpu)
     online = ACBConv2d(3, 4, 3, bn_mode="online", fused=True)

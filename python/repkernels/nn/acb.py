@@ -28,7 +28,7 @@ class ACBConv2d(MultiBranchConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 norm: str | None = "bn", bn_mode: str = "exact", fused: bool | str = "auto") -> None:
+                 norm: str | None = "bn", bn_mode: str = "exact", fused: bool | str = False) -> None:
         op = type(self).__name__
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op=op,
                          fused=fused)
@@ -56,7 +56,7 @@ class ACBConv2d(MultiBranchConv2d):
 
 
 def build_acb(name: str, conv: nn.Conv2d, bn: nn.Module | None = None, *, norm="bn",
-              zero_init: bool = False, bn_mode: str = "exact", fused: bool | str = "auto") -> ACBConv2d:
+              zero_init: bool = False, bn_mode: str = "exact", fused: bool | str = False) -> ACBConv2d:
     """``convert`` builder for ``"acb"``."""
     block = ACBConv2d.from_conv(conv, bn, norm=norm, bn_mode=bn_mode, fused=fused)
     return block.zero_init_branches_() if zero_init else block

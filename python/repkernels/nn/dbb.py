@@ -152,7 +152,7 @@ class DBBConv2d(MultiBranchConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 norm: str | None = "bn", internal_channels: int | None = None, fused: bool | str = "auto") -> None:
+                 norm: str | None = "bn", internal_channels: int | None = None, fused: bool | str = False) -> None:
         op = type(self).__name__
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op=op,
                          fused=fused)
@@ -200,7 +200,7 @@ class DBBConv2d(MultiBranchConv2d):
 
 
 def build_dbb(name: str, conv: nn.Conv2d, bn: nn.Module | None = None, *, norm="bn",
-              internal_channels: int | None = None, zero_init: bool = False, fused: bool | str = "auto") -> DBBConv2d:
+              internal_channels: int | None = None, zero_init: bool = False, fused: bool | str = False) -> DBBConv2d:
     """``convert`` builder for ``"dbb"``."""
     block = DBBConv2d.from_conv(conv, bn, norm=norm, internal_channels=internal_channels, fused=fused)
     return block.zero_init_branches_() if zero_init else block

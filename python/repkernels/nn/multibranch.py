@@ -48,7 +48,7 @@ FUSED = (True, False, "auto")
 
 
 def check_fused(fused: object, op: str) -> bool | str:
-    """``True`` (fused training path whenever it can serve the call), ``False``, or ``'auto'`` (CUDA inputs)."""
+    """``True`` (fused training path whenever it can serve the call), ``False`` (the default), or ``'auto'`` (CUDA inputs)."""
     if fused is True or fused is False or fused == "auto":
         return fused
     raise ValueError(f"{op}: `fused` must be True, False or 'auto', got {fused!r}")
@@ -161,7 +161,7 @@ class MultiBranchConv2d(ReparamModule):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, padding_mode: str = "zeros", *, op: str | None = None,
-                 fused: bool | str = "auto") -> None:
+                 fused: bool | str = False) -> None:
         super().__init__()
         op = op or type(self).__name__
         conv_channels(in_channels, out_channels, groups, padding_mode, op, PADDING_MODES)

@@ -64,7 +64,7 @@ class PBConv2d(MultiBranchConv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  branches: Sequence[Sequence[int]] | None = None, norm: str | None = "bn",
-                 sub_kernels_only: bool = False, bn_mode: str = "exact", fused: bool | str = "auto") -> None:
+                 sub_kernels_only: bool = False, bn_mode: str = "exact", fused: bool | str = False) -> None:
         op = type(self).__name__
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op=op,
                          fused=fused)
@@ -126,7 +126,7 @@ def resolve_branches(branches, name: str, conv: nn.Conv2d):
 
 def build_pbconv(name: str, conv: nn.Conv2d, bn: nn.Module | None = None, *, branches=None, norm="bn",
                  sub_kernels_only: bool = False, zero_init: bool = False, bn_mode: str = "exact",
-                 fused: bool | str = "auto") -> PBConv2d:
+                 fused: bool | str = False) -> PBConv2d:
     """``convert`` builder for ``"pbconv"``; ``zero_init`` starts the extra branches at zero."""
     rects = resolve_branches(branches, name, conv)
     block = PBConv2d.from_conv(conv, bn, branches=rects, norm=norm, sub_kernels_only=sub_kernels_only,

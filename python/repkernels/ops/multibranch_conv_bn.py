@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from ..reparam.geometry import Rect, as_pair, conv2d_sides
 
