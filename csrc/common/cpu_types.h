@@ -1,6 +1,5 @@
 // Host-side storage types (c10::Half, c10::BFloat16) and their conversions to the fp32 accumulator, for the
-// CPU emulations of the CUDA kernels. (Same definitions as in depthwise_conv2d.cpp; an identical class
-// definition in several translation units is allowed.)
+// CPU emulations of the CUDA kernels.
 #pragma once
 
 #include <c10/util/BFloat16.h>

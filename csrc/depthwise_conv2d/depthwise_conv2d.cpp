@@ -19,51 +19,40 @@
 #include <limits>
 #include <vector>
 
+#include "common/check.h"
+#include "common/cpu_types.h"
 #include "depthwise_conv2d/depthwise_conv2d_bwd_tile.h"
 #include "depthwise_conv2d/depthwise_conv2d_fwd_tile.h"
 #include "depthwise_conv2d/depthwise_conv2d_launch.h"
 
 namespace rk {
-
-template <>
-struct Cvt<c10::Half, float> {
-  static float load(c10::Half v) { return static_cast<float>(v); }
-  static c10::Half store(float v) { return static_cast<c10::Half>(v); }
-};
-
-template <>
-struct Cvt<c10::BFloat16, float> {
-  static float load(c10::BFloat16 v) { return static_cast<float>(v); }
-  static c10::BFloat16 store(float v) { return static_cast<c10::BFloat16>(v); }
-};
-
 namespace dw {
 namespace {
 
 void check_pair(c10::IntArrayRef v, const char* name, int64_t min_value) {
-  TORCH_CHECK(v.size() == 2, "depthwise_conv2d: `", name, "` must have 2 elements, got ", v.size());
-  TORCH_CHECK(v[0] >= min_value && v[1] >= min_value, "depthwise_conv2d: `", name, "` must be >= ", min_value,
+  RK_CHECK(v.size() == 2, "depthwise_conv2d: `", name, "` must have 2 elements, got ", v.size());
+  RK_CHECK(v[0] >= min_value && v[1] >= min_value, "depthwise_conv2d: `", name, "` must be >= ", min_value,
               ", got ", v);
 }
 
 // Validates the arguments and returns the problem description (plan not yet made).
 Params make_params(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
-  TORCH_CHECK(input.dim() == 4, "depthwise_conv2d: `input` must be 4-D (N, C, H, W), got shape ", input.sizes());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == input.size(1) && weight.size(1) == 1,
+  RK_CHECK(input.dim() == 4, "depthwise_conv2d: `input` must be 4-D (N, C, H, W), got shape ", input.sizes());
+  RK_CHECK(weight.dim() == 4 && weight.size(0) == input.size(1) && weight.size(1) == 1,
               "depthwise_conv2d: `weight` must have shape (C, 1, kh, kw) with C = input channels (",
               input.size(1), "), got ", weight.sizes());
-  TORCH_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1, "depthwise_conv2d: `weight` kernel size must be >= 1");
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "depthwise_conv2d: `weight` dtype ",
+  RK_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1, "depthwise_conv2d: `weight` kernel size must be >= 1");
+  RK_CHECK(weight.scalar_type() == input.scalar_type(), "depthwise_conv2d: `weight` dtype ",
               weight.scalar_type(), " does not match `input` dtype ", input.scalar_type());
-  TORCH_CHECK(weight.device() == input.device(), "depthwise_conv2d: `weight` is on ", weight.device(),
+  RK_CHECK(weight.device() == input.device(), "depthwise_conv2d: `weight` is on ", weight.device(),
               " but `input` is on ", input.device());
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == input.size(1), "depthwise_conv2d: `bias` must have shape (",
+    RK_CHECK(bias->dim() == 1 && bias->size(0) == input.size(1), "depthwise_conv2d: `bias` must have shape (",
                 input.size(1), ",), got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "depthwise_conv2d: `bias` dtype ", bias->scalar_type(),
+    RK_CHECK(bias->scalar_type() == input.scalar_type(), "depthwise_conv2d: `bias` dtype ", bias->scalar_type(),
                 " does not match `input` dtype ", input.scalar_type());
-    TORCH_CHECK(bias->device() == input.device(), "depthwise_conv2d: `bias` is on ", bias->device(),
+    RK_CHECK(bias->device() == input.device(), "depthwise_conv2d: `bias` is on ", bias->device(),
                 " but `input` is on ", input.device());
   }
   check_pair(stride, "stride", 1);
@@ -85,7 +74,7 @@ Params make_params(const at::Tensor& input, const at::Tensor& weight, const std:
   p.dw = dilation[1];
   p.oh = (p.h + 2 * p.ph - p.dh * (p.kh - 1) - 1) / p.sh + 1;
   p.ow = (p.w + 2 * p.pw - p.dw * (p.kw - 1) - 1) / p.sw + 1;
-  TORCH_CHECK(p.h + 2 * p.ph >= p.dh * (p.kh - 1) + 1 && p.w + 2 * p.pw >= p.dw * (p.kw - 1) + 1,
+  RK_CHECK(p.h + 2 * p.ph >= p.dh * (p.kh - 1) + 1 && p.w + 2 * p.pw >= p.dw * (p.kw - 1) + 1,
               "depthwise_conv2d: padded `input` (", p.h + 2 * p.ph, " x ", p.w + 2 * p.pw,
               ") is smaller than the dilated kernel (", p.dh * (p.kh - 1) + 1, " x ", p.dw * (p.kw - 1) + 1, ")");
   for (int i = 0; i < 4; ++i) p.in_stride[i] = input.stride(i);
@@ -238,7 +227,7 @@ at::Tensor depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weig
     case at::kFloat: dtype = DType::kFloat32; break;
     case at::kHalf: dtype = DType::kFloat16; break;
     case at::kBFloat16: dtype = DType::kBFloat16; break;
-    default: TORCH_CHECK(false, "depthwise_conv2d (cuda): `input` dtype must be float32, float16 or bfloat16, got ",
+    default: RK_CHECK(false, "depthwise_conv2d (cuda): `input` dtype must be float32, float16 or bfloat16, got ",
                          input.scalar_type());
   }
   plan(p);
@@ -267,13 +256,13 @@ at::Tensor depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weig
 Params make_backward_params(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
                             c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   Params p = make_params(input, weight, std::nullopt, stride, padding, dilation);
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == p.n && grad.size(1) == p.c && grad.size(2) == p.oh &&
+  RK_CHECK(grad.dim() == 4 && grad.size(0) == p.n && grad.size(1) == p.c && grad.size(2) == p.oh &&
                   grad.size(3) == p.ow,
               "depthwise_conv2d backward: `grad` must have the output shape (", p.n, ", ", p.c, ", ", p.oh, ", ",
               p.ow, "), got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), "depthwise_conv2d backward: `grad` dtype ",
+  RK_CHECK(grad.scalar_type() == input.scalar_type(), "depthwise_conv2d backward: `grad` dtype ",
               grad.scalar_type(), " does not match `input` dtype ", input.scalar_type());
-  TORCH_CHECK(grad.device() == input.device(), "depthwise_conv2d backward: `grad` is on ", grad.device(),
+  RK_CHECK(grad.device() == input.device(), "depthwise_conv2d backward: `grad` is on ", grad.device(),
               " but `input` is on ", input.device());
   return p;
 }
@@ -423,7 +412,7 @@ DType cuda_dtype(const at::Tensor& input) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "depthwise_conv2d (cuda): `input` dtype must be float32, float16 or bfloat16, got ",
+    default: RK_CHECK(false, "depthwise_conv2d (cuda): `input` dtype must be float32, float16 or bfloat16, got ",
                          input.scalar_type());
   }
 }

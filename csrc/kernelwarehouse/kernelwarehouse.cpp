@@ -28,6 +28,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/check.h"
 #include "common/cpu_types.h"
 #include "kernelwarehouse/kw_gemm_tile.h"
 #include "kernelwarehouse/kw_launch.h"
@@ -83,23 +84,23 @@ DType dtype_of(const at::Tensor& t, const char* op) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, op, " (cuda): dtype must be float32, float16 or bfloat16, got ", t.scalar_type());
+    default: RK_CHECK(false, op, " (cuda): dtype must be float32, float16 or bfloat16, got ", t.scalar_type());
   }
 }
 
 void check_same(const at::Tensor& ref, const char* ref_name, const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": `", name, "` dtype ", t.scalar_type(), " does not match `",
+  RK_CHECK(t.scalar_type() == ref.scalar_type(), op, ": `", name, "` dtype ", t.scalar_type(), " does not match `",
               ref_name, "` dtype ", ref.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), op, ": `", name, "` is on ", t.device(), " but `", ref_name, "` is on ",
+  RK_CHECK(t.device() == ref.device(), op, ": `", name, "` is on ", t.device(), " but `", ref_name, "` is on ",
               ref.device());
 }
 
 // ---------------------------------------------------------------------------------------------- kw_assemble
 AsmParams make_asm_params(const at::Tensor& warehouse, c10::IntArrayRef layout, int64_t batch, const char* op) {
-  TORCH_CHECK(warehouse.dim() >= 3, op, ": `warehouse` must be (n, co, ci, *cell_kernel), got shape ",
+  RK_CHECK(warehouse.dim() >= 3, op, ": `warehouse` must be (n, co, ci, *cell_kernel), got shape ",
               warehouse.sizes());
-  TORCH_CHECK(layout.size() >= 2, op, ": `layout` must be (Cout, Cin/groups, *kernel), got ", layout);
-  for (auto v : layout) TORCH_CHECK(v >= 1, op, ": `layout` must hold positive sizes, got ", layout);
+  RK_CHECK(layout.size() >= 2, op, ": `layout` must be (Cout, Cin/groups, *kernel), got ", layout);
+  for (auto v : layout) RK_CHECK(v >= 1, op, ": `layout` must hold positive sizes, got ", layout);
   AsmParams p{};
   p.batch = batch;
   p.n = warehouse.size(0);
@@ -115,9 +116,9 @@ AsmParams make_asm_params(const at::Tensor& warehouse, c10::IntArrayRef layout, 
   for (size_t d = 2; d < layout.size(); ++d) p.ks *= layout[d];
   const bool whole = warehouse.dim() - 3 == static_cast<int64_t>(layout.size()) - 2 &&
                      warehouse.sizes().slice(3).equals(layout.slice(2));
-  TORCH_CHECK(ones || whole, op, ": `warehouse` cells must span one tap (cell kernel all ones) or the whole kernel ",
+  RK_CHECK(ones || whole, op, ": `warehouse` cells must span one tap (cell kernel all ones) or the whole kernel ",
               layout.slice(2), ", got cell kernel ", warehouse.sizes().slice(3));
-  TORCH_CHECK(p.co >= 1 && p.ci >= 1 && layout[0] % p.co == 0 && layout[1] % p.ci == 0, op, ": `warehouse` cells (",
+  RK_CHECK(p.co >= 1 && p.ci >= 1 && layout[0] % p.co == 0 && layout[1] % p.ci == 0, op, ": `warehouse` cells (",
               p.co, " x ", p.ci, ") must divide the kernel's channels (`layout` ", layout, ")");
   p.cin_g = layout[1];
   p.gi = layout[1] / p.ci;
@@ -129,7 +130,7 @@ AsmParams make_asm_params(const at::Tensor& warehouse, c10::IntArrayRef layout, 
 }
 
 void check_attention(const at::Tensor& attention, const AsmParams& p, const char* op) {
-  TORCH_CHECK(attention.dim() == 3 && attention.size(1) == p.m && attention.size(2) == p.n, op,
+  RK_CHECK(attention.dim() == 3 && attention.size(1) == p.m && attention.size(2) == p.n, op,
               ": `attention` must have shape (B, ", p.m, ", ", p.n, ") for this warehouse and layout, got ",
               attention.sizes());
 }
@@ -143,7 +144,7 @@ std::vector<int64_t> kernel_shape(int64_t batch, c10::IntArrayRef layout) {
 at::Tensor kw_assemble_impl(const at::Tensor& attention, const at::Tensor& warehouse, c10::IntArrayRef layout) {
   const char* op = "kw_assemble";
   check_same(warehouse, "warehouse", attention, "attention", op);
-  TORCH_CHECK(attention.dim() == 3, op, ": `attention` must be 3-D (B, m, n), got shape ", attention.sizes());
+  RK_CHECK(attention.dim() == 3, op, ": `attention` must be 3-D (B, m, n), got shape ", attention.sizes());
   AsmParams p = make_asm_params(warehouse, layout, attention.size(0), op);
   check_attention(attention, p, op);
   at::Tensor att = attention.contiguous(), wh = warehouse.contiguous();
@@ -168,7 +169,7 @@ at::Tensor kw_assemble_backward_attention_impl(const at::Tensor& grad, const at:
   const char* op = "kw_assemble_backward_attention";
   check_same(warehouse, "warehouse", grad, "grad", op);
   AsmParams p = make_asm_params(warehouse, layout, grad.dim() > 0 ? grad.size(0) : 0, op);
-  TORCH_CHECK(grad.sizes().equals(kernel_shape(p.batch, layout)), op, ": `grad` must have shape (B, ", layout,
+  RK_CHECK(grad.sizes().equals(kernel_shape(p.batch, layout)), op, ": `grad` must have shape (B, ", layout,
               "), got ", grad.sizes());
   at::Tensor g = grad.contiguous(), wh = warehouse.contiguous();
   at::Tensor out = at::empty({p.batch, p.m, p.n}, warehouse.options());
@@ -192,10 +193,10 @@ at::Tensor kw_assemble_backward_warehouse_impl(const at::Tensor& grad, const at:
   const char* op = "kw_assemble_backward_warehouse";
   check_same(warehouse, "warehouse", grad, "grad", op);
   check_same(warehouse, "warehouse", attention, "attention", op);
-  TORCH_CHECK(attention.dim() == 3, op, ": `attention` must be 3-D (B, m, n), got shape ", attention.sizes());
+  RK_CHECK(attention.dim() == 3, op, ": `attention` must be 3-D (B, m, n), got shape ", attention.sizes());
   AsmParams p = make_asm_params(warehouse, layout, attention.size(0), op);
   check_attention(attention, p, op);
-  TORCH_CHECK(grad.sizes().equals(kernel_shape(p.batch, layout)), op, ": `grad` must have shape (B, ", layout,
+  RK_CHECK(grad.sizes().equals(kernel_shape(p.batch, layout)), op, ": `grad` must have shape (B, ", layout,
               "), got ", grad.sizes());
   at::Tensor g = grad.contiguous(), att = attention.contiguous();
   if (warehouse.numel() == 0 || p.rows() == 0) return at::zeros_like(warehouse, at::MemoryFormat::Contiguous);
@@ -230,23 +231,23 @@ at::Tensor kw_assemble_backward_warehouse_impl(const at::Tensor& grad, const at:
 
 // ---------------------------------------------------------------------------------------------- per-sample conv
 void check_pair(c10::IntArrayRef v, const char* name, int64_t min_value, const char* op) {
-  TORCH_CHECK(v.size() == 2, op, ": `", name, "` must have 2 elements, got ", v.size());
-  TORCH_CHECK(v[0] >= min_value && v[1] >= min_value, op, ": `", name, "` must be >= ", min_value, ", got ", v);
+  RK_CHECK(v.size() == 2, op, ": `", name, "` must have 2 elements, got ", v.size());
+  RK_CHECK(v[0] >= min_value && v[1] >= min_value, op, ": `", name, "` must be >= ", min_value, ", got ", v);
 }
 
 ConvParams make_conv_params(const at::Tensor& input, const at::Tensor& weight, c10::IntArrayRef stride,
                             c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, const char* op) {
-  TORCH_CHECK(input.dim() == 4, op, ": `input` must be 4-D (B, C, H, W), got shape ", input.sizes());
-  TORCH_CHECK(weight.dim() == 5, op, ": `weight` must be 5-D (B, Cout, C/groups, kh, kw), got shape ",
+  RK_CHECK(input.dim() == 4, op, ": `input` must be 4-D (B, C, H, W), got shape ", input.sizes());
+  RK_CHECK(weight.dim() == 5, op, ": `weight` must be 5-D (B, Cout, C/groups, kh, kw), got shape ",
               weight.sizes());
   check_same(input, "input", weight, "weight", op);
-  TORCH_CHECK(weight.size(0) == input.size(0), op, ": `weight` batch ", weight.size(0), " != `input` batch ",
+  RK_CHECK(weight.size(0) == input.size(0), op, ": `weight` batch ", weight.size(0), " != `input` batch ",
               input.size(0));
-  TORCH_CHECK(groups >= 1 && input.size(1) % groups == 0 && weight.size(1) % groups == 0, op, ": `groups` (", groups,
+  RK_CHECK(groups >= 1 && input.size(1) % groups == 0 && weight.size(1) % groups == 0, op, ": `groups` (", groups,
               ") must divide the input (", input.size(1), ") and output (", weight.size(1), ") channels");
-  TORCH_CHECK(weight.size(2) * groups == input.size(1), op, ": `weight` must have shape (B, Cout, C/groups, kh, kw) "
+  RK_CHECK(weight.size(2) * groups == input.size(1), op, ": `weight` must have shape (B, Cout, C/groups, kh, kw) "
               "with C/groups = ", input.size(1) / groups, ", got ", weight.sizes());
-  TORCH_CHECK(weight.size(3) >= 1 && weight.size(4) >= 1, op, ": `weight` kernel size must be >= 1");
+  RK_CHECK(weight.size(3) >= 1 && weight.size(4) >= 1, op, ": `weight` kernel size must be >= 1");
   check_pair(stride, "stride", 1, op);
   check_pair(padding, "padding", 0, op);
   check_pair(dilation, "dilation", 1, op);
@@ -267,7 +268,7 @@ ConvParams make_conv_params(const at::Tensor& input, const at::Tensor& weight, c
   p.pw = padding[1];
   p.dh = dilation[0];
   p.dw = dilation[1];
-  TORCH_CHECK(p.h + 2 * p.ph >= p.dh * (p.kh - 1) + 1 && p.w + 2 * p.pw >= p.dw * (p.kw - 1) + 1, op,
+  RK_CHECK(p.h + 2 * p.ph >= p.dh * (p.kh - 1) + 1 && p.w + 2 * p.pw >= p.dw * (p.kw - 1) + 1, op,
               ": padded `input` (", p.h + 2 * p.ph, " x ", p.w + 2 * p.pw, ") is smaller than the dilated kernel (",
               p.dh * (p.kh - 1) + 1, " x ", p.dw * (p.kw - 1) + 1, ")");
   p.oh = (p.h + 2 * p.ph - p.dh * (p.kh - 1) - 1) / p.sh + 1;
@@ -283,7 +284,7 @@ at::MemoryFormat format_of(const at::Tensor& t) {
 
 void check_grad(const at::Tensor& grad, const at::Tensor& input, const ConvParams& p, const char* op) {
   check_same(input, "input", grad, "grad", op);
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == p.batch && grad.size(1) == p.cout && grad.size(2) == p.oh &&
+  RK_CHECK(grad.dim() == 4 && grad.size(0) == p.batch && grad.size(1) == p.cout && grad.size(2) == p.oh &&
                   grad.size(3) == p.ow,
               op, ": `grad` must have shape (", p.batch, ", ", p.cout, ", ", p.oh, ", ", p.ow, "), got ", grad.sizes());
 }
@@ -295,7 +296,7 @@ at::Tensor per_sample_conv2d_impl(const at::Tensor& input, const at::Tensor& wei
   ConvParams p = make_conv_params(input, weight, stride, padding, dilation, groups, op);
   if (bias.has_value()) {
     check_same(input, "input", *bias, "bias", op);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == p.cout, op, ": `bias` must have shape (", p.cout, ",), got ",
+    RK_CHECK(bias->dim() == 1 && bias->size(0) == p.cout, op, ": `bias` must have shape (", p.cout, ",), got ",
                 bias->sizes());
   }
   at::Tensor out = at::empty({p.batch, p.cout, p.oh, p.ow}, input.options().memory_format(format_of(input)));
