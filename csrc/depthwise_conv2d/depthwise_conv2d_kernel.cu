@@ -4,6 +4,7 @@
 #include "depthwise_conv2d/depthwise_conv2d_bwd_tile.h"
 #include "depthwise_conv2d/depthwise_conv2d_fwd_tile.h"
 #include "depthwise_conv2d/depthwise_conv2d_launch.h"
+#include "kernelwarehouse/kw_gemm_kernel.cuh"
 
 namespace rk::dw {
 namespace {
@@ -110,56 +111,22 @@ __global__ void __launch_bounds__(WgradShape::kThreads)
   }
 }
 
-template <typename Prob, typename Shape>
-__global__ void __launch_bounds__(Shape::kThreads) toeplitz_gemm_kernel(const Prob pr) {
-  using Acc = typename Prob::Acc;
-  using Tile = kw::GemmTile<Prob, Shape>;
-  __shared__ Acc s_a[Shape::kSmemA];
-  __shared__ Acc s_b[Shape::kSmemB];
-  const kw::TileCoord c = Tile::coord(pr, blockIdx.x);
-  Acc acc[Shape::kAccPerThread];
-#pragma unroll
-  for (int i = 0; i < Shape::kAccPerThread; ++i) acc[i] = Acc(0);
-  for (int64_t k0 = c.k_begin; k0 < c.k_end; k0 += Shape::kTileK) {
-    Tile::stage(pr, c, k0, threadIdx.x, s_a, s_b);
-    __syncthreads();
-    Tile::compute(threadIdx.x, s_a, s_b, acc);
-    __syncthreads();
-  }
-  Tile::store(pr, c, threadIdx.x, acc);
-}
-
-template <typename Prob>
-cudaError_t run_gemm(const Prob& pr, cudaStream_t stream) {
-  const bool thin = pr.M() <= 8;
-  const int64_t blocks = thin ? kw::GemmTile<Prob, kw::ThinShape>::num_blocks(pr)
-                              : kw::GemmTile<Prob, kw::WideShape>::num_blocks(pr);
-  if (blocks == 0) return cudaSuccess;
-  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  if (thin) {
-    toeplitz_gemm_kernel<Prob, kw::ThinShape><<<static_cast<unsigned>(blocks), kw::ThinShape::kThreads, 0, stream>>>(pr);
-  } else {
-    toeplitz_gemm_kernel<Prob, kw::WideShape><<<static_cast<unsigned>(blocks), kw::WideShape::kThreads, 0, stream>>>(pr);
-  }
-  return cudaGetLastError();
-}
-
 template <typename T>
 cudaError_t toeplitz_conv_typed(const ToeplitzParams& t, bool trans, const void* src, const void* weight,
                                 const void* bias, void* dst, cudaStream_t stream) {
   ToeplitzConv<T, float> pr{t, trans, static_cast<const T*>(src), static_cast<const T*>(weight),
                             static_cast<const T*>(bias), static_cast<T*>(dst)};
-  return run_gemm(pr, stream);
+  return kw::run_gemm(pr, stream);
 }
 
 template <typename T>
 cudaError_t toeplitz_wgrad_typed(const ToeplitzParams& t, const void* grad, const void* input, float* ws,
                                  void* grad_weight, cudaStream_t stream) {
   ToeplitzCross<T, float> cross{t, static_cast<const T*>(grad), static_cast<const T*>(input), ws};
-  const cudaError_t err = run_gemm(cross, stream);
+  const cudaError_t err = kw::run_gemm(cross, stream);
   if (err != cudaSuccess) return err;
   ToeplitzDiagonal<T, float> diag{t, ws, static_cast<T*>(grad_weight)};
-  return run_gemm(diag, stream);
+  return kw::run_gemm(diag, stream);
 }
 
 template <typename T>
