@@ -15,3 +15,12 @@ import pytest  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def no_tf32():
+    """IEEE fp32 products for the test (TF32 off for cuDNN and matmuls): fp32 tolerances assume them."""
+    from helpers import ieee_fp32
+
+    with ieee_fp32():
+        yield

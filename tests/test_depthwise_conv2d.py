@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import repkernels
-from helpers import (HAS_GPU, assert_close, ieee_fp32, requires_c, requires_gpu, requires_triton_cpu,
+from helpers import (HAS_GPU, assert_close, requires_c, requires_gpu, requires_triton_cpu,
                      requires_triton_gpu)
 from repkernels.ops import depthwise_conv2d
 
@@ -261,13 +261,6 @@ def test_bad_inputs_raise_clear_errors():
 
 # ---------------------------------------------------------------- GPU: real kernels vs cuDNN
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture
-def no_tf32():
-    """fp32 tolerances assume IEEE fp32 products (the Triton Toeplitz kernels use TF32 when cuDNN may)."""
-    with ieee_fp32():
-        yield
 
 
 @requires_gpu

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import repkernels
-from helpers import assert_close, ieee_fp32, requires_c, requires_gpu, requires_triton_cpu, requires_triton_gpu
+from helpers import assert_close, requires_c, requires_gpu, requires_triton_cpu, requires_triton_gpu
 from repkernels.ops import depthwise_conv2d
 
 dw_ops = importlib.import_module("repkernels.ops.depthwise_conv2d")
@@ -349,13 +349,6 @@ def test_gpu_auto_routes_small_kernels_to_cudnn_and_large_to_kernels():
 
 # ---------------------------------------------------------------- GPU: real kernels
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture
-def no_tf32():
-    """fp32 tolerances assume IEEE fp32 products (the Toeplitz kernels use TF32 when cuDNN may)."""
-    with ieee_fp32():
-        yield
 
 
 @requires_gpu

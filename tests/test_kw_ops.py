@@ -436,14 +436,6 @@ def test_explicit_backends_that_cannot_serve_raise():
 
 
 # ---------------------------------------------------------------- GPU (skipped without one)
-@pytest.fixture
-def no_tf32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _gpu_check_all(backend_name):
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for case in ASM_CASES:
