@@ -5,8 +5,10 @@ for the process; later calls of the same problem reuse it. When the inputs requi
 are timed forward+backward (the backward runs on the forward's backend), otherwise forward only.
 
 Off with ``REPKERNELS_AUTOTUNE=0`` (read at import) or ``repkernels._autotune.set_enabled(False)``; it is
-skipped while ``torch.compile`` traces (the ops' static rules apply there). Timing uses CUDA events: a
-warm-up call (which includes any Triton compilation) and the best of a few repeats.
+skipped while ``torch.compile`` traces or a CUDA graph is being captured (the ops' static rules apply
+there). Timing uses CUDA events: a warm-up call (which includes any Triton compilation) and the best of a
+few repeats. Like cuDNN's benchmark mode, ranks or runs may pick different backends for the same problem
+(results then differ within the dtype's tolerance).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ REPEATS = 3
 
 
 def enabled() -> bool:
-    """Whether ``auto`` measures (on a GPU, outside ``torch.compile`` tracing)."""
-    return _ENABLED and not torch.compiler.is_compiling()
+    """Whether ``auto`` measures (on a GPU, outside ``torch.compile`` tracing and CUDA-graph capture)."""
+    if not _ENABLED or torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def set_enabled(flag: bool) -> None:
