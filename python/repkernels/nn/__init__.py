@@ -3,6 +3,7 @@
 from .kernelwarehouse import (KWAttention, KWConv1d, KWConv2d, KWConv3d, KWLinear, LinearTemperatureSchedule,
                               WarehouseManager, kw_layers, set_temperature, warehouse_summary)
 from .multibranch import Branch, ConvBranch, MultiBranchConv2d
+from .scale import ChannelScale
 from .pbconv import PBConv2d
 from .acb import ACBConv2d
 from .dbb import DBBConv2d
@@ -15,7 +16,7 @@ __all__ = [
     "KWAttention", "KWConv1d", "KWConv2d", "KWConv3d", "KWLinear", "LinearTemperatureSchedule",
     "WarehouseManager", "kw_layers", "set_temperature", "warehouse_summary",
     # structural re-parameterization
-    "ACBConv2d", "Branch", "ConvBranch", "DBBConv2d", "MultiBranchConv2d", "PBConv2d",
+    "ACBConv2d", "Branch", "ChannelScale", "ConvBranch", "DBBConv2d", "MultiBranchConv2d", "PBConv2d",
     # kernel transformation (RefConv, CoC)
     "CoCConv2d", "KernelTransformConv2d", "RefConv2d", "conv_orthogonality", "orthogonality_loss", "standardize_weight",
 ]

@@ -41,6 +41,7 @@ from .._validation import conv_channels, nchw_input
 from ..reparam.fuse import acc_dtype, fold_bn
 from ..reparam.geometry import PADDING_MODES, Rect, as_pair, conv2d_sides, padding_sides
 from ..reparam.protocol import ReparamModule
+from .scale import ChannelScale
 
 NORMS = ("bn", None)
 BN_MODES = ("exact", "online")
@@ -61,21 +62,6 @@ def check_bn_mode(bn_mode: object, norm: str | None, op: str) -> str:
         raise ValueError(f"{op}: `bn_mode`='online' needs norm='bn' (it replaces the branch BatchNorms "
                          "by scales and adds one BatchNorm after the sum)")
     return bn_mode
-
-
-class ChannelScale(nn.Module):
-    """``y * weight[c]`` per channel: the branch "norm" of ``bn_mode='online'`` (initialized to ones)."""
-
-    def __init__(self, num_features: int, device=None, dtype=None) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return input * self.weight.view(1, -1, 1, 1)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}"
 
 
 def check_norm(norm: object, op: str) -> str | None:
@@ -139,10 +125,6 @@ class ConvBranch(Branch):
         return y if self.norm is None else self.norm(y)
 
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(self.norm, ChannelScale):
-            w, b = fold_bn(self.conv.weight, self.conv.bias, None)
-            s = self.norm.weight.detach().to(w.dtype)
-            return w * s.view(-1, 1, 1, 1), b * s
         return fold_bn(self.conv.weight, self.conv.bias, self.norm)
 
     def zero_init_(self) -> None:

@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.depthwise_conv2d import depthwise_conv2d
+from .scale import ChannelScale
 
 FORMS = ("auto", "merged", "separable")
 AUTO_MAX_MAC_RATIO = 8.0
@@ -349,17 +350,6 @@ class ChannelLayerNorm(nn.Module):
         return f"{self.channels}, eps={self.eps}, weight={self.weight is not None}, bias={self.bias is not None}"
 
 
-class ChannelScale(nn.Module):
-    """Per-channel learnable scale of an (N, C, H, W) tensor (layer scale / residual scale)."""
-
-    def __init__(self, channels: int, init_value: float) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.full((channels,), float(init_value)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale.view(1, -1, 1, 1).to(x.dtype)
-
-
 class DropPath(nn.Module):
     """Stochastic depth: zero a sample's branch with probability ``p`` in training (survivors scaled by 1/(1−p))."""
 
@@ -451,9 +441,9 @@ def _fold_input_affine(conv: nn.Conv2d, norm: ChannelLayerNorm) -> None:
 
 def _fold_output_scale(conv: nn.Conv2d, scale: ChannelScale) -> None:
     with torch.no_grad():
-        conv.weight *= scale.scale.view(-1, 1, 1, 1)
+        conv.weight *= scale.weight.view(-1, 1, 1, 1)
         if conv.bias is not None:
-            conv.bias *= scale.scale
+            conv.bias *= scale.weight
 
 
 class ParCV2Block(nn.Module):

@@ -51,7 +51,8 @@ def bn_scale_shift(bn: nn.Module, op: str = "bn_scale_shift") -> tuple[torch.Ten
 
 def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None,
             bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 5 in float64: ``(weight, bias)`` of the conv equivalent to ``conv -> bn`` (``bn`` may be None)."""
+    """Eq. 5 in float64: ``(weight, bias)`` of the conv equivalent to ``conv -> bn`` (``bn`` may be None, an
+    eval-mode BatchNorm, or a module with ``scale_shift() -> (scale, shift)`` such as ``nn.ChannelScale``)."""
     w = _acc(weight)
     b = _acc(bias) if bias is not None else w.new_zeros(w.shape[0])
     if bn is None:
@@ -59,7 +60,10 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None,
     if bn.num_features != w.shape[0]:
         raise ValueError(f"fuse_conv_bn: `bn` has {bn.num_features} features but the conv has "
                          f"{w.shape[0]} output channels")
-    scale, shift = bn_scale_shift(bn, "fuse_conv_bn")
+    if callable(getattr(bn, "scale_shift", None)):  # a per-channel affine module (e.g. nn.ChannelScale)
+        scale, shift = (_acc(t.detach()) for t in bn.scale_shift())
+    else:
+        scale, shift = bn_scale_shift(bn, "fuse_conv_bn")
     return w * scale.view(-1, 1, 1, 1), b * scale + shift
 
 
