@@ -611,3 +611,45 @@ def test_fused_channels_last_input():
     block = block.to(memory_format=torch.channels_last)
     x = torch.randn(3, 4, 9, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     compare_training(block, x, steps=2, what="channels_last")
+
+
+# --- bn_mode="online" for DBB (two-stage branches become linear) ------------------------------------
+
+
+@pytest.mark.parametrize("cin,cout,groups,stride,dilation,padding", [
+    (4, 8, 1, 1, 1, 1), (4, 8, 2, 2, 1, 0), (6, 6, 6, 1, 2, 2), (4, 4, 1, 2, 2, 3),
+])
+def test_online_dbb_fused_matches_unfused_and_reparameterizes(cin, cout, groups, stride, dilation, padding):
+    rng = random.Random(5)
+    block = DBBConv2d(cin, cout, 3, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                      bn_mode="online", dtype=torch.float64)
+    assert block.bn_mode == "online" and isinstance(block.post_norm, nn.BatchNorm2d)
+    norms = [m for m in block.branches.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms == [], "online mode leaves no BatchNorm inside the branches"
+    with torch.no_grad():
+        for m in block.branches.modules():
+            if isinstance(m, ChannelScale):
+                m.weight.uniform_(0.5, 1.5)
+            elif isinstance(m, nn.Conv2d):
+                m.weight.normal_()
+    _randomize(block, rng)
+    x = torch.randn(2, cin, 9, 8, dtype=torch.float64)
+    block.fused = True
+    compare_training(block, x, steps=2, what="online DBB")
+    block.train()
+    block(x)
+    block.eval()
+    conv = block.reparameterize()
+    _close(conv(x), block(x), torch.float64, "online DBB reparameterize")
+    assert "bn_mode='online'" in repr(block)
+
+
+def test_online_dbb_convert_from_pretrained_is_exact_at_zero_init():
+    from repkernels.reparam import convert
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), randomize_bn(nn.BatchNorm2d(4)), nn.ReLU()).eval()
+    out, report = convert(model, "dbb", bn_mode="online", zero_init=True)
+    assert isinstance(out[0], DBBConv2d) and out[0].bn_mode == "online" and len(report.swapped) == 1
+    x = torch.randn(2, 3, 8, 8)
+    _close(out.eval()(x), model(x), torch.float32, "online DBB zero-init conversion == conv+bn")

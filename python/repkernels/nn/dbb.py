@@ -19,6 +19,8 @@ KxK conv means. The average is a fixed depthwise conv with weights ``1 / (kh * k
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,7 +28,8 @@ import torch.nn.functional as F
 from ..reparam.fuse import acc_dtype, fold_bn, full_rect, identity_kernel, merge_1x1_kxk
 from ..reparam.geometry import Rect, conv2d_sides, pad_with_values
 from ..reparam.registry import register_method
-from .multibranch import Branch, ConvBranch, MultiBranchConv2d, check_norm, zero_last_
+from .multibranch import Branch, ConvBranch, MultiBranchConv2d, check_bn_mode, check_norm, zero_last_
+from .scale import ChannelScale
 
 
 def zero_response(conv: nn.Conv2d, norm: nn.Module | None) -> torch.Tensor | None:
@@ -92,6 +95,10 @@ class OneByOneKxKBranch(_TwoStageBranch):
     def zero_init_(self) -> None:
         zero_last_(self.second_norm, self.second)
 
+    def make_online_(self, channels: int, device, dtype) -> None:
+        self.first_norm = None
+        self.second_norm = ChannelScale(channels, device=device, dtype=dtype)
+
     def extra_repr(self) -> str:
         return f"rect={tuple(self.rect)}, identity_based={self.identity_based}"
 
@@ -123,7 +130,7 @@ class AverageBranch(_TwoStageBranch):
 
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = self.rect.height, self.rect.width
-        ref = self.norm.running_mean if self.norm is not None else self.first.weight
+        ref = next(itertools.chain(self.parameters(), self.buffers()))
         acc = acc_dtype(ref.device)
         groups = self.channels if self.first is None else self.groups
         avg = identity_kernel(self.channels, groups, (h, w), 1.0 / (h * w), dtype=acc, device=ref.device)
@@ -136,6 +143,10 @@ class AverageBranch(_TwoStageBranch):
     def zero_init_(self) -> None:
         zero_last_(self.norm, self.first)
 
+    def make_online_(self, channels: int, device, dtype) -> None:
+        self.first_norm = None
+        self.norm = ChannelScale(channels, device=device, dtype=dtype)
+
     def extra_repr(self) -> str:
         return f"rect={tuple(self.rect)}, channels={self.channels}, first_1x1={self.first is not None}"
 
@@ -143,7 +154,8 @@ class AverageBranch(_TwoStageBranch):
 class DBBConv2d(MultiBranchConv2d):
     """Diverse Branch Block: KxK, 1x1, 1x1->average and 1x1->KxK branches, summed (see the module docstring).
 
-    Args: as ``nn.Conv2d``, plus ``norm`` (``'bn'`` or None) and ``internal_channels`` (width of the
+    Args: as ``nn.Conv2d``, plus ``norm`` (``'bn'`` or None), ``bn_mode`` and ``fused`` (see
+    :mod:`repkernels.nn.multibranch`) and ``internal_channels`` (width of the
     1x1->KxK branch; default as DBB: ``in_channels`` if ``groups < out_channels`` else
     ``2 * in_channels``; must be a multiple of ``groups``). With ``norm=None`` a depthwise block has
     no average branch (a fixed average without a norm would have nothing to learn).
@@ -152,11 +164,13 @@ class DBBConv2d(MultiBranchConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 norm: str | None = "bn", internal_channels: int | None = None, fused: bool | str = False) -> None:
+                 norm: str | None = "bn", internal_channels: int | None = None, bn_mode: str = "exact",
+                 fused: bool | str = False) -> None:
         op = type(self).__name__
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op=op,
                          fused=fused)
         norm = check_norm(norm, op)
+        bn_mode = check_bn_mode(bn_mode, norm, op)
         self.norm_type = norm
         if internal_channels is None:
             internal_channels = in_channels if groups < out_channels else 2 * in_channels
@@ -187,6 +201,8 @@ class DBBConv2d(MultiBranchConv2d):
         second = self._conv(self.kernel_size, False, **dd, in_channels=internal_channels)
         self.branches.append(OneByOneKxKBranch(full, first, bn(internal_channels), second, bn(out_channels),
                                                identity_based=internal_channels == in_channels))
+        if bn_mode == "online":
+            self._make_online(device, dtype)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, bn: nn.Module | None = None, **kwargs) -> DBBConv2d:
@@ -196,13 +212,16 @@ class DBBConv2d(MultiBranchConv2d):
         return block
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", internal_channels={self.internal_channels}, norm={self.norm_type!r}"
+        return super().extra_repr() + f", internal_channels={self.internal_channels}, norm={self.norm_type!r}" + \
+            (f", bn_mode={self.bn_mode!r}" if self.bn_mode != "exact" else "")
 
 
 def build_dbb(name: str, conv: nn.Conv2d, bn: nn.Module | None = None, *, norm="bn",
-              internal_channels: int | None = None, zero_init: bool = False, fused: bool | str = False) -> DBBConv2d:
+              internal_channels: int | None = None, zero_init: bool = False, bn_mode: str = "exact",
+              fused: bool | str = False) -> DBBConv2d:
     """``convert`` builder for ``"dbb"``."""
-    block = DBBConv2d.from_conv(conv, bn, norm=norm, internal_channels=internal_channels, fused=fused)
+    block = DBBConv2d.from_conv(conv, bn, norm=norm, internal_channels=internal_channels, bn_mode=bn_mode,
+                                fused=fused)
     return block.zero_init_branches_() if zero_init else block
 
 
@@ -218,4 +237,4 @@ def _takes_bn(options: dict) -> bool:
 
 register_method("dbb", build_dbb, supports=dbb_supports, takes_bn=_takes_bn, overwrite=True,
                 description="Diverse Branch Block (KxK, 1x1, 1x1-avg, 1x1-KxK branches); options: norm, "
-                            "internal_channels, zero_init, fused")
+                            "internal_channels, zero_init, bn_mode, fused")

@@ -25,8 +25,10 @@ Training modes (``fused`` and ``bn_mode``, see :class:`MultiBranchConv2d`):
   :func:`repkernels.ops.multibranch_conv_bn` (same outputs, gradients and running statistics,
   without keeping any branch output); other branches (DBB's two-stage ones) run as usual.
 * ``bn_mode='online'`` (OREPA-style): each branch's BatchNorm is replaced by a learnable per-channel
-  :class:`ChannelScale`, and one BatchNorm (``post_norm``) follows the sum. With ``fused`` on, training
-  runs one conv with the merged kernel ``sum_l s_l * W_l`` and one BatchNorm.
+  :class:`ChannelScale` (two-stage DBB branches also drop the BatchNorm between their stages, so they
+  are linear), and one BatchNorm (``post_norm``) follows the sum. With ``fused`` on, training runs the
+  one-stage branches as one conv with the merged kernel ``sum_l s_l * W_l`` (DBB's two-stage branches
+  as modules) and one BatchNorm.
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ class Branch(nn.Module):
         """Make the branch output zero (its parameters stay trainable)."""
         raise NotImplementedError
 
+    def make_online_(self, channels: int, device, dtype) -> None:
+        """``bn_mode='online'``: replace the branch's BatchNorms (the last by a :class:`ChannelScale`)."""
+        raise ValueError(f"{type(self).__name__}: bn_mode='online' is not supported by this branch")
+
 
 def zero_last_(norm: nn.Module | None, conv: nn.Conv2d | None) -> None:
     with torch.no_grad():
@@ -130,6 +136,9 @@ class ConvBranch(Branch):
     def zero_init_(self) -> None:
         zero_last_(self.norm, self.conv)
 
+    def make_online_(self, channels: int, device, dtype) -> None:
+        self.norm = ChannelScale(channels, device=device, dtype=dtype)
+
     def extra_repr(self) -> str:
         return f"rect={tuple(self.rect)}"
 
@@ -162,9 +171,7 @@ class MultiBranchConv2d(ReparamModule):
     def _make_online(self, device, dtype) -> None:
         """``bn_mode='online'``: branch BatchNorms -> :class:`ChannelScale`, one BatchNorm after the sum."""
         for branch in self.branches:
-            if not isinstance(branch, ConvBranch):
-                raise ValueError(f"{type(self).__name__}: bn_mode='online' supports conv branches only")
-            branch.norm = ChannelScale(self.out_channels, device=device, dtype=dtype)
+            branch.make_online_(self.out_channels, device, dtype)
         self.post_norm = nn.BatchNorm2d(self.out_channels, device=device, dtype=dtype)
         self.bn_mode = "online"
 
@@ -189,11 +196,12 @@ class MultiBranchConv2d(ReparamModule):
             origin.conv.weight.copy_(conv.weight)
             if conv.bias is not None:
                 origin.conv.bias.copy_(conv.bias)
-        if bn is None and isinstance(origin.norm, _BatchNorm) and origin.norm.track_running_stats:
+        new_norm = self.post_norm if self.bn_mode == "online" else origin.norm
+        if bn is None and isinstance(new_norm, _BatchNorm) and new_norm.track_running_stats:
             # No BN to absorb (e.g. timm's BatchNormAct2d, LayerNorm, or none): start the new norm as the
             # identity in eval mode (running_var + eps = 1), so a converted pretrained model is unchanged.
             with torch.no_grad():
-                origin.norm.running_var.fill_(1.0 - origin.norm.eps)
+                new_norm.running_var.fill_(1.0 - new_norm.eps)
         if bn is not None:
             if not isinstance(bn, _BatchNorm) or bn.num_features != self.out_channels:
                 raise ValueError(f"{type(self).__name__}.from_conv: `bn` must be a BatchNorm over "
