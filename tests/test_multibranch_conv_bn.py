@@ -303,18 +303,25 @@ def test_op_argument_errors():
 # --- bn_mode="online" ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", [PBConv2d, ACBConv2d], ids=lambda c: c.__name__)
-@pytest.mark.parametrize("stride,padding,groups", [(1, 1, 1), (2, 0, 2), (1, "same", 4)])
-def test_online_mode_fused_matches_unfused_and_reparameterizes(cls, stride, padding, groups):
+@pytest.mark.parametrize("cls", [PBConv2d, ACBConv2d, DBBConv2d], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cin,cout,stride,padding,groups,dilation",
+                         [(4, 8, 1, 1, 1, 1), (4, 8, 2, 0, 2, 1), (4, 8, 1, "same", 4, 1), (6, 6, 1, 2, 6, 2)])
+def test_online_mode_fused_matches_unfused_and_reparameterizes(cls, cin, cout, stride, padding, groups, dilation):
     rng = random.Random(11)
     kw = {"branches": random_candidate((3, 3), 2)} if cls is PBConv2d else {}
-    block = cls(4, 8, 3, stride=stride, padding=padding, groups=groups, bn_mode="online", dtype=torch.float64, **kw)
-    assert block.post_norm is not None and all(isinstance(b.norm, ChannelScale) for b in block.branches)
+    block = cls(cin, cout, 3, stride=stride, padding=padding, dilation=dilation, groups=groups, bn_mode="online",
+                dtype=torch.float64, **kw)
+    assert isinstance(block.post_norm, nn.BatchNorm2d)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in block.branches.modules()), \
+        "online mode leaves no BatchNorm inside the branches (DBB's two-stage branches become linear)"
     with torch.no_grad():
-        for b in block.branches:
-            b.norm.weight.uniform_(0.5, 1.5)
+        for m in block.branches.modules():
+            if isinstance(m, ChannelScale):
+                m.weight.uniform_(0.5, 1.5)
+            elif isinstance(m, nn.Conv2d):
+                m.weight.normal_(0, 0.5)
     _randomize(block, rng)
-    x = torch.randn(3, 4, 7, 6, dtype=torch.float64)
+    x = torch.randn(3, cin, 9, 8, dtype=torch.float64)
     compare_training(block, x, steps=2, what=f"online {cls.__name__}")
     block.train()
     block(x)
@@ -613,35 +620,7 @@ def test_fused_channels_last_input():
     compare_training(block, x, steps=2, what="channels_last")
 
 
-# --- bn_mode="online" for DBB (two-stage branches become linear) ------------------------------------
-
-
-@pytest.mark.parametrize("cin,cout,groups,stride,dilation,padding", [
-    (4, 8, 1, 1, 1, 1), (4, 8, 2, 2, 1, 0), (6, 6, 6, 1, 2, 2), (4, 4, 1, 2, 2, 3),
-])
-def test_online_dbb_fused_matches_unfused_and_reparameterizes(cin, cout, groups, stride, dilation, padding):
-    rng = random.Random(5)
-    block = DBBConv2d(cin, cout, 3, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                      bn_mode="online", dtype=torch.float64)
-    assert block.bn_mode == "online" and isinstance(block.post_norm, nn.BatchNorm2d)
-    norms = [m for m in block.branches.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert norms == [], "online mode leaves no BatchNorm inside the branches"
-    with torch.no_grad():
-        for m in block.branches.modules():
-            if isinstance(m, ChannelScale):
-                m.weight.uniform_(0.5, 1.5)
-            elif isinstance(m, nn.Conv2d):
-                m.weight.normal_()
-    _randomize(block, rng)
-    x = torch.randn(2, cin, 9, 8, dtype=torch.float64)
-    block.fused = True
-    compare_training(block, x, steps=2, what="online DBB")
-    block.train()
-    block(x)
-    block.eval()
-    conv = block.reparameterize()
-    _close(conv(x), block(x), torch.float64, "online DBB reparameterize")
-    assert "bn_mode='online'" in repr(block)
+# --- bn_mode="online" for DBB: conversion -----------------------------------------------------------
 
 
 def test_online_dbb_convert_from_pretrained_is_exact_at_zero_init():
