@@ -32,7 +32,7 @@ namespace {
 void check_pair(c10::IntArrayRef v, const char* name, int64_t min_value) {
   RK_CHECK(v.size() == 2, "depthwise_conv2d: `", name, "` must have 2 elements, got ", v.size());
   RK_CHECK(v[0] >= min_value && v[1] >= min_value, "depthwise_conv2d: `", name, "` must be >= ", min_value,
-              ", got ", v);
+           ", got ", v);
 }
 
 // Validates the arguments and returns the problem description (plan not yet made).
@@ -40,20 +40,20 @@ Params make_params(const at::Tensor& input, const at::Tensor& weight, const std:
                    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   RK_CHECK(input.dim() == 4, "depthwise_conv2d: `input` must be 4-D (N, C, H, W), got shape ", input.sizes());
   RK_CHECK(weight.dim() == 4 && weight.size(0) == input.size(1) && weight.size(1) == 1,
-              "depthwise_conv2d: `weight` must have shape (C, 1, kh, kw) with C = input channels (",
-              input.size(1), "), got ", weight.sizes());
+           "depthwise_conv2d: `weight` must have shape (C, 1, kh, kw) with C = input channels (",
+           input.size(1), "), got ", weight.sizes());
   RK_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1, "depthwise_conv2d: `weight` kernel size must be >= 1");
   RK_CHECK(weight.scalar_type() == input.scalar_type(), "depthwise_conv2d: `weight` dtype ",
-              weight.scalar_type(), " does not match `input` dtype ", input.scalar_type());
+           weight.scalar_type(), " does not match `input` dtype ", input.scalar_type());
   RK_CHECK(weight.device() == input.device(), "depthwise_conv2d: `weight` is on ", weight.device(),
-              " but `input` is on ", input.device());
+           " but `input` is on ", input.device());
   if (bias.has_value()) {
     RK_CHECK(bias->dim() == 1 && bias->size(0) == input.size(1), "depthwise_conv2d: `bias` must have shape (",
-                input.size(1), ",), got ", bias->sizes());
+             input.size(1), ",), got ", bias->sizes());
     RK_CHECK(bias->scalar_type() == input.scalar_type(), "depthwise_conv2d: `bias` dtype ", bias->scalar_type(),
-                " does not match `input` dtype ", input.scalar_type());
+             " does not match `input` dtype ", input.scalar_type());
     RK_CHECK(bias->device() == input.device(), "depthwise_conv2d: `bias` is on ", bias->device(),
-                " but `input` is on ", input.device());
+             " but `input` is on ", input.device());
   }
   check_pair(stride, "stride", 1);
   check_pair(padding, "padding", 0);
@@ -75,8 +75,8 @@ Params make_params(const at::Tensor& input, const at::Tensor& weight, const std:
   p.oh = (p.h + 2 * p.ph - p.dh * (p.kh - 1) - 1) / p.sh + 1;
   p.ow = (p.w + 2 * p.pw - p.dw * (p.kw - 1) - 1) / p.sw + 1;
   RK_CHECK(p.h + 2 * p.ph >= p.dh * (p.kh - 1) + 1 && p.w + 2 * p.pw >= p.dw * (p.kw - 1) + 1,
-              "depthwise_conv2d: padded `input` (", p.h + 2 * p.ph, " x ", p.w + 2 * p.pw,
-              ") is smaller than the dilated kernel (", p.dh * (p.kh - 1) + 1, " x ", p.dw * (p.kw - 1) + 1, ")");
+           "depthwise_conv2d: padded `input` (", p.h + 2 * p.ph, " x ", p.w + 2 * p.pw,
+           ") is smaller than the dilated kernel (", p.dh * (p.kh - 1) + 1, " x ", p.dw * (p.kw - 1) + 1, ")");
   for (int i = 0; i < 4; ++i) p.in_stride[i] = input.stride(i);
   return p;
 }
@@ -228,7 +228,7 @@ at::Tensor depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weig
     case at::kHalf: dtype = DType::kFloat16; break;
     case at::kBFloat16: dtype = DType::kBFloat16; break;
     default: RK_CHECK(false, "depthwise_conv2d (cuda): `input` dtype must be float32, float16 or bfloat16, got ",
-                         input.scalar_type());
+                      input.scalar_type());
   }
   plan(p);
   c10::cuda::CUDAGuard guard(input.device());
@@ -257,13 +257,13 @@ Params make_backward_params(const at::Tensor& grad, const at::Tensor& input, con
                             c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   Params p = make_params(input, weight, std::nullopt, stride, padding, dilation);
   RK_CHECK(grad.dim() == 4 && grad.size(0) == p.n && grad.size(1) == p.c && grad.size(2) == p.oh &&
-                  grad.size(3) == p.ow,
-              "depthwise_conv2d backward: `grad` must have the output shape (", p.n, ", ", p.c, ", ", p.oh, ", ",
-              p.ow, "), got ", grad.sizes());
+               grad.size(3) == p.ow,
+           "depthwise_conv2d backward: `grad` must have the output shape (", p.n, ", ", p.c, ", ", p.oh, ", ",
+           p.ow, "), got ", grad.sizes());
   RK_CHECK(grad.scalar_type() == input.scalar_type(), "depthwise_conv2d backward: `grad` dtype ",
-              grad.scalar_type(), " does not match `input` dtype ", input.scalar_type());
+           grad.scalar_type(), " does not match `input` dtype ", input.scalar_type());
   RK_CHECK(grad.device() == input.device(), "depthwise_conv2d backward: `grad` is on ", grad.device(),
-              " but `input` is on ", input.device());
+           " but `input` is on ", input.device());
   return p;
 }
 
@@ -413,7 +413,7 @@ DType cuda_dtype(const at::Tensor& input) {
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
     default: RK_CHECK(false, "depthwise_conv2d (cuda): `input` dtype must be float32, float16 or bfloat16, got ",
-                         input.scalar_type());
+                      input.scalar_type());
   }
 }
 

@@ -88,17 +88,30 @@ DType dtype_of(const at::Tensor& t, const char* op) {
   }
 }
 
+// One op on `t`'s device: CUDA tensors run `launch(dtype, stream)` under a device guard; CPU tensors run
+// `emulate_as(T{})`, T the storage type (float64 included: the emulation's reference precision).
+template <typename Launch, typename Emulate>
+void run_on_device(const at::Tensor& t, const char* op, Launch launch, Emulate emulate_as) {
+  if (t.is_cuda()) {
+    c10::cuda::CUDAGuard guard(t.device());
+    C10_CUDA_CHECK(launch(dtype_of(t, op), c10::cuda::getCurrentCUDAStream()));
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "kernelwarehouse_cpu",
+                                  [&] { emulate_as(scalar_t{}); });
+}
+
 void check_same(const at::Tensor& ref, const char* ref_name, const at::Tensor& t, const char* name, const char* op) {
   RK_CHECK(t.scalar_type() == ref.scalar_type(), op, ": `", name, "` dtype ", t.scalar_type(), " does not match `",
-              ref_name, "` dtype ", ref.scalar_type());
+           ref_name, "` dtype ", ref.scalar_type());
   RK_CHECK(t.device() == ref.device(), op, ": `", name, "` is on ", t.device(), " but `", ref_name, "` is on ",
-              ref.device());
+           ref.device());
 }
 
 // ---------------------------------------------------------------------------------------------- kw_assemble
 AsmParams make_asm_params(const at::Tensor& warehouse, c10::IntArrayRef layout, int64_t batch, const char* op) {
   RK_CHECK(warehouse.dim() >= 3, op, ": `warehouse` must be (n, co, ci, *cell_kernel), got shape ",
-              warehouse.sizes());
+           warehouse.sizes());
   RK_CHECK(layout.size() >= 2, op, ": `layout` must be (Cout, Cin/groups, *kernel), got ", layout);
   for (auto v : layout) RK_CHECK(v >= 1, op, ": `layout` must hold positive sizes, got ", layout);
   AsmParams p{};
@@ -117,9 +130,9 @@ AsmParams make_asm_params(const at::Tensor& warehouse, c10::IntArrayRef layout, 
   const bool whole = warehouse.dim() - 3 == static_cast<int64_t>(layout.size()) - 2 &&
                      warehouse.sizes().slice(3).equals(layout.slice(2));
   RK_CHECK(ones || whole, op, ": `warehouse` cells must span one tap (cell kernel all ones) or the whole kernel ",
-              layout.slice(2), ", got cell kernel ", warehouse.sizes().slice(3));
+           layout.slice(2), ", got cell kernel ", warehouse.sizes().slice(3));
   RK_CHECK(p.co >= 1 && p.ci >= 1 && layout[0] % p.co == 0 && layout[1] % p.ci == 0, op, ": `warehouse` cells (",
-              p.co, " x ", p.ci, ") must divide the kernel's channels (`layout` ", layout, ")");
+           p.co, " x ", p.ci, ") must divide the kernel's channels (`layout` ", layout, ")");
   p.cin_g = layout[1];
   p.gi = layout[1] / p.ci;
   p.ns = p.ks / p.ce;
@@ -131,8 +144,8 @@ AsmParams make_asm_params(const at::Tensor& warehouse, c10::IntArrayRef layout, 
 
 void check_attention(const at::Tensor& attention, const AsmParams& p, const char* op) {
   RK_CHECK(attention.dim() == 3 && attention.size(1) == p.m && attention.size(2) == p.n, op,
-              ": `attention` must have shape (B, ", p.m, ", ", p.n, ") for this warehouse and layout, got ",
-              attention.sizes());
+           ": `attention` must have shape (B, ", p.m, ", ", p.n, ") for this warehouse and layout, got ",
+           attention.sizes());
 }
 
 std::vector<int64_t> kernel_shape(int64_t batch, c10::IntArrayRef layout) {
@@ -150,16 +163,11 @@ at::Tensor kw_assemble_impl(const at::Tensor& attention, const at::Tensor& wareh
   at::Tensor att = attention.contiguous(), wh = warehouse.contiguous();
   at::Tensor out = at::empty(kernel_shape(p.batch, layout), warehouse.options());
   if (out.numel() == 0) return out;
-  if (attention.is_cuda()) {
-    c10::cuda::CUDAGuard guard(attention.device());
-    C10_CUDA_CHECK(launch_assemble_forward(p, dtype_of(attention, op), att.const_data_ptr(), wh.const_data_ptr(),
-                                           out.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()));
-    return out;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attention.scalar_type(), "kw_assemble_cpu", [&] {
-    AsmForward<scalar_t, AccOf<scalar_t>> pr{p, att.const_data_ptr<scalar_t>(), wh.const_data_ptr<scalar_t>(),
-                                             out.mutable_data_ptr<scalar_t>()};
-    emulate(pr);
+  run_on_device(attention, op, [&](DType dt, cudaStream_t stream) {
+    return launch_assemble_forward(p, dt, att.const_data_ptr(), wh.const_data_ptr(), out.mutable_data_ptr(), stream);
+  }, [&](auto tag) {
+    using T = decltype(tag);
+    emulate(AsmForward<T, AccOf<T>>{p, att.const_data_ptr<T>(), wh.const_data_ptr<T>(), out.mutable_data_ptr<T>()});
   });
   return out;
 }
@@ -170,20 +178,16 @@ at::Tensor kw_assemble_backward_attention_impl(const at::Tensor& grad, const at:
   check_same(warehouse, "warehouse", grad, "grad", op);
   AsmParams p = make_asm_params(warehouse, layout, grad.dim() > 0 ? grad.size(0) : 0, op);
   RK_CHECK(grad.sizes().equals(kernel_shape(p.batch, layout)), op, ": `grad` must have shape (B, ", layout,
-              "), got ", grad.sizes());
+           "), got ", grad.sizes());
   at::Tensor g = grad.contiguous(), wh = warehouse.contiguous();
   at::Tensor out = at::empty({p.batch, p.m, p.n}, warehouse.options());
   if (out.numel() == 0) return out;
-  if (grad.is_cuda()) {
-    c10::cuda::CUDAGuard guard(grad.device());
-    C10_CUDA_CHECK(launch_assemble_backward_attention(p, dtype_of(grad, op), g.const_data_ptr(), wh.const_data_ptr(),
-                                                      out.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()));
-    return out;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "kw_assemble_bwd_att_cpu", [&] {
-    AsmBackwardAtt<scalar_t, AccOf<scalar_t>> pr{p, g.const_data_ptr<scalar_t>(), wh.const_data_ptr<scalar_t>(),
-                                                 out.mutable_data_ptr<scalar_t>()};
-    emulate(pr);
+  run_on_device(grad, op, [&](DType dt, cudaStream_t stream) {
+    return launch_assemble_backward_attention(p, dt, g.const_data_ptr(), wh.const_data_ptr(), out.mutable_data_ptr(),
+                                              stream);
+  }, [&](auto tag) {
+    using T = decltype(tag);
+    emulate(AsmBackwardAtt<T, AccOf<T>>{p, g.const_data_ptr<T>(), wh.const_data_ptr<T>(), out.mutable_data_ptr<T>()});
   });
   return out;
 }
@@ -197,7 +201,7 @@ at::Tensor kw_assemble_backward_warehouse_impl(const at::Tensor& grad, const at:
   AsmParams p = make_asm_params(warehouse, layout, attention.size(0), op);
   check_attention(attention, p, op);
   RK_CHECK(grad.sizes().equals(kernel_shape(p.batch, layout)), op, ": `grad` must have shape (B, ", layout,
-              "), got ", grad.sizes());
+           "), got ", grad.sizes());
   at::Tensor g = grad.contiguous(), att = attention.contiguous();
   if (warehouse.numel() == 0 || p.rows() == 0) return at::zeros_like(warehouse, at::MemoryFormat::Contiguous);
   // Split the long reduction over rows so that about two waves of blocks fill the device.
@@ -213,19 +217,14 @@ at::Tensor kw_assemble_backward_warehouse_impl(const at::Tensor& grad, const at:
   const int64_t used = cdiv(p.rows(), p.rows_per_split);
   const bool is_double = attention.scalar_type() == at::kDouble;
   at::Tensor partial = at::empty({used, p.n, p.cell()}, attention.options().dtype(is_double ? at::kDouble : at::kFloat));
-  if (attention.is_cuda()) {
-    c10::cuda::CUDAGuard guard(attention.device());
-    C10_CUDA_CHECK(launch_assemble_backward_warehouse(p, dtype_of(attention, op), att.const_data_ptr(),
-                                                      g.const_data_ptr(), partial.mutable_data_ptr<float>(),
-                                                      c10::cuda::getCurrentCUDAStream()));
-  } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attention.scalar_type(), "kw_assemble_bwd_wh_cpu", [&] {
-      using Acc = AccOf<scalar_t>;
-      AsmBackwardWh<scalar_t, Acc> pr{p, att.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-                                      partial.mutable_data_ptr<Acc>()};
-      emulate(pr);
-    });
-  }
+  run_on_device(attention, op, [&](DType dt, cudaStream_t stream) {
+    return launch_assemble_backward_warehouse(p, dt, att.const_data_ptr(), g.const_data_ptr(),
+                                              partial.mutable_data_ptr<float>(), stream);
+  }, [&](auto tag) {
+    using T = decltype(tag);
+    emulate(AsmBackwardWh<T, AccOf<T>>{p, att.const_data_ptr<T>(), g.const_data_ptr<T>(),
+                                       partial.mutable_data_ptr<AccOf<T>>()});
+  });
   return at::sum(partial, {0}).to(warehouse.scalar_type()).view(warehouse.sizes());
 }
 
@@ -239,14 +238,14 @@ ConvParams make_conv_params(const at::Tensor& input, const at::Tensor& weight, c
                             c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, const char* op) {
   RK_CHECK(input.dim() == 4, op, ": `input` must be 4-D (B, C, H, W), got shape ", input.sizes());
   RK_CHECK(weight.dim() == 5, op, ": `weight` must be 5-D (B, Cout, C/groups, kh, kw), got shape ",
-              weight.sizes());
+           weight.sizes());
   check_same(input, "input", weight, "weight", op);
   RK_CHECK(weight.size(0) == input.size(0), op, ": `weight` batch ", weight.size(0), " != `input` batch ",
-              input.size(0));
+           input.size(0));
   RK_CHECK(groups >= 1 && input.size(1) % groups == 0 && weight.size(1) % groups == 0, op, ": `groups` (", groups,
-              ") must divide the input (", input.size(1), ") and output (", weight.size(1), ") channels");
+           ") must divide the input (", input.size(1), ") and output (", weight.size(1), ") channels");
   RK_CHECK(weight.size(2) * groups == input.size(1), op, ": `weight` must have shape (B, Cout, C/groups, kh, kw) "
-              "with C/groups = ", input.size(1) / groups, ", got ", weight.sizes());
+           "with C/groups = ", input.size(1) / groups, ", got ", weight.sizes());
   RK_CHECK(weight.size(3) >= 1 && weight.size(4) >= 1, op, ": `weight` kernel size must be >= 1");
   check_pair(stride, "stride", 1, op);
   check_pair(padding, "padding", 0, op);
@@ -269,8 +268,8 @@ ConvParams make_conv_params(const at::Tensor& input, const at::Tensor& weight, c
   p.dh = dilation[0];
   p.dw = dilation[1];
   RK_CHECK(p.h + 2 * p.ph >= p.dh * (p.kh - 1) + 1 && p.w + 2 * p.pw >= p.dw * (p.kw - 1) + 1, op,
-              ": padded `input` (", p.h + 2 * p.ph, " x ", p.w + 2 * p.pw, ") is smaller than the dilated kernel (",
-              p.dh * (p.kh - 1) + 1, " x ", p.dw * (p.kw - 1) + 1, ")");
+           ": padded `input` (", p.h + 2 * p.ph, " x ", p.w + 2 * p.pw, ") is smaller than the dilated kernel (",
+           p.dh * (p.kh - 1) + 1, " x ", p.dw * (p.kw - 1) + 1, ")");
   p.oh = (p.h + 2 * p.ph - p.dh * (p.kh - 1) - 1) / p.sh + 1;
   p.ow = (p.w + 2 * p.pw - p.dw * (p.kw - 1) - 1) / p.sw + 1;
   for (int i = 0; i < 4; ++i) p.x_stride[i] = input.stride(i);
@@ -285,8 +284,8 @@ at::MemoryFormat format_of(const at::Tensor& t) {
 void check_grad(const at::Tensor& grad, const at::Tensor& input, const ConvParams& p, const char* op) {
   check_same(input, "input", grad, "grad", op);
   RK_CHECK(grad.dim() == 4 && grad.size(0) == p.batch && grad.size(1) == p.cout && grad.size(2) == p.oh &&
-                  grad.size(3) == p.ow,
-              op, ": `grad` must have shape (", p.batch, ", ", p.cout, ", ", p.oh, ", ", p.ow, "), got ", grad.sizes());
+               grad.size(3) == p.ow,
+           op, ": `grad` must have shape (", p.batch, ", ", p.cout, ", ", p.oh, ", ", p.ow, "), got ", grad.sizes());
 }
 
 at::Tensor per_sample_conv2d_impl(const at::Tensor& input, const at::Tensor& weight,
@@ -297,25 +296,20 @@ at::Tensor per_sample_conv2d_impl(const at::Tensor& input, const at::Tensor& wei
   if (bias.has_value()) {
     check_same(input, "input", *bias, "bias", op);
     RK_CHECK(bias->dim() == 1 && bias->size(0) == p.cout, op, ": `bias` must have shape (", p.cout, ",), got ",
-                bias->sizes());
+             bias->sizes());
   }
   at::Tensor out = at::empty({p.batch, p.cout, p.oh, p.ow}, input.options().memory_format(format_of(input)));
   for (int i = 0; i < 4; ++i) p.y_stride[i] = out.stride(i);
   if (out.numel() == 0) return out;
   at::Tensor w = weight.contiguous();
   std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-  if (input.is_cuda()) {
-    c10::cuda::CUDAGuard guard(input.device());
-    C10_CUDA_CHECK(launch_conv_forward(p, dtype_of(input, op), input.const_data_ptr(), w.const_data_ptr(),
-                                       b.has_value() ? b->const_data_ptr() : nullptr, out.mutable_data_ptr(),
-                                       c10::cuda::getCurrentCUDAStream()));
-    return out;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "per_sample_conv2d_cpu", [&] {
-    ConvForward<scalar_t, AccOf<scalar_t>> pr{p, input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                              b.has_value() ? b->const_data_ptr<scalar_t>() : nullptr,
-                                              out.mutable_data_ptr<scalar_t>()};
-    emulate(pr);
+  run_on_device(input, op, [&](DType dt, cudaStream_t stream) {
+    return launch_conv_forward(p, dt, input.const_data_ptr(), w.const_data_ptr(),
+                               b.has_value() ? b->const_data_ptr() : nullptr, out.mutable_data_ptr(), stream);
+  }, [&](auto tag) {
+    using T = decltype(tag);
+    emulate(ConvForward<T, AccOf<T>>{p, input.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                                     b.has_value() ? b->const_data_ptr<T>() : nullptr, out.mutable_data_ptr<T>()});
   });
   return out;
 }
@@ -333,16 +327,11 @@ at::Tensor per_sample_conv2d_backward_input_impl(const at::Tensor& grad, const a
   }
   if (gx.numel() == 0) return gx;
   at::Tensor w = weight.contiguous();
-  if (input.is_cuda()) {
-    c10::cuda::CUDAGuard guard(input.device());
-    C10_CUDA_CHECK(launch_conv_backward_input(p, dtype_of(input, op), grad.const_data_ptr(), w.const_data_ptr(),
-                                              gx.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()));
-    return gx;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "per_sample_conv2d_bwd_in_cpu", [&] {
-    ConvBackwardInput<scalar_t, AccOf<scalar_t>> pr{p, grad.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                                    gx.mutable_data_ptr<scalar_t>()};
-    emulate(pr);
+  run_on_device(input, op, [&](DType dt, cudaStream_t stream) {
+    return launch_conv_backward_input(p, dt, grad.const_data_ptr(), w.const_data_ptr(), gx.mutable_data_ptr(), stream);
+  }, [&](auto tag) {
+    using T = decltype(tag);
+    emulate(ConvBackwardInput<T, AccOf<T>>{p, grad.const_data_ptr<T>(), w.const_data_ptr<T>(), gx.mutable_data_ptr<T>()});
   });
   return gx;
 }
@@ -358,16 +347,13 @@ at::Tensor per_sample_conv2d_backward_weight_impl(const at::Tensor& grad, const 
   at::Tensor gw = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
   if (gw.numel() == 0) return gw;
   if (grad.numel() == 0) return gw.zero_();
-  if (input.is_cuda()) {
-    c10::cuda::CUDAGuard guard(input.device());
-    C10_CUDA_CHECK(launch_conv_backward_weight(p, dtype_of(input, op), input.const_data_ptr(), grad.const_data_ptr(),
-                                               gw.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()));
-    return gw;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "per_sample_conv2d_bwd_w_cpu", [&] {
-    ConvBackwardWeight<scalar_t, AccOf<scalar_t>> pr{p, input.const_data_ptr<scalar_t>(),
-                                                     grad.const_data_ptr<scalar_t>(), gw.mutable_data_ptr<scalar_t>()};
-    emulate(pr);
+  run_on_device(input, op, [&](DType dt, cudaStream_t stream) {
+    return launch_conv_backward_weight(p, dt, input.const_data_ptr(), grad.const_data_ptr(), gw.mutable_data_ptr(),
+                                       stream);
+  }, [&](auto tag) {
+    using T = decltype(tag);
+    emulate(ConvBackwardWeight<T, AccOf<T>>{p, input.const_data_ptr<T>(), grad.const_data_ptr<T>(),
+                                            gw.mutable_data_ptr<T>()});
   });
   return gw;
 }
