@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from .. import _autotune, _backend, _extension, _validation
 from .. import reference as _reference
+from ._registration import register_op_family
 
 OP = "depthwise_conv2d"
 
@@ -155,13 +156,9 @@ if _backend.HAS_TRITON:
             return toeplitz.backward_weight(input, grad, plan, out)
         return depthwise_conv2d_bwd_weight(input, grad, tuple(stride), tuple(padding), tuple(dilation), out)
 
-    _depthwise_conv2d_triton.register_fake(_fake)
-    _depthwise_conv2d_backward_input_triton.register_fake(_fake_bwd_input)
-    _depthwise_conv2d_backward_weight_triton.register_fake(_fake_bwd_weight)
-    _depthwise_conv2d_triton.register_autograd(
-        _make_backward(lambda *a: torch.ops.repkernels.depthwise_conv2d_backward_input_triton(*a),
-                       lambda *a: torch.ops.repkernels.depthwise_conv2d_backward_weight_triton(*a)),
-        setup_context=_setup_context)
+    register_op_family("depthwise_conv2d_triton", ("depthwise_conv2d_backward_input_triton",
+                                                   "depthwise_conv2d_backward_weight_triton"),
+                       (_fake, _fake_bwd_input, _fake_bwd_weight), _make_backward, _setup_context)
 
 
 def _reference_backward_input(grad, input, weight, stride, padding, dilation):
@@ -175,15 +172,14 @@ def _reference_backward_weight(grad, input, weight, stride, padding, dilation):
 
 
 if _extension.HAS_C:
-    torch.library.register_fake("repkernels::depthwise_conv2d")(_fake)
     if _has_c_op("depthwise_conv2d_backward_input"):
-        torch.library.register_fake("repkernels::depthwise_conv2d_backward_input")(_fake_bwd_input)
-        torch.library.register_fake("repkernels::depthwise_conv2d_backward_weight")(_fake_bwd_weight)
-        _c_backward = _make_backward(lambda *a: torch.ops.repkernels.depthwise_conv2d_backward_input(*a),
-                                     lambda *a: torch.ops.repkernels.depthwise_conv2d_backward_weight(*a))
+        register_op_family("depthwise_conv2d", ("depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight"),
+                           (_fake, _fake_bwd_input, _fake_bwd_weight), _make_backward, _setup_context)
     else:  # an extension built before the backward kernels existed
-        _c_backward = _make_backward(_reference_backward_input, _reference_backward_weight)
-    torch.library.register_autograd("repkernels::depthwise_conv2d", _c_backward, setup_context=_setup_context)
+        torch.library.register_fake("repkernels::depthwise_conv2d")(_fake)
+        torch.library.register_autograd("repkernels::depthwise_conv2d",
+                                        _make_backward(_reference_backward_input, _reference_backward_weight),
+                                        setup_context=_setup_context)
 
 
 def _normalize(input, weight, bias, stride, padding, dilation):

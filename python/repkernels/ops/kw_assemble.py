@@ -21,6 +21,7 @@ import torch
 
 from .. import _backend, _extension, _validation
 from ..reference import kernelwarehouse as _ref
+from ._registration import register_op_family
 
 OP = "kw_assemble"
 PREFER = ("triton", "cuda")
@@ -116,23 +117,13 @@ if _backend.HAS_TRITON:
         out = torch.empty(warehouse.shape, dtype=warehouse.dtype, device=warehouse.device)
         return kw_assemble_bwd_warehouse(attention, grad, _ref.layout_grid(warehouse.shape, layout), out)
 
-    _kw_assemble_triton.register_fake(_fake)
-    _kw_assemble_backward_attention_triton.register_fake(_fake_bwd_attention)
-    _kw_assemble_backward_warehouse_triton.register_fake(_fake_bwd_warehouse)
-    _kw_assemble_triton.register_autograd(
-        _make_backward(lambda *a: torch.ops.repkernels.kw_assemble_backward_attention_triton(*a),
-                       lambda *a: torch.ops.repkernels.kw_assemble_backward_warehouse_triton(*a)),
-        setup_context=_setup_context)
+    register_op_family("kw_assemble_triton", ("kw_assemble_backward_attention_triton",
+                                              "kw_assemble_backward_warehouse_triton"),
+                       (_fake, _fake_bwd_attention, _fake_bwd_warehouse), _make_backward, _setup_context)
 
 if _has_c_op("kw_assemble"):
-    torch.library.register_fake("repkernels::kw_assemble")(_fake)
-    torch.library.register_fake("repkernels::kw_assemble_backward_attention")(_fake_bwd_attention)
-    torch.library.register_fake("repkernels::kw_assemble_backward_warehouse")(_fake_bwd_warehouse)
-    torch.library.register_autograd(
-        "repkernels::kw_assemble",
-        _make_backward(lambda *a: torch.ops.repkernels.kw_assemble_backward_attention(*a),
-                       lambda *a: torch.ops.repkernels.kw_assemble_backward_warehouse(*a)),
-        setup_context=_setup_context)
+    register_op_family("kw_assemble", ("kw_assemble_backward_attention", "kw_assemble_backward_warehouse"),
+                       (_fake, _fake_bwd_attention, _fake_bwd_warehouse), _make_backward, _setup_context)
 
 
 def cuda_reason(*tensors: torch.Tensor) -> str | None:

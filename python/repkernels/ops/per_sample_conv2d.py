@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .. import _backend, _extension, _validation
 from ..reference import kernelwarehouse as _ref
+from ._registration import register_op_family
 
 OP = "per_sample_conv2d"
 PREFER = ("triton", "cuda")
@@ -101,23 +102,13 @@ if _backend.HAS_TRITON:
         out = _fake_bwd_weight(grad, input, weight, stride, padding, dilation, groups)
         return per_sample_conv2d_bwd_weight(input, grad, tuple(stride), tuple(padding), tuple(dilation), groups, out)
 
-    _per_sample_conv2d_triton.register_fake(_fake)
-    _per_sample_conv2d_backward_input_triton.register_fake(_fake_bwd_input)
-    _per_sample_conv2d_backward_weight_triton.register_fake(_fake_bwd_weight)
-    _per_sample_conv2d_triton.register_autograd(
-        _make_backward(lambda *a: torch.ops.repkernels.per_sample_conv2d_backward_input_triton(*a),
-                       lambda *a: torch.ops.repkernels.per_sample_conv2d_backward_weight_triton(*a)),
-        setup_context=_setup_context)
+    register_op_family("per_sample_conv2d_triton", ("per_sample_conv2d_backward_input_triton",
+                                                    "per_sample_conv2d_backward_weight_triton"),
+                       (_fake, _fake_bwd_input, _fake_bwd_weight), _make_backward, _setup_context)
 
 if _has_c_op("per_sample_conv2d"):
-    torch.library.register_fake("repkernels::per_sample_conv2d")(_fake)
-    torch.library.register_fake("repkernels::per_sample_conv2d_backward_input")(_fake_bwd_input)
-    torch.library.register_fake("repkernels::per_sample_conv2d_backward_weight")(_fake_bwd_weight)
-    torch.library.register_autograd(
-        "repkernels::per_sample_conv2d",
-        _make_backward(lambda *a: torch.ops.repkernels.per_sample_conv2d_backward_input(*a),
-                       lambda *a: torch.ops.repkernels.per_sample_conv2d_backward_weight(*a)),
-        setup_context=_setup_context)
+    register_op_family("per_sample_conv2d", ("per_sample_conv2d_backward_input", "per_sample_conv2d_backward_weight"),
+                       (_fake, _fake_bwd_input, _fake_bwd_weight), _make_backward, _setup_context)
 
 
 def resolve_padding(input: torch.Tensor, kernel: Sequence[int], stride: tuple[int, int],
