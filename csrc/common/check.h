@@ -55,3 +55,16 @@ std::string message(const Parts&... parts) {
                                     ::rk::message(__VA_ARGS__));                                             \
     }                                                                                                        \
   } while (false)
+
+// RK_CUDA_CHECK(expr): a CUDA runtime call or launcher returning cudaError_t; an error becomes a c10::Error
+// built like RK_CHECK's (C10_CUDA_CHECK formats through an ostringstream). Include <cuda_runtime_api.h> first.
+#define RK_CUDA_CHECK(expr)                                                                                  \
+  do {                                                                                                       \
+    const cudaError_t rk_cuda_status_ = (expr);                                                              \
+    if (C10_UNLIKELY(rk_cuda_status_ != cudaSuccess)) {                                                      \
+      (void)cudaGetLastError();                                                                              \
+      ::c10::detail::torchCheckFail(__func__, __FILE__, static_cast<uint32_t>(__LINE__),                     \
+                                    ::rk::message("CUDA error: ", cudaGetErrorString(rk_cuda_status_),       \
+                                                  " (", cudaGetErrorName(rk_cuda_status_), ") from ", #expr)); \
+    }                                                                                                        \
+  } while (false)

@@ -8,7 +8,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -238,12 +237,12 @@ at::Tensor depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weig
   ToeplitzParams t;
   if (make_toeplitz(p, input, out, t)) {
     if (out.numel() > 0)
-      C10_CUDA_CHECK(launch_toeplitz_conv(t, false, dtype, input.const_data_ptr(), w.const_data_ptr(),
+      RK_CUDA_CHECK(launch_toeplitz_conv(t, false, dtype, input.const_data_ptr(), w.const_data_ptr(),
                                           b.has_value() ? b->const_data_ptr() : nullptr, out.mutable_data_ptr(),
                                           c10::cuda::getCurrentCUDAStream()));
     return out;
   }
-  C10_CUDA_CHECK(launch_forward(p, dtype, input.const_data_ptr(), w.const_data_ptr(),
+  RK_CUDA_CHECK(launch_forward(p, dtype, input.const_data_ptr(), w.const_data_ptr(),
                                 b.has_value() ? b->const_data_ptr() : nullptr, out.mutable_data_ptr(),
                                 c10::cuda::getCurrentCUDAStream()));
   return out;
@@ -429,14 +428,14 @@ at::Tensor depthwise_conv2d_backward_input_cuda(const at::Tensor& grad, const at
   if (make_toeplitz(p, grad_input, grad, t)) {
     at::Tensor w = weight.contiguous();
     if (grad_input.numel() > 0)
-      C10_CUDA_CHECK(launch_toeplitz_conv(t, true, dtype, grad.const_data_ptr(), w.const_data_ptr(), nullptr,
+      RK_CUDA_CHECK(launch_toeplitz_conv(t, true, dtype, grad.const_data_ptr(), w.const_data_ptr(), nullptr,
                                           grad_input.mutable_data_ptr(), stream));
     return grad_input;
   }
   if (p.sh == 1 && p.sw == 1) {
     const Params f = flipped_forward_params(p, grad, grad_input);
     at::Tensor wf = weight.flip({2, 3}).contiguous();
-    C10_CUDA_CHECK(launch_forward(f, dtype, grad.const_data_ptr(), wf.const_data_ptr(), nullptr,
+    RK_CUDA_CHECK(launch_forward(f, dtype, grad.const_data_ptr(), wf.const_data_ptr(), nullptr,
                                   grad_input.mutable_data_ptr(), stream));
   } else {
     for (int i = 0; i < 4; ++i) {
@@ -445,7 +444,7 @@ at::Tensor depthwise_conv2d_backward_input_cuda(const at::Tensor& grad, const at
     }
     plan_dgrad(p);
     at::Tensor w = weight.contiguous();
-    C10_CUDA_CHECK(launch_backward_input(p, dtype, grad.const_data_ptr(), w.const_data_ptr(),
+    RK_CUDA_CHECK(launch_backward_input(p, dtype, grad.const_data_ptr(), w.const_data_ptr(),
                                          grad_input.mutable_data_ptr(), stream));
   }
   return grad_input;
@@ -461,17 +460,17 @@ at::Tensor depthwise_conv2d_backward_weight_cuda(const at::Tensor& grad, const a
   if (make_toeplitz(p, input, grad, t)) {
     at::Tensor gw = at::empty({p.c, 1, p.kh, p.kw}, input.options());
     at::Tensor ws = at::empty({p.c * t.kf, t.out_plane(), t.in_plane()}, input.options().dtype(at::kFloat));
-    C10_CUDA_CHECK(launch_toeplitz_wgrad(t, dtype, grad.const_data_ptr(), input.const_data_ptr(),
+    RK_CUDA_CHECK(launch_toeplitz_wgrad(t, dtype, grad.const_data_ptr(), input.const_data_ptr(),
                                          ws.mutable_data_ptr<float>(), gw.mutable_data_ptr(),
                                          c10::cuda::getCurrentCUDAStream()));
     return gw;
   }
   for (int i = 0; i < 4; ++i) p.out_stride[i] = grad.stride(i);
   int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, input.device().index()));
+  RK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, input.device().index()));
   plan_wgrad(p, 4 * int64_t(sms));
   at::Tensor ws = at::empty({p.c, p.splits, p.kh * p.kw}, input.options().dtype(at::kFloat));
-  C10_CUDA_CHECK(launch_backward_weight(p, dtype, input.const_data_ptr(), grad.const_data_ptr(),
+  RK_CUDA_CHECK(launch_backward_weight(p, dtype, input.const_data_ptr(), grad.const_data_ptr(),
                                         ws.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
   return ws.sum(1).view({p.c, 1, p.kh, p.kw}).to(input.scalar_type());
 }

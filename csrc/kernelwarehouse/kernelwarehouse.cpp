@@ -17,7 +17,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros_like.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -94,7 +93,7 @@ template <typename Launch, typename Emulate>
 void run_on_device(const at::Tensor& t, const char* op, Launch launch, Emulate emulate_as) {
   if (t.is_cuda()) {
     c10::cuda::CUDAGuard guard(t.device());
-    C10_CUDA_CHECK(launch(dtype_of(t, op), c10::cuda::getCurrentCUDAStream()));
+    RK_CUDA_CHECK(launch(dtype_of(t, op), c10::cuda::getCurrentCUDAStream()));
     return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "kernelwarehouse_cpu",
@@ -209,7 +208,7 @@ at::Tensor kw_assemble_backward_warehouse_impl(const at::Tensor& grad, const at:
   int64_t sms = kEmulatedSMs;
   if (attention.is_cuda()) {
     int value = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, attention.get_device()));
+    RK_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, attention.get_device()));
     sms = value;
   }
   const int64_t splits = std::clamp<int64_t>(cdiv(2 * sms, tiles), 1, 64);
