@@ -436,42 +436,44 @@ def test_explicit_backends_that_cannot_serve_raise():
 
 
 # ---------------------------------------------------------------- GPU (skipped without one)
-def _gpu_check_all(backend_name):
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for case in ASM_CASES:
-            att, wh, layout = make_asm(case, dtype, "cuda")
-            grad = torch.randn(case[0], *layout, dtype=dtype, device="cuda")
-            args = [att.requires_grad_(), wh.requires_grad_()]
+def _gpu_check_all(backend_name, dtype):
+    # One dtype per test: each case is a new kernel specialization, and a Triton run compiles them all.
+    for case in ASM_CASES:
+        att, wh, layout = make_asm(case, dtype, "cuda")
+        grad = torch.randn(case[0], *layout, dtype=dtype, device="cuda")
+        args = [att.requires_grad_(), wh.requires_grad_()]
+        with repkernels.backend(backend_name):
+            out = kw_assemble(*args, layout)
+        ga, gw = torch.autograd.grad(out, args, grad)
+        ref_out, ref_ga, ref_gw = asm_ref64(att, wh, layout, grad)
+        assert_close(out, ref_out, dtype)
+        assert_close(ga, ref_ga, dtype, "grad attention")
+        assert_close(gw, ref_gw, dtype, "grad warehouse")
+    for case in CONV_CASES:
+        for cl in (False, True):
+            x, wt, bias, s, p, d, g = make_conv(case, dtype, "cuda", channels_last=cl)
+            args = [x.requires_grad_(), wt.requires_grad_()]
             with repkernels.backend(backend_name):
-                out = kw_assemble(*args, layout)
-            ga, gw = torch.autograd.grad(out, args, grad)
-            ref_out, ref_ga, ref_gw = asm_ref64(att, wh, layout, grad)
+                out = per_sample_conv2d(*args, bias, s, p, d, g)
+            grad = torch.randn_like(out)
+            gx, gw = torch.autograd.grad(out, args, grad)
+            ref_out, ref_gx, ref_gw = conv_ref64(x, wt, bias, s, p, d, g, grad)
             assert_close(out, ref_out, dtype)
-            assert_close(ga, ref_ga, dtype, "grad attention")
-            assert_close(gw, ref_gw, dtype, "grad warehouse")
-        for case in CONV_CASES:
-            for cl in (False, True):
-                x, wt, bias, s, p, d, g = make_conv(case, dtype, "cuda", channels_last=cl)
-                args = [x.requires_grad_(), wt.requires_grad_()]
-                with repkernels.backend(backend_name):
-                    out = per_sample_conv2d(*args, bias, s, p, d, g)
-                grad = torch.randn_like(out)
-                gx, gw = torch.autograd.grad(out, args, grad)
-                ref_out, ref_gx, ref_gw = conv_ref64(x, wt, bias, s, p, d, g, grad)
-                assert_close(out, ref_out, dtype)
-                assert_close(gx, ref_gx, dtype, "grad input")
-                assert_close(gw, ref_gw, dtype, "grad weight")
+            assert_close(gx, ref_gx, dtype, "grad input")
+            assert_close(gw, ref_gw, dtype, "grad weight")
 
 
 @requires_gpu
 @requires_c
-def test_gpu_cuda_kernels_match_reference(no_tf32):
-    _gpu_check_all("cuda")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_cuda_kernels_match_reference(no_tf32, dtype):
+    _gpu_check_all("cuda", dtype)
 
 
 @requires_triton_gpu
-def test_gpu_triton_kernels_match_reference(no_tf32):
-    _gpu_check_all("triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_triton_kernels_match_reference(no_tf32, dtype):
+    _gpu_check_all("triton", dtype)
 
 
 @requires_triton_gpu
