@@ -632,3 +632,14 @@ def test_online_dbb_convert_from_pretrained_is_exact_at_zero_init():
     assert isinstance(out[0], DBBConv2d) and out[0].bn_mode == "online" and len(report.swapped) == 1
     x = torch.randn(2, 3, 8, 8)
     _close(out.eval()(x), model(x), torch.float32, "online DBB zero-init conversion == conv+bn")
+
+
+@pytest.mark.parametrize("bn_mode", ["exact", "online"])
+def test_fused_double_backward_raises_instead_of_wrong_result(bn_mode):
+    """The fused backward differentiates detached recomputations, so a gradient of a gradient through it would
+    be wrong: it must raise (the unfused module supports double backward)."""
+    block = PBConv2d(3, 4, 3, padding=1, fused=True, bn_mode=bn_mode, dtype=torch.float64).train()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()

@@ -9,7 +9,8 @@ Registered operators (``torch.ops.repkernels``):
   ``depthwise_conv2d_backward_weight_triton`` — Triton kernels.
 
 Every op has a fake (meta) implementation; the forward ops have autograd whose backward runs the
-backward ops of the same backend (bias gradient: a sum). Each backend computes large kernels as
+backward ops of the same backend (bias gradient: a sum), and the backward ops have autograd made of the
+family's ops (double backward; ``ops/_registration.register_conv_double_backward``). Each backend computes large kernels as
 per-channel Toeplitz GEMMs (Triton: tensor cores; CUDA: the tile engine of kw_gemm_tile.h) and other
 kernels directly (dgrad: transposed direct conv; wgrad: per-channel reduction over batch and positions),
 always with fp32 accumulation.
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from .. import _autotune, _backend, _extension, _validation
 from .. import reference as _reference
-from ._registration import register_op_family
+from ._registration import register_conv_double_backward, register_op_family
 
 OP = "depthwise_conv2d"
 
@@ -159,6 +160,8 @@ if _backend.HAS_TRITON:
     register_op_family("depthwise_conv2d_triton", ("depthwise_conv2d_backward_input_triton",
                                                    "depthwise_conv2d_backward_weight_triton"),
                        (_fake, _fake_bwd_input, _fake_bwd_weight), _make_backward, _setup_context)
+    register_conv_double_backward("depthwise_conv2d_triton", "depthwise_conv2d_backward_input_triton",
+                                  "depthwise_conv2d_backward_weight_triton")
 
 
 def _reference_backward_input(grad, input, weight, stride, padding, dilation):
@@ -175,6 +178,8 @@ if _extension.HAS_C:
     if _has_c_op("depthwise_conv2d_backward_input"):
         register_op_family("depthwise_conv2d", ("depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight"),
                            (_fake, _fake_bwd_input, _fake_bwd_weight), _make_backward, _setup_context)
+        register_conv_double_backward("depthwise_conv2d", "depthwise_conv2d_backward_input",
+                                      "depthwise_conv2d_backward_weight")
     else:  # an extension built before the backward kernels existed
         torch.library.register_fake("repkernels::depthwise_conv2d")(_fake)
         torch.library.register_autograd("repkernels::depthwise_conv2d",

@@ -21,7 +21,7 @@ import torch
 
 from .. import _backend, _extension, _validation
 from ..reference import kernelwarehouse as _ref
-from ._registration import register_op_family
+from ._registration import register_assemble_double_backward, register_op_family
 
 OP = "kw_assemble"
 PREFER = ("triton", "cuda")
@@ -120,10 +120,14 @@ if _backend.HAS_TRITON:
     register_op_family("kw_assemble_triton", ("kw_assemble_backward_attention_triton",
                                               "kw_assemble_backward_warehouse_triton"),
                        (_fake, _fake_bwd_attention, _fake_bwd_warehouse), _make_backward, _setup_context)
+    register_assemble_double_backward("kw_assemble_triton", "kw_assemble_backward_attention_triton",
+                                      "kw_assemble_backward_warehouse_triton")
 
 if _has_c_op("kw_assemble"):
     register_op_family("kw_assemble", ("kw_assemble_backward_attention", "kw_assemble_backward_warehouse"),
                        (_fake, _fake_bwd_attention, _fake_bwd_warehouse), _make_backward, _setup_context)
+    register_assemble_double_backward("kw_assemble", "kw_assemble_backward_attention",
+                                      "kw_assemble_backward_warehouse")
 
 
 def cuda_reason(*tensors: torch.Tensor) -> str | None:

@@ -45,6 +45,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ..reparam.geometry import Rect, as_pair, conv2d_sides
 
@@ -193,6 +194,7 @@ class _MultiBranchConvBN(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable   # the backward differentiates detached recomputations
     def backward(ctx, grad_out):
         (rects, bns, kernel_size, stride, sides, dilation, groups, process_group, _) = ctx.meta
         a_list, mean_list, inv_list = ctx.stats
@@ -428,6 +430,7 @@ class _MergedConv(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable   # the backward differentiates detached recomputations
     def backward(ctx, grad_out):
         rects, kernel_size, stride, sides, dilation, groups = ctx.meta
         L = len(rects)

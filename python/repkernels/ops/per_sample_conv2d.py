@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import _backend, _extension, _validation
 from ..reference import kernelwarehouse as _ref
-from ._registration import register_op_family
+from ._registration import register_conv_double_backward, register_op_family
 
 OP = "per_sample_conv2d"
 PREFER = ("triton", "cuda")
@@ -105,10 +105,14 @@ if _backend.HAS_TRITON:
     register_op_family("per_sample_conv2d_triton", ("per_sample_conv2d_backward_input_triton",
                                                     "per_sample_conv2d_backward_weight_triton"),
                        (_fake, _fake_bwd_input, _fake_bwd_weight), _make_backward, _setup_context)
+    register_conv_double_backward("per_sample_conv2d_triton", "per_sample_conv2d_backward_input_triton",
+                                  "per_sample_conv2d_backward_weight_triton")
 
 if _has_c_op("per_sample_conv2d"):
     register_op_family("per_sample_conv2d", ("per_sample_conv2d_backward_input", "per_sample_conv2d_backward_weight"),
                        (_fake, _fake_bwd_input, _fake_bwd_weight), _make_backward, _setup_context)
+    register_conv_double_backward("per_sample_conv2d", "per_sample_conv2d_backward_input",
+                                  "per_sample_conv2d_backward_weight")
 
 
 def resolve_padding(input: torch.Tensor, kernel: Sequence[int], stride: tuple[int, int],
