@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import gc
 import json
 import platform
 import sys
@@ -123,34 +124,62 @@ def run_cases(cases: list[Case], quick: bool) -> list[dict]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn_tf32, matmul_tf32
 
 
+def _free_memory() -> None:
+    """Drop what a failed or finished case left behind (an out-of-memory error keeps its frames' tensors alive
+    until collected), so that one case cannot make the following ones fail."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _run_cases(cases: list[Case], quick: bool) -> list[dict]:
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     records = []
     for case in _progress(cases, "benchmarking" if gpu else "checking"):
-        impls, reference = case.setup(device, not gpu)
-        ref = reference()
+        base = {"op": case.op, "case": case.name, "dtype": str(case.dtype).replace("torch.", "")}
+        try:
+            impls, reference = case.setup(device, not gpu)
+        except Exception as exc:  # noqa: BLE001 - reported, never hidden
+            records.append({**base, "impl": "(setup)", "check": "ERROR", "error": f"{type(exc).__name__}: {exc}"})
+            _free_memory()
+            continue
+        try:
+            ref, ref_error = reference(), None
+        except Exception as exc:  # noqa: BLE001 - e.g. the float64 model of a large batch does not fit
+            ref, ref_error = None, f"float64 reference failed, {type(exc).__name__}: {str(exc)[:200]}"
+            _free_memory()
         results = {}
         for name, fn in impls.items():
-            rec = {"op": case.op, "case": case.name, "dtype": str(case.dtype).replace("torch.", ""), "impl": name}
+            rec = {**base, "impl": name}
             try:
                 if name in case.unchecked:
                     fn()
                     rec.update(check="baseline")
+                elif ref is None:
+                    fn()
+                    rec.update(check="unchecked", error=ref_error)
                 else:
                     ok, err = check(fn(), ref, case.dtype)
                     rec.update(check="ok" if ok else "FAIL", rel_error=err)
             except Exception as exc:  # noqa: BLE001 - reported, never hidden
                 rec.update(check="ERROR", error=f"{type(exc).__name__}: {exc}")
-            if gpu and rec["check"] in ("ok", "baseline"):
-                ms = time_ms(fn, quick)
-                rec.update(ms=ms, TFLOPs=case.flops / ms / 1e9, GBps=case.bytes / ms / 1e6)
+                _free_memory()
+            if gpu and rec["check"] in ("ok", "baseline", "unchecked"):
+                try:
+                    ms = time_ms(fn, quick)
+                    rec.update(ms=ms, TFLOPs=case.flops / ms / 1e9, GBps=case.bytes / ms / 1e6)
+                except Exception as exc:  # noqa: BLE001
+                    rec.update(check="ERROR", error=f"timing: {type(exc).__name__}: {exc}")
+                    _free_memory()
             results[name] = rec
             records.append(rec)
         for rec in results.values():
-            for base in (case.baseline, "reference"):
-                if "ms" in rec and "ms" in results.get(base, {}):
-                    rec[f"speedup_vs_{base}"] = results[base]["ms"] / rec["ms"]
+            for base_name in (case.baseline, "reference"):
+                if "ms" in rec and "ms" in results.get(base_name, {}):
+                    rec[f"speedup_vs_{base_name}"] = results[base_name]["ms"] / rec["ms"]
+        del impls, reference, ref, results
+        _free_memory()
     return records
 
 
@@ -170,7 +199,7 @@ def format_table(records: list[dict], peaks: dict[str, float] | None) -> str:
                 sr = r.get("speedup_vs_reference")
                 lines.append(f"{r['op']:<18} {r['case']:<34} {r['dtype']:<9} {r['impl']:<10} {r['ms']:9.4f} "
                              f"{(f'{sc:.2f}' if sc else '-'):>8} {(f'{sr:.2f}' if sr else '-'):>7} "
-                             f"{r['TFLOPs']:8.2f} {r['GBps']:8.0f} {bw} {r['check']}")
+                             f"{r['TFLOPs']:8.2f} {r['GBps']:8.0f} {bw} {r['check']} {r.get('error', '')}".rstrip())
             else:
                 lines.append(f"{r['op']:<18} {r['case']:<34} {r['dtype']:<9} {r['impl']:<10} {'-':>9} "
                              f"{'':>8} {'':>7} {'':>8} {'':>8} {'':>5} {r['check']} {r.get('error', '')}")
