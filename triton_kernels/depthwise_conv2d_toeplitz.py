@@ -21,6 +21,7 @@ cuDNN may (``torch.backends.cudnn.allow_tf32``), else IEEE fp32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -257,9 +258,11 @@ def backward_input(grad_out, weight, p: Plan, out):
     return _launch(grad_out, weight.contiguous(), None, out, p, trans=True)
 
 
-def _diagonal_index(p: Plan, device) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=64)
+def _diagonal_index(p: Plan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """For every conv-plane output o and plane tap t: flat index o·plane_in + i(o, t) into one (o, i)
-    workspace slice, and whether that input position exists."""
+    workspace slice, and whether that input position exists. Cached per plan and device (it depends on the
+    geometry only; building it takes about ten small kernel launches)."""
     (oh, ow), (h, w) = p.out_plane, p.in_plane
     o_h = torch.arange(oh, device=device).view(oh, 1, 1, 1)
     o_w = torch.arange(ow, device=device).view(1, ow, 1, 1)
