@@ -243,6 +243,31 @@ def test_triton_toeplitz_path_matches_reference(case, plane, monkeypatch):
 
 
 @requires_triton_cpu
+@pytest.mark.parametrize("case", TOEPLITZ_CASES, ids=TOEPLITZ_IDS)
+@pytest.mark.parametrize("plane", ["2d", "1d"])
+def test_triton_toeplitz_wgrad_deterministic_workspace(case, plane, monkeypatch):
+    """The Toeplitz weight gradient sums its diagonals in the kernel (atomics) by default; under
+    torch.use_deterministic_algorithms it goes through the workspace and a fixed-order sum. Both match."""
+    from repkernels.triton_kernels import depthwise_conv2d_toeplitz as toeplitz
+
+    monkeypatch.setattr(toeplitz, "TOEPLITZ_WASTE", 10 ** 6)
+    monkeypatch.setattr(toeplitz, "MAX_PLANE_2D", 10 ** 6 if plane == "2d" else 0)
+    x, wt, b, s, p, d = make_case(case, torch.float32)
+    plan = toeplitz.plan(x.shape[2], x.shape[3], wt.shape[2], wt.shape[3], s, p, d)
+    grad = torch.randn(F.conv2d(x, wt, None, s, p, d, x.shape[1]).shape)
+    ref_w = reference_grads(x, wt, b, s, p, d, grad)[1]
+    atomic = toeplitz.backward_weight(x, grad, plan, torch.empty_like(wt))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        fixed = toeplitz.backward_weight(x, grad, plan, torch.empty_like(wt))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert_close(atomic, ref_w, torch.float32, what="grad weight (atomic diagonal sums)")
+    assert_close(fixed, ref_w, torch.float32, what="grad weight (deterministic workspace)")
+
+
+@requires_triton_cpu
 @pytest.mark.parametrize("case", [CASES[4], CASES[5], CASES[6]], ids=[IDS[4], IDS[5], IDS[6]])
 def test_triton_direct_path_on_oversized_kernels(case, monkeypatch):
     monkeypatch.setattr(dw_ops, "TRITON_TOEPLITZ", False)

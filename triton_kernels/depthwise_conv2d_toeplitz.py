@@ -13,9 +13,10 @@ multiply spent on padding zeros:
 
 ``depthwise_conv2d_toeplitz_kernel`` computes ``dst = T · src`` (forward) or ``dst = Tᵀ · src`` (input
 gradient, TRANS) with T gathered from the filter tile by tile; ``..._wgrad_kernel`` computes
-``M_c,kf = GY_c · X_c,kfᵀ`` (conv-plane outputs × inputs, fp32) and the host sums M along the Toeplitz
-diagonals to get the weight gradient. fp32 accumulation throughout; fp32 inputs use TF32 exactly when
-cuDNN may (``torch.backends.cudnn.allow_tf32``), else IEEE fp32.
+``M_c,kf = GY_c · X_c,kfᵀ`` (conv-plane outputs × inputs, fp32) and sums M along the Toeplitz diagonals
+into the weight gradient (fp32 atomics; or, in deterministic mode, M goes to a workspace summed after).
+fp32 accumulation throughout; fp32 inputs use TF32 exactly when cuDNN may
+(``torch.backends.cudnn.allow_tf32``), else IEEE fp32.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from .kw_common import conv_precision, dot_in_fp32
 
 # A dense Toeplitz product spends (plane size) MACs per output and free-axis tap where the direct conv
 # spends (plane taps); it is used when plane <= TOEPLITZ_WASTE · plane taps (tensor cores more than pay
-# for that) and the plane is small enough for the (C·kf, plane, plane) fp32 weight-gradient workspace.
+# for that) and the plane is small enough for the dense products (and for the (C·kf, plane, plane) fp32
+# weight-gradient workspace of the deterministic mode).
 TOEPLITZ_WASTE = 2
 MAX_PLANE_1D = 4096
 MAX_PLANE_2D = 256
@@ -113,10 +115,16 @@ def depthwise_conv2d_toeplitz_wgrad_kernel(
     s_g_n, s_g_c, s_g_f, s_g_h, s_g_w,
     s_x_n, s_x_c, s_x_f, s_x_h, s_x_w,
     KF: tl.constexpr, SF: tl.constexpr, PF: tl.constexpr, DF: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, REDUCE: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """ws[c, kf, o, i] = Σ_{n, f} gy[n, c, f, o] · x[n, c, f·SF − PF + kf·DF, i] (conv-plane positions o, i)."""
+    """M[c, kf, o, i] = Σ_{n, f} gy[n, c, f, o] · x[n, c, f·SF − PF + kf·DF, i] (conv-plane positions o, i).
+
+    REDUCE False: ``ws`` (C·KF, RO, QI) fp32 receives M. REDUCE True: ``ws`` (C·KF, KH·KW) fp32, zeroed,
+    receives the Toeplitz diagonal sums of M directly: M[o, i] is added (atomically) to the plane tap
+    (t_h, t_w) that maps output o to input i, when there is one — no (RO x QI) workspace."""
     ckf = tl.program_id(0)
     c = ckf // KF
     kf = ckf % KF
@@ -142,8 +150,19 @@ def depthwise_conv2d_toeplitz_wgrad_kernel(
             g = g.to(tl.float32)
             xt = xt.to(tl.float32)
         acc = tl.dot(g, xt, acc, input_precision=PRECISION)
-    ws = ws_ptr + (ckf.to(tl.int64) * RO + o.to(tl.int64))[:, None] * QI + i[None, :]
-    tl.store(ws, acc, mask=o_ok[:, None] & i_ok[None, :])
+    if REDUCE:
+        th = (i // IN_W)[None, :] - (o // OUT_W)[:, None] * SH + PH
+        tw = (i % IN_W)[None, :] - (o % OUT_W)[:, None] * SW + PW
+        ok = o_ok[:, None] & i_ok[None, :] & (th >= 0) & (tw >= 0) & (th < KH * DH) & (tw < KW * DW)
+        if DH > 1:
+            ok = ok & (th % DH == 0)
+        if DW > 1:
+            ok = ok & (tw % DW == 0)
+        tap = tl.where(ok, (th // DH) * KW + tw // DW, 0)
+        tl.atomic_add(ws_ptr + ckf.to(tl.int64) * (KH * KW) + tap, acc, mask=ok)
+    else:
+        ws = ws_ptr + (ckf.to(tl.int64) * RO + o.to(tl.int64))[:, None] * QI + i[None, :]
+        tl.store(ws, acc, mask=o_ok[:, None] & i_ok[None, :])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,13 +296,22 @@ def _diagonal_index(p: Plan, device: torch.device) -> tuple[torch.Tensor, torch.
 
 
 def backward_weight(input, grad_out, p: Plan, out):
-    """``out`` (C, 1, KH, KW) = the weight gradient (fp32 accumulation, cast at the end)."""
+    """``out`` (C, 1, KH, KW) = the weight gradient (fp32 accumulation, cast at the end).
+
+    By default the kernel sums the Toeplitz diagonals itself with fp32 atomics (no workspace; the summation
+    order, hence the last bits, may vary between runs). Under ``torch.use_deterministic_algorithms(True)``
+    it writes the (C·kf, plane_out, plane_in) products to a workspace and the diagonals are summed after, in
+    a fixed order."""
     c = input.shape[1]
     ro, qi = p.out_plane[0] * p.out_plane[1], p.in_plane[0] * p.in_plane[1]
     ncol = input.shape[0] * p.f_out
     if ncol == 0 or ro == 0:
         return out.zero_()
-    ws = torch.empty((c * p.kf, ro, qi), dtype=torch.float32, device=input.device)
+    reduce = not torch.are_deterministic_algorithms_enabled()
+    if reduce:
+        ws = torch.zeros((c * p.kf, p.kh * p.kw), dtype=torch.float32, device=input.device)
+    else:
+        ws = torch.empty((c * p.kf, ro, qi), dtype=torch.float32, device=input.device)
     br, bq, bn = _tiles(ro, qi, ncol)
     grid = (c * p.kf, triton.cdiv(ro, br), triton.cdiv(qi, bq))
     depthwise_conv2d_toeplitz_wgrad_kernel[grid](
@@ -291,11 +319,16 @@ def backward_weight(input, grad_out, p: Plan, out):
         ro, qi, ncol, p.f_out, p.f_in, p.out_plane[1], p.in_plane[1],
         *_strides(grad_out, p), *_strides(input, p),
         KF=p.kf, SF=p.sf, PF=p.pf, DF=p.df,
+        KH=p.kh, KW=p.kw, SH=p.stride[0], SW=p.stride[1], PH=p.padding[0], PW=p.padding[1],
+        DH=p.dilation[0], DW=p.dilation[1], REDUCE=reduce,
         DOT_FP32=dot_in_fp32(input.dtype), PRECISION=conv_precision(input.dtype),
         BLOCK_R=br, BLOCK_Q=bq, BLOCK_N=bn, num_warps=4,
     )
-    flat, valid = _diagonal_index(p, input.device)
-    taps = (ws.view(c, p.kf, ro * qi)[:, :, flat] * valid).sum(2)   # (C, kf, plane taps)
+    if reduce:
+        taps = ws.view(c, p.kf, p.kh * p.kw)
+    else:
+        flat, valid = _diagonal_index(p, input.device)
+        taps = (ws.view(c, p.kf, ro * qi)[:, :, flat] * valid).sum(2)   # (C, kf, plane taps)
     if p.two_d:
         out.copy_(taps.view(out.shape))
     elif p.swap:   # kf = kernel rows, plane taps = kernel columns
