@@ -74,6 +74,12 @@ def main() -> int:
             _depthwise(torch, dtype)
             _kernelwarehouse(torch, dtype)
             _multibranch(torch, dtype)
+        torch.use_deterministic_algorithms(True)   # kernels' deterministic variants (Toeplitz wgrad workspace)
+        try:
+            for dtype in (torch.float32, torch.bfloat16):
+                _depthwise(torch, dtype)
+        finally:
+            torch.use_deterministic_algorithms(False)
 
     jobs = [(label_of(fn, signature, constexprs), fn, signature, constexprs, options, cc)
             for fn, signature, constexprs, options in sorted(launches.values(), key=lambda v: repr(v[1:]))
