@@ -152,3 +152,41 @@ def test_kw_assemble_ops_double_backward(case, name, no_tf32):
         assert torch.autograd.gradgradcheck(op, (a.requires_grad_(), wh.requires_grad_()))
     a, wh = _asm_inputs(case, torch.float32)
     _check(op, ref, a, wh, torch.float32)
+
+
+@requires_triton_cpu
+def test_kw_conv2d_fused_double_backward(no_tf32):
+    """The fused KW conv's backward is made of kw_assemble and per_sample_conv2d ops, so it differentiates
+    again through their double backward."""
+    import repkernels
+    from repkernels.ops import kw_conv2d
+
+    b, c, h, w, cout, n = 2, 16, 6, 5, 32, 3
+    layout = [cout, c, 3, 3]
+    wh_shape = (n, 32, 16, 3, 3)   # whole-kernel cells, 32 x 16 channels
+    grid = kw_ref.layout_grid(wh_shape, layout)
+    torch.manual_seed(0)
+    x = torch.randn(b, c, h, w)
+    att = torch.randn(b, grid[0] * grid[2] * grid[4], n) / n
+    wh = torch.randn(wh_shape) / (c * 9) ** 0.5
+
+    def fused(x, att, wh):
+        with repkernels.backend("triton"):
+            return kw_conv2d(x, att, wh, layout, None, (2, 2), (1, 1), (1, 1), fused=True)
+
+    def reference(x, att, wh):
+        return kw_ref.per_sample_conv2d(x, kw_ref.kw_assemble(att, wh, layout), None, (2, 2), (1, 1), (1, 1), 1)
+
+    def penalty_grads(conv, x, att, wh):
+        x, att, wh = (t.detach().requires_grad_(True) for t in (x, att, wh))
+        out = conv(x, att, wh)
+        gen = torch.Generator().manual_seed(1)
+        r = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+        gx, ga = torch.autograd.grad(out, (x, att), r, create_graph=True)
+        loss = gx.square().sum() + (ga * torch.randn(ga.shape, generator=gen, dtype=torch.float64).to(ga.dtype)).sum()
+        return torch.autograd.grad(loss, (x, att, wh))
+
+    got = penalty_grads(fused, x, att, wh)
+    want = penalty_grads(reference, x.double(), att.double(), wh.double())
+    for g, r, name in zip(got, want, ("x", "attention", "warehouse")):
+        assert_close(g, r, torch.float32, what=f"second-order grad {name}")
