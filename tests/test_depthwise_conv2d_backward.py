@@ -242,8 +242,13 @@ def test_triton_toeplitz_path_matches_reference(case, plane, monkeypatch):
         assert_close(out, F.conv2d(x.double(), wt.double(), b.double(), s, p, d, c), dtype)
 
 
+# Planes over 64 positions: several (output, input) tiles per channel add into the same taps.
+MULTI_TILE_CASES = [(2, 2, 70, 3, (71, 1), 1, (35, 0), 1), (1, 2, 9, 10, (9, 11), 1, (4, 5), 1)]
+
+
 @requires_triton_cpu
-@pytest.mark.parametrize("case", TOEPLITZ_CASES, ids=TOEPLITZ_IDS)
+@pytest.mark.parametrize("case", TOEPLITZ_CASES + MULTI_TILE_CASES,
+                         ids=TOEPLITZ_IDS + ["k71x1_h70_tiles", "k9x11_9x10_2d_tiles"])
 @pytest.mark.parametrize("plane", ["2d", "1d"])
 def test_triton_toeplitz_wgrad_deterministic_workspace(case, plane, monkeypatch):
     """The Toeplitz weight gradient sums its diagonals in the kernel (atomics) by default; under
