@@ -227,31 +227,13 @@ class _MultiBranchConvBN(torch.autograd.Function):
                 dy = grad_out
                 if has_cb[l]:
                     grad_cb[l] = sum_g_local.to(grad_out.dtype)
-            elif _use_cuda_bn_backward(y):
-                dy, sum_gx_local = _bn_backward_cuda(grad_out, y.detach(), mean_list[l], inv_list[l], gammas[l],
-                                                     sum_g_local, count_local, process_group)
-                if has_g[l] and ctx.needs_input_grad[2 + 2 * L + l]:
-                    grad_gamma[l] = sum_gx_local.to(gammas[l].dtype)
-                if has_b[l] and ctx.needs_input_grad[2 + 3 * L + l]:
-                    grad_beta[l] = sum_g_local.to(ctx.beta_dtypes[l])
-                if has_cb[l]:
-                    grad_cb[l] = torch.zeros_like(sum_g_local, dtype=grad_out.dtype)
             else:
-                mean, inv, a = mean_list[l], inv_list[l], a_list[l]
-                # One branch-sized float temporary (t), turned in place from xhat into dy:
-                t = (y.detach().to(acc) - mean.view(1, -1, 1, 1)).mul_(inv.view(1, -1, 1, 1))
-                sum_gx_local = (grad_out.to(acc) * t).sum(dim=(0, 2, 3))
-                sum_gx = sum_gx_local
-                total = count_local
-                if process_group is not None:
-                    import torch.distributed as dist
-                    buf = torch.cat([sum_gx_local, sum_gx_local.new_full((1,), float(count_local))])
-                    dist.all_reduce(buf, group=process_group)
-                    sum_gx, total = buf[:-1], int(round(buf[-1].item()))
-                # dy = a * (g - mean(g) - xhat * mean(g * xhat))
-                t.mul_(-(sum_gx / total).view(1, -1, 1, 1)).add_(grad_out).sub_((sum_g / total).view(1, -1, 1, 1))
-                dy = t.mul_(a.view(1, -1, 1, 1)).to(grad_out.dtype)
-                del t
+                if _use_cuda_bn_backward(y):
+                    dy, sum_gx_local = _bn_backward_cuda(grad_out, y.detach(), mean_list[l], inv_list[l], gammas[l],
+                                                         sum_g_local, count_local, process_group)
+                else:
+                    dy, sum_gx_local = _bn_backward_generic(grad_out, y.detach(), mean_list[l], inv_list[l],
+                                                            a_list[l], sum_g, count_local, process_group)
                 if has_g[l] and ctx.needs_input_grad[2 + 2 * L + l]:
                     grad_gamma[l] = sum_gx_local.to(gammas[l].dtype)
                 if has_b[l] and ctx.needs_input_grad[2 + 3 * L + l]:
@@ -275,6 +257,27 @@ class _MultiBranchConvBN(torch.autograd.Function):
 def _use_cuda_bn_backward(y: torch.Tensor) -> bool:
     """PyTorch's fused BatchNorm-backward CUDA kernels (no fake impls: not while torch.compile traces)."""
     return y.is_cuda and not torch.compiler.is_compiling()
+
+
+def _bn_backward_generic(grad_out, y, mean, inv, a, sum_g, count_local, process_group):
+    """BatchNorm backward of one branch with plain tensor ops, any device and dtype (fp32 or wider
+    arithmetic): ``dy = a * (g - mean(g) - xhat * mean(g * xhat))`` with ``a = gamma * inv`` and ``sum_g`` the
+    (already all-reduced) ``sum g``; ``sum g * xhat`` is all-reduced here.
+
+    Returns ``(dy, sum(g * xhat) local)``."""
+    acc = _acc(grad_out.dtype)
+    # One branch-sized float temporary (t), turned in place from xhat into dy:
+    t = (y.to(acc) - mean.view(1, -1, 1, 1)).mul_(inv.view(1, -1, 1, 1))
+    sum_gx_local = (grad_out.to(acc) * t).sum(dim=(0, 2, 3))
+    sum_gx = sum_gx_local
+    total = count_local
+    if process_group is not None:
+        import torch.distributed as dist
+        buf = torch.cat([sum_gx_local, sum_gx_local.new_full((1,), float(count_local))])
+        dist.all_reduce(buf, group=process_group)
+        sum_gx, total = buf[:-1], int(round(buf[-1].item()))
+    t.mul_(-(sum_gx / total).view(1, -1, 1, 1)).add_(grad_out).sub_((sum_g / total).view(1, -1, 1, 1))
+    return t.mul_(a.view(1, -1, 1, 1)).to(grad_out.dtype), sum_gx_local
 
 
 def _bn_backward_cuda(grad_out, y, mean, inv, gamma, sum_g_local, count_local, process_group):
