@@ -168,6 +168,28 @@ def cases(dtypes: list[torch.dtype], quick: bool) -> list[Case]:
     return out
 
 
+def _time_and_peak(run, module, count_grads: bool) -> tuple[float, int]:
+    """(median ms, peak bytes allocated above the start) of one training step ``run`` of ``module`` on the GPU.
+    ``count_grads``: the parameter gradients are allocated inside the measured step (else they already exist
+    from the timing runs, and the peak is the step's activations and temporaries). Gradients are cleared at
+    the end."""
+    from ..harness import time_ms
+
+    ms = time_ms(run, False)
+    if count_grads:
+        for p in module.parameters():
+            p.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    for p in module.parameters():
+        p.grad = None
+    return ms, peak
+
+
 # --- memory and arithmetic-bound report -------------------------------------------------------------------
 
 
@@ -212,23 +234,13 @@ def report(batch: int = 64, dtype: torch.dtype = torch.bfloat16, device: str | N
                    f"{act['unfused'] / act['convbn']:7.2f} {act['fused'] / act['convbn']:7.2f} "
                    f"{act['online'] / act['convbn']:7.2f}")
             if gpu:
-                from ..harness import time_ms
-
                 g = torch.randn_like(x)
                 t, peak = {}, {}
                 for k, m in mods.items():
                     def run(m=m, x=x, g=g):
                         xi = x.detach().requires_grad_()
                         m(xi).backward(g)
-                    t[k] = time_ms(run, False)
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    before = torch.cuda.memory_allocated()
-                    run()
-                    torch.cuda.synchronize()
-                    peak[k] = torch.cuda.max_memory_allocated() - before
-                    for p in m.parameters():
-                        p.grad = None
+                    t[k], peak[k] = _time_and_peak(run, m, count_grads=False)
                 row += (f" | {t['unfused'] / t['convbn']:6.2f} {t['fused'] / t['convbn']:6.2f} "
                         f"{t['online'] / t['convbn']:6.2f} {t['unfused'] / t['fused']:7.2f} | "
                         f"{peak['unfused'] / peak['convbn']:6.2f} {peak['fused'] / peak['convbn']:6.2f} "
@@ -258,21 +270,9 @@ def _resnet_report(batch: int, dtype: torch.dtype, device: str) -> str:
         m.to(device=device, dtype=dtype).train()
         act[k] = saved_activation_bytes(m, x)
         if device == "cuda":
-            from ..harness import time_ms
-
             def run(m=m):
                 m(x).float().sum().backward()
-            t[k] = time_ms(run, False)
-            for p in m.parameters():
-                p.grad = None
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            run()
-            torch.cuda.synchronize()
-            peak[k] = torch.cuda.max_memory_allocated() - before
-            for p in m.parameters():
-                p.grad = None
+            t[k], peak[k] = _time_and_peak(run, m, count_grads=True)
         m.to("meta" if device == "meta" else "cpu")
     out = [f"ResNet-50 train step b{batch}: saved activations " +
            ", ".join(f"{k} {act[k] / 2**30:.2f} GiB ({act[k] / act['plain']:.2f}x)" for k in models)]
