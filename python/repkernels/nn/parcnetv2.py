@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._validation import nchw_input
 from ..ops.depthwise_conv2d import depthwise_conv2d
 from .scale import ChannelScale
 
@@ -174,12 +175,7 @@ def choose_form(input_size, local_kernel: int = 7, max_mac_ratio: float = AUTO_M
 
 
 def _check_input(x, channels: int, op: str) -> tuple[int, int]:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: `input` must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{op}: `input` must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.shape[1] != channels:
-        raise ValueError(f"{op}: `input` has {x.shape[1]} channels, the module was built for {channels}")
+    nchw_input(x, channels, op)
     if not x.is_floating_point():
         raise TypeError(f"{op}: `input` must be a floating-point tensor, got {x.dtype}")
     return int(x.shape[2]), int(x.shape[3])
