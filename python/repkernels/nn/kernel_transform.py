@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .._validation import conv_channels, nchw_input
 from ..reparam.fuse import acc_dtype
-from ..reparam.geometry import PADDING_MODES, as_pair
+from ..reparam.geometry import PADDING_MODES, as_pair, conv_extra_repr
 from ..reparam.protocol import ReparamModule
 
 STND_EPS = 1e-5
@@ -259,14 +259,4 @@ class KernelTransformConv2d(ReparamModule):
         return conv
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-             f"padding={self.padding!r}")
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        return s
+        return conv_extra_repr(self, bias=self.bias is not None)

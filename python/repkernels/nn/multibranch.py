@@ -41,7 +41,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._validation import conv_channels, nchw_input
 from ..reparam.fuse import acc_dtype, fold_bn
-from ..reparam.geometry import PADDING_MODES, Rect, as_pair, conv2d_sides, padding_sides
+from ..reparam.geometry import (
+    PADDING_MODES,
+    Rect,
+    as_pair,
+    conv2d_sides,
+    conv_extra_repr,
+    padding_sides,
+)
 from ..reparam.protocol import ReparamModule
 from .scale import ChannelScale
 
@@ -357,15 +364,7 @@ class MultiBranchConv2d(ReparamModule):
         return [branch.rect for branch in self.branches]
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-             f"padding={self.padding!r}")
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        return s
+        return conv_extra_repr(self)
 
 
 

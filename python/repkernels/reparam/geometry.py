@@ -162,3 +162,20 @@ def pad_with_values(input: torch.Tensor, sides: Sequence[int], values: torch.Ten
     h, w = input.shape[-2:]
     mask = pad_or_crop(input.new_zeros(1, 1, h, w), sides, value=1.0)
     return out + values.to(out.dtype).view(1, -1, 1, 1) * mask
+
+
+def conv_extra_repr(module, bias: bool = True) -> str:
+    """``extra_repr`` of a conv-like module (``in_channels``, ``out_channels``, ``kernel_size``, ``stride``,
+    ``padding``, ``dilation``, ``groups``, ``padding_mode`` attributes): the non-default arguments, as
+    ``nn.Conv2d`` would be called; ``bias=False`` shown when ``bias`` is False."""
+    s = (f"{module.in_channels}, {module.out_channels}, kernel_size={module.kernel_size}, stride={module.stride}, "
+         f"padding={module.padding!r}")
+    if module.dilation != (1, 1):
+        s += f", dilation={module.dilation}"
+    if module.groups != 1:
+        s += f", groups={module.groups}"
+    if not bias:
+        s += ", bias=False"
+    if module.padding_mode != "zeros":
+        s += f", padding_mode={module.padding_mode!r}"
+    return s
