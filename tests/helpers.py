@@ -36,10 +36,11 @@ HAS_GPU = torch.cuda.is_available()
 TRITON_ON_CPU = _backend.HAS_TRITON and _backend.TRITON_INTERPRET
 
 requires_c = pytest.mark.skipif(not _extension.HAS_C, reason=f"repkernels._C not built: {_extension.LOAD_ERROR}")
-requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+GPU_SKIP_REASONS = ("needs a CUDA GPU", "needs Triton and a GPU")  # conftest marks these tests `gpu`
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason=GPU_SKIP_REASONS[0])
 requires_triton_cpu = pytest.mark.skipif(
     not TRITON_ON_CPU, reason="needs Triton with TRITON_INTERPRET=1 (set by conftest when no GPU is visible)")
-requires_triton_gpu = pytest.mark.skipif(not (HAS_GPU and _backend.HAS_TRITON), reason="needs Triton and a GPU")
+requires_triton_gpu = pytest.mark.skipif(not (HAS_GPU and _backend.HAS_TRITON), reason=GPU_SKIP_REASONS[1])
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None, what: str = "output"):
@@ -68,3 +69,20 @@ def ieee_fp32():
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def check_triton_op_call(op: str, args: tuple, error: type[Exception] | None, message: str | None) -> None:
+    """Call the Triton op ``<op>_triton`` directly: a bad call (``error`` set) must raise ``error`` naming the op
+    and matching ``message``, and the C++ op ``<op>`` must reject it with the same message (RuntimeError); a valid
+    call (``error`` None) must agree with the C++ op's result."""
+    triton_op, c_op = getattr(torch.ops.repkernels, f"{op}_triton"), getattr(torch.ops.repkernels, op)
+    if error is None:
+        out = triton_op(*args)
+        if _extension.HAS_C:
+            assert_close(out, c_op(*args).double(), torch.float32)
+        return
+    with pytest.raises(error, match=f"^{op}_triton: {message}"):
+        triton_op(*args)
+    if _extension.HAS_C:
+        with pytest.raises(RuntimeError, match=message):
+            c_op(*args)

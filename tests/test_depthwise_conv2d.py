@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import repkernels
-from helpers import (HAS_GPU, assert_close, requires_c, requires_gpu, requires_triton_cpu,
+from helpers import (HAS_GPU, assert_close, check_triton_op_call, requires_c, requires_gpu, requires_triton_cpu,
                      requires_triton_gpu)
+from repkernels import _extension
 from repkernels.ops import depthwise_conv2d
 
 # (n, c, h, w, (kh, kw), stride, padding, dilation): what each case exercises is in the comment.
@@ -139,6 +140,86 @@ def test_cuda_op_rejects_bad_arguments():
         op(x, w, None, [0, 1], [0, 0], [1, 1])
     with pytest.raises(RuntimeError, match="`bias` dtype"):
         op(x, w, torch.randn(2, dtype=torch.float64), [1, 1], [0, 0], [1, 1])
+
+
+# Bad direct calls of the registered ops: (what, op, arguments, error the Triton op raises, message). The message
+# is a pattern that the C++ op's (RuntimeError) and the Triton op's (prefixed with the op's name) both match.
+# A None error: a valid call, which both ops accept.
+def _dw_calls():
+    x, w, b, g = torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3), torch.randn(2), torch.randn(1, 2, 6, 6)
+    one, zero = [1, 1], [0, 0]
+    fwd, bwd_in, bwd_w = ("depthwise_conv2d", "depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight")
+    return [
+        ("valid", fwd, (x, w, b, one, zero, one), None, None),
+        ("valid", bwd_in, (g, x, w, one, zero, one), None, None),
+        ("valid", bwd_w, (g, x, w, one, zero, one), None, None),
+        ("input rank", fwd, (x[0], w, b, one, zero, one), ValueError, "`input` must be 4-D"),
+        ("weight channels", fwd, (x, torch.randn(3, 1, 3, 3), b, one, zero, one), ValueError,
+         r"`weight` must have shape \(C, 1, kh, kw\) with C = input channels \(2\), got .3, 1, 3, 3."),
+        ("weight multiplier", fwd, (x, torch.randn(2, 2, 3, 3), b, one, zero, one), ValueError,
+         r"`weight` must have shape \(C, 1, kh, kw\)"),
+        ("weight rank", fwd, (x, w[0], b, one, zero, one), ValueError, r"`weight` must have shape \(C, 1, kh, kw\)"),
+        ("empty kernel", fwd, (x, torch.randn(2, 1, 0, 3), b, one, zero, one), ValueError,
+         "`weight` kernel size must be >= 1"),
+        ("weight dtype", fwd, (x, w.double(), b, one, zero, one), TypeError, "`weight` (has )?dtype"),
+        ("bias shape", fwd, (x, w, torch.randn(3), one, zero, one), ValueError, r"`bias` must have shape \(2,\)"),
+        ("bias rank", fwd, (x, w, b[None], one, zero, one), ValueError, r"`bias` must have shape \(2,\)"),
+        ("bias dtype", fwd, (x, w, b.double(), one, zero, one), TypeError, "`bias` (has )?dtype"),
+        ("stride 0", fwd, (x, w, b, [0, 1], zero, one), ValueError, "`stride` must be >= 1"),
+        ("padding -1", fwd, (x, w, b, one, [-1, 0], one), ValueError, "`padding` must be >= 0"),
+        ("dilation 0", fwd, (x, w, b, one, zero, [1, 0]), ValueError, "`dilation` must be >= 1"),
+        ("stride of 3", fwd, (x, w, b, [1, 1, 1], zero, one), TypeError,
+         "`stride` must (have 2 elements|be an int or a pair of ints)"),
+        ("kernel larger than the input", fwd, (x, torch.randn(2, 1, 9, 9), b, one, zero, one), ValueError,
+         r"padded `input` \(8 x 8\) is smaller than the dilated kernel \(9 x 9\)"),
+        ("grad channels", bwd_in, (g[:, :1], x, w, one, zero, one), ValueError,
+         r"`grad` must have the output shape \(1, 2, 6, 6\)"),
+        ("grad of another stride", bwd_w, (g, x, w, [2, 2], zero, one), ValueError,
+         r"`grad` must have the output shape \(1, 2, 3, 3\)"),
+        ("grad rank", bwd_w, (g[0], x, w, one, zero, one), ValueError, "`grad` must have the output shape"),
+        ("grad dtype", bwd_w, (g.double(), x, w, one, zero, one), TypeError, "`grad` (has )?dtype"),
+        ("backward weight channels", bwd_in, (g, x, torch.randn(3, 1, 3, 3), one, zero, one), ValueError,
+         r"`weight` must have shape \(C, 1, kh, kw\)"),
+        ("backward input dtype", bwd_w, (g, x.double(), w, one, zero, one), TypeError, "`weight` (has )?dtype"),
+        ("backward padding -1", bwd_in, (g, x, w, one, [0, -1], one), ValueError, "`padding` must be >= 0"),
+    ]
+
+
+DW_CALLS = _dw_calls()
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("what, op, args, error, message", DW_CALLS,
+                         ids=[f"{c[1].removeprefix('depthwise_conv2d')[1:] or 'forward'}-{c[0]}" for c in DW_CALLS])
+def test_triton_ops_check_arguments_as_cuda_ops_do(what, op, args, error, message):
+    """Each bad direct call of a Triton op raises a ValueError/TypeError naming the op and the argument, and the
+    C++ op rejects the same call (same message); both accept the valid calls (and agree on them)."""
+    check_triton_op_call(op, args, error, message)
+
+
+@requires_triton_cpu
+def test_triton_ops_reject_what_the_triton_kernels_cannot_take(monkeypatch):
+    from repkernels.ops import _op_checks
+
+    x, w, b, g = torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3), torch.randn(2), torch.randn(1, 2, 6, 6)
+    one, zero = [1, 1], [0, 0]
+    r = torch.ops.repkernels
+    # float64 (which the C++ ops' CPU emulation takes; their CUDA kernels do not)
+    with pytest.raises(TypeError, match=r"^depthwise_conv2d_triton: `input` dtype must be float32, float16 or "
+                                        r"bfloat16, got torch.float64"):
+        r.depthwise_conv2d_triton(x.double(), w.double(), None, one, zero, one)
+    with pytest.raises(TypeError, match="^depthwise_conv2d_backward_weight_triton: `input` dtype must be float32"):
+        r.depthwise_conv2d_backward_weight_triton(g.double(), x.double(), w.double(), one, zero, one)
+    # tensors on two devices (a call mixing meta and CPU tensors dispatches to the fake: checked directly)
+    with pytest.raises(ValueError, match="^depthwise_conv2d_triton: `weight` is on meta but `input` is on cpu"):
+        _op_checks.depthwise_conv2d("depthwise_conv2d_triton", x, w.to("meta"), b, one, zero, one)
+    with pytest.raises(ValueError, match="^op: `grad` is on meta but `input` is on cpu"):
+        _op_checks.depthwise_conv2d_backward("op", g.to("meta"), x, w, one, zero, one)
+    # CPU tensors without the Triton interpreter
+    monkeypatch.setattr(repkernels._backend, "TRITON_INTERPRET", False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="^depthwise_conv2d_triton: `input` is on cpu; the Triton kernels need CUDA"):
+        r.depthwise_conv2d_triton(x, w, b, one, zero, one)
 
 
 # ---------------------------------------------------------------- Triton kernel (interpreter on CPU)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import repkernels
-from helpers import HAS_GPU, assert_close, requires_c, requires_gpu, requires_triton_cpu, requires_triton_gpu
+from helpers import (HAS_GPU, assert_close, check_triton_op_call, requires_c, requires_gpu, requires_triton_cpu,
+                     requires_triton_gpu)
 from repkernels import _backend, _extension
 from repkernels.ops import kw_assemble, kw_conv2d, per_sample_conv2d
 from repkernels.ops.kw_conv2d import fused_wins
@@ -353,6 +354,168 @@ def test_triton_ops_opcheck():
     x, att, wh, layout, bias, s, p, d = make_fused(FUSED_CASES[3], torch.float32)
     torch.library.opcheck(R.kw_conv2d_fused_triton.default,
                           (x.requires_grad_(), att.requires_grad_(), wh.requires_grad_(), layout, bias, s, p, d))
+
+
+# ---------------------------------------------------------------- Triton ops: argument checks
+# Bad direct calls of the registered ops: (what, op, arguments, error the Triton op raises, message). The message
+# is a pattern that the C++ op's (RuntimeError) and the Triton op's (prefixed with the op's name) both match.
+# A None error: a valid call, which both ops accept.
+def _asm_calls():
+    att, wh, layout = make_asm(ASM_CASES[0], torch.float32)   # B = 3, layout (8, 6, 3, 3), cells 4 x 3, m = 36, n = 5
+    kg = torch.randn(3, *layout)
+    fwd, bwd_a, bwd_w = "kw_assemble", "kw_assemble_backward_attention", "kw_assemble_backward_warehouse"
+    return [
+        ("valid", fwd, (att, wh, layout), None, None),
+        ("valid", bwd_a, (kg, wh, layout), None, None),
+        ("valid", bwd_w, (kg, att, wh, layout), None, None),
+        ("attention mixtures", fwd, (att[:, :5], wh, layout), ValueError, r"`attention` must have shape \(B, 36, 5\)"),
+        ("attention cells", fwd, (att[:, :, :4], wh, layout), ValueError, r"`attention` must have shape \(B, 36, 5\)"),
+        ("attention rank", fwd, (att[0], wh, layout), ValueError, "`attention` must be 3-D"),
+        ("attention dtype", fwd, (att.double(), wh, layout), TypeError, "`attention` (has )?dtype"),
+        ("cells do not divide", fwd, (att, wh, [7, 6, 3, 3]), ValueError,
+         r"`warehouse` cells \(4 x 3\) must divide the kernel's channels"),
+        ("cell kernel", fwd, (att, torch.randn(5, 4, 3, 3, 1), layout), ValueError,
+         "`warehouse` cells must span one (kernel )?tap"),
+        ("warehouse rank", fwd, (att, torch.randn(5, 4), layout), ValueError,
+         r"`warehouse` must be \(n, co, ci, \*cell_kernel\)"),
+        ("layout length", fwd, (att, wh, [8]), ValueError, r"`layout` must be \(Cout, Cin/groups, \*kernel\)"),
+        ("layout zero", fwd, (att, wh, [8, 6, 0, 3]), ValueError,
+         r"`layout` must (hold positive sizes|be \(Cout, Cin/groups, \*kernel\) with positive ints)"),
+        ("grad shape", bwd_a, (kg[:, :4], wh, layout), ValueError, r"`grad` must have shape \(B, "),
+        ("grad rank", bwd_a, (kg[0], wh, layout), ValueError, r"`grad` must have shape \(B, "),
+        ("grad dtype", bwd_a, (kg.double(), wh, layout), TypeError, "`grad` (has )?dtype"),
+        ("cells do not divide", bwd_a, (torch.randn(3, 7, 6, 3, 3), wh, [7, 6, 3, 3]), ValueError,
+         r"`warehouse` cells \(4 x 3\) must divide"),
+        ("grad batch", bwd_w, (kg[:2], att, wh, layout), ValueError, r"`grad` must have shape \(B, "),
+        ("grad shape", bwd_w, (kg[:, :4], att, wh, layout), ValueError, r"`grad` must have shape \(B, "),
+        ("grad dtype", bwd_w, (kg.double(), att, wh, layout), TypeError, "`grad` (has )?dtype"),
+        ("attention mixtures", bwd_w, (kg, att[:, :5], wh, layout), ValueError,
+         r"`attention` must have shape \(B, 36, 5\)"),
+        ("attention dtype", bwd_w, (kg, att.double(), wh, layout), TypeError, "`attention` (has )?dtype"),
+    ]
+
+
+def _conv_calls():
+    x, wt, bias, s, p, d, g = make_conv(CONV_CASES[0], torch.float32)   # B = 2, C = 4, 6 x 7, Cout = 8, 3x3 'same'
+    s, p, d = list(s), list(p), list(d)
+    gy = torch.randn(2, 8, 6, 7)
+    fwd, bwd_x, bwd_w = "per_sample_conv2d", "per_sample_conv2d_backward_input", "per_sample_conv2d_backward_weight"
+    return [
+        ("valid", fwd, (x, wt, bias, s, p, d, g), None, None),
+        ("valid", bwd_x, (gy, x, wt, s, p, d, g), None, None),
+        ("valid", bwd_w, (gy, x, wt, s, p, d, g), None, None),
+        ("input rank", fwd, (x[0], wt, bias, s, p, d, g), ValueError, "`input` must be 4-D"),
+        ("weight rank", fwd, (x, wt[0], bias, s, p, d, g), ValueError, "`weight` must be 5-D"),
+        ("weight batch", fwd, (x, wt[:1], bias, s, p, d, g), ValueError, "`weight` batch 1 != `input` batch 2"),
+        ("weight dtype", fwd, (x, wt.double(), bias, s, p, d, g), TypeError, "`weight` (has )?dtype"),
+        ("groups do not divide", fwd, (x, wt, bias, s, p, d, 3), ValueError, r"`groups` \(3\) must divide the input"),
+        ("groups 0", fwd, (x, wt, bias, s, p, d, 0), ValueError,
+         r"`groups` (\(0\) must divide|must be a positive int)"),
+        ("weight channels per group", fwd, (x, wt, bias, s, p, d, 2), ValueError,
+         r"`weight` must have shape \(B, Cout, C/groups, kh, kw\) with C/groups = 2"),
+        ("empty kernel", fwd, (x, wt[..., :0], bias, s, p, d, g), ValueError, "`weight` kernel size must be >= 1"),
+        ("bias shape", fwd, (x, wt, bias[:3], s, p, d, g), ValueError, r"`bias` must have shape \(8,\)"),
+        ("bias dtype", fwd, (x, wt, bias.double(), s, p, d, g), TypeError, "`bias` (has )?dtype"),
+        ("stride 0", fwd, (x, wt, bias, [0, 1], p, d, g), ValueError, "`stride` must be >= 1"),
+        ("padding -1", fwd, (x, wt, bias, s, [1, -1], d, g), ValueError, "`padding` must be >= 0"),
+        ("dilation 0", fwd, (x, wt, bias, s, p, [0, 1], g), ValueError, "`dilation` must be >= 1"),
+        ("dilation of 1", fwd, (x, wt, bias, s, p, [1], g), TypeError,
+         "`dilation` must (have 2 elements|be an int or a pair of ints)"),
+        ("kernel larger than the input", fwd, (x[..., :1, :1], wt, bias, s, [0, 0], d, g), ValueError,
+         r"padded `input` \(1 x 1\) is smaller than the dilated kernel \(3 x 3\)"),
+        ("grad channels", bwd_x, (gy[:, :3], x, wt, s, p, d, g), ValueError, r"`grad` must have shape \(2, 8, 6, 7\)"),
+        ("grad rank", bwd_x, (gy[0], x, wt, s, p, d, g), ValueError, r"`grad` must have shape \(2, 8, 6, 7\)"),
+        ("grad dtype", bwd_x, (gy.double(), x, wt, s, p, d, g), TypeError, "`grad` (has )?dtype"),
+        ("weight batch", bwd_x, (gy, x, wt[:1], s, p, d, g), ValueError, "`weight` batch 1 != `input` batch 2"),
+        ("grad channels", bwd_w, (gy[:, :3], x, wt, s, p, d, g), ValueError, r"`grad` must have shape \(2, 8, 6, 7\)"),
+        ("grad of another stride", bwd_w, (gy, x, wt, [2, 2], p, d, g), ValueError,
+         r"`grad` must have shape \(2, 8, 3, 4\)"),
+        ("groups do not divide", bwd_w, (gy, x, wt, s, p, d, 3), ValueError, r"`groups` \(3\) must divide the input"),
+        ("input dtype", bwd_w, (gy, x.double(), wt, s, p, d, g), TypeError, "`weight` (has )?dtype"),
+    ]
+
+
+def _fused_calls():
+    # FUSED_CASES[1]: B = 2, C = 16, 6 x 5, Cout = 32, 3x3 stride 2, whole-kernel cells 32 x 16, n = 3: m = 1
+    x, att, wh, layout, bias, s, p, d = make_fused(FUSED_CASES[1], torch.float32)
+    s, p, d = list(s), list(p), list(d)
+    small = torch.randn(3, 8, 8, 3, 3)   # 8 x 8 cells: m = 4 * 2
+    return [
+        ("attention batch", (x, att[:1], wh, layout, bias, s, p, d), ValueError,
+         "`attention` batch 1 != `input` batch 2"),
+        ("attention mixtures", (x, att.expand(2, 2, 3), wh, layout, bias, s, p, d), ValueError,
+         r"`attention` must have shape \(B, 1, 3\)"),
+        ("attention dtype", (x, att.double(), wh, layout, bias, s, p, d), TypeError, "`attention` has dtype"),
+        ("cells do not divide", (x, att, wh, [48, 16, 3, 3], bias, s, p, d), ValueError,
+         r"`warehouse` cells \(32 x 16\) must divide"),
+        ("layout rank", (x, att, torch.randn(3, 32, 16), [32, 16], bias, s, p, d), ValueError,
+         r"`layout` must be \(Cout, C, kh, kw\), got \(32, 16\)"),
+        ("layout channels", (x[:, :8], att, wh, layout, bias, s, p, d), ValueError,
+         r"`layout` must be \(Cout, C, kh, kw\) with C = input channels \(8\)"),
+        ("input rank", (x[0], att, wh, layout, bias, s, p, d), ValueError, "`input` must be 4-D"),
+        ("input dtype", (x.double(), att, wh, layout, bias, s, p, d), TypeError, "`attention` has dtype"),
+        ("bias shape", (x, att, wh, layout, bias[:3], s, p, d), ValueError, r"`bias` must have shape \(32,\)"),
+        ("bias dtype", (x, att, wh, layout, bias.double(), s, p, d), TypeError, "`bias` has dtype"),
+        ("float64", (x.double(), att.double(), wh.double(), layout, bias.double(), s, p, d), TypeError,
+         "`input` dtype must be float32, float16 or bfloat16"),
+        ("stride 0", (x, att, wh, layout, bias, [0, 2], p, d), ValueError, "`stride` must be >= 1"),
+        ("padding -1", (x, att, wh, layout, bias, s, [-1, 1], d), ValueError, "`padding` must be >= 0"),
+        ("dilation 0", (x, att, wh, layout, bias, s, p, [1, 0]), ValueError, "`dilation` must be >= 1"),
+        ("kernel larger than the input", (x[..., :2, :2], att, wh, layout, bias, s, [0, 0], d), ValueError,
+         r"padded `input` \(2 x 2\) is smaller than the dilated kernel \(3 x 3\)"),
+        ("cells too small for the tiles", (x, torch.randn(2, 8, 3), small, layout, bias, s, p, d), ValueError,
+         r"`warehouse` cells \(8 x 8\) must be multiples of 16 x 16 channels"),
+    ]
+
+
+def _call_ids(calls, family):
+    return [f"{c[1].removeprefix(family)[1:] or 'forward'}-{c[0]}" for c in calls]
+
+
+ASM_CALLS, CONV_CALLS, FUSED_CALLS = _asm_calls(), _conv_calls(), _fused_calls()
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("what, op, args, error, message", ASM_CALLS, ids=_call_ids(ASM_CALLS, "kw_assemble"))
+def test_triton_assemble_ops_check_arguments_as_cuda_ops_do(what, op, args, error, message):
+    """Each bad direct call of a kw_assemble Triton op raises a ValueError/TypeError naming the op and the argument
+    (no out-of-bounds write), and the C++ op rejects the same call; both accept the valid calls (and agree)."""
+    check_triton_op_call(op, args, error, message)
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("what, op, args, error, message", CONV_CALLS, ids=_call_ids(CONV_CALLS, "per_sample_conv2d"))
+def test_triton_conv_ops_check_arguments_as_cuda_ops_do(what, op, args, error, message):
+    """The same for the per_sample_conv2d Triton ops."""
+    check_triton_op_call(op, args, error, message)
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("what, args, error, message", FUSED_CALLS, ids=[c[0] for c in FUSED_CALLS])
+def test_triton_fused_op_checks_arguments(what, args, error, message):
+    """The fused op (no C++ counterpart): kw_assemble's and per_sample_conv2d's checks, plus its tile constraint."""
+    with pytest.raises(error, match=f"^kw_conv2d_fused_triton: {message}"):
+        R.kw_conv2d_fused_triton(*args)
+
+
+@requires_triton_cpu
+def test_triton_kw_ops_reject_float64():
+    """float64, which the C++ ops' CPU emulation takes (not their CUDA kernels), is refused by the Triton ops."""
+    att, wh, layout = make_asm(ASM_CASES[0], torch.float64)
+    with pytest.raises(TypeError, match="^kw_assemble_triton: `warehouse` dtype must be float32, float16 or bfloat16"):
+        R.kw_assemble_triton(att, wh, layout)
+    kg = torch.randn(3, *layout, dtype=torch.float64)
+    with pytest.raises(TypeError, match="^kw_assemble_backward_attention_triton: `warehouse` dtype must be float32"):
+        R.kw_assemble_backward_attention_triton(kg, wh, layout)
+    with pytest.raises(TypeError, match="^kw_assemble_backward_warehouse_triton: `warehouse` dtype must be float32"):
+        R.kw_assemble_backward_warehouse_triton(kg, att, wh, layout)
+    x, wt, bias, s, p, d, g = make_conv(CONV_CASES[0], torch.float64)
+    with pytest.raises(TypeError, match="^per_sample_conv2d_triton: `input` dtype must be float32"):
+        R.per_sample_conv2d_triton(x, wt, bias, s, p, d, g)
+    gy = torch.randn(2, 8, 6, 7, dtype=torch.float64)
+    for op in (R.per_sample_conv2d_backward_input_triton, R.per_sample_conv2d_backward_weight_triton):
+        with pytest.raises(TypeError, match="_triton: `input` dtype must be float32"):
+            op(gy, x, wt, s, p, d, g)
 
 
 # ---------------------------------------------------------------- public functions: routing and errors

@@ -6,7 +6,8 @@ Registered operators (``torch.ops.repkernels``):
   CUDA kernels from the compiled extension (their CPU implementations emulate the CUDA kernels block by
   block, for the tests);
 * ``depthwise_conv2d_triton``, ``depthwise_conv2d_backward_input_triton``,
-  ``depthwise_conv2d_backward_weight_triton`` — Triton kernels.
+  ``depthwise_conv2d_backward_weight_triton`` — Triton kernels; they check their arguments as the C++ ops do
+  (:mod:`repkernels.ops._op_checks`), raising ``ValueError`` / ``TypeError``.
 
 Every op has a fake (meta) implementation; the forward ops have autograd whose backward runs the
 backward ops of the same backend (bias gradient: a sum), and the backward ops have autograd made of the
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 
 from .. import _autotune, _backend, _extension, _validation
 from .. import reference as _reference
+from . import _op_checks
 from ._registration import register_conv_double_backward, register_op_family
 
 OP = "depthwise_conv2d"
@@ -125,6 +127,8 @@ if _backend.HAS_TRITON:
         from ..triton_kernels import depthwise_conv2d_toeplitz as toeplitz
         from ..triton_kernels.depthwise_conv2d_fwd import depthwise_conv2d_fwd
 
+        stride, padding, dilation = _op_checks.depthwise_conv2d("depthwise_conv2d_triton", input, weight, bias,
+                                                                stride, padding, dilation)
         out = _empty_output(input, weight, stride, padding, dilation)
         plan = _toeplitz_plan(input, weight, stride, padding, dilation)
         if plan is not None:
@@ -138,6 +142,8 @@ if _backend.HAS_TRITON:
         from ..triton_kernels import depthwise_conv2d_toeplitz as toeplitz
         from ..triton_kernels.depthwise_conv2d_bwd_input import depthwise_conv2d_bwd_input
 
+        stride, padding, dilation = _op_checks.depthwise_conv2d_backward(
+            "depthwise_conv2d_backward_input_triton", grad, input, weight, stride, padding, dilation)
         out = _fake_bwd_input(grad, input, weight, stride, padding, dilation)
         plan = _toeplitz_plan(input, weight, stride, padding, dilation)
         if plan is not None:
@@ -151,6 +157,8 @@ if _backend.HAS_TRITON:
         from ..triton_kernels import depthwise_conv2d_toeplitz as toeplitz
         from ..triton_kernels.depthwise_conv2d_bwd_weight import depthwise_conv2d_bwd_weight
 
+        stride, padding, dilation = _op_checks.depthwise_conv2d_backward(
+            "depthwise_conv2d_backward_weight_triton", grad, input, weight, stride, padding, dilation)
         out = _fake_bwd_weight(grad, input, weight, stride, padding, dilation)
         plan = _toeplitz_plan(input, weight, stride, padding, dilation)
         if plan is not None:

@@ -5,7 +5,8 @@ Registered operators (``torch.ops.repkernels``):
 * ``kw_assemble``, ``kw_assemble_backward_attention``, ``kw_assemble_backward_warehouse`` — CUDA kernels
   from the compiled extension (their CPU implementations emulate the CUDA kernels, for the tests);
 * ``kw_assemble_triton``, ``kw_assemble_backward_attention_triton``, ``kw_assemble_backward_warehouse_triton``
-  — Triton kernels.
+  — Triton kernels; they check their arguments as the C++ ops do (:mod:`repkernels.ops._op_checks`), raising
+  ``ValueError`` / ``TypeError``.
 
 Every op has a fake (meta) implementation; the forward ops have autograd (through the backward ops, which
 read the kernel gradient in its conv layout and write only ``(B, m, n)`` and ``(n, cell)``).
@@ -19,8 +20,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import _backend, _extension, _validation
+from .. import _backend, _extension
 from ..reference import kernelwarehouse as _ref
+from . import _op_checks
+from ._op_checks import check_layout
 from ._registration import register_assemble_double_backward, register_op_family
 
 OP = "kw_assemble"
@@ -29,38 +32,6 @@ PREFER = ("triton", "cuda")
 
 def _has_c_op(name: str) -> bool:
     return _extension.HAS_C and hasattr(torch.ops.repkernels, name)
-
-
-def check_layout(attention: torch.Tensor, warehouse: torch.Tensor, layout: Sequence[int], op: str = OP) -> list[int]:
-    """Validate ``attention`` (B, m, n), ``warehouse`` (n, co, ci, *cell_kernel) and ``layout``
-    (Cout, Cin/groups, *kernel) against each other; return ``layout`` as a list of ints."""
-    _validation.tensor(attention, "attention", op, ndim=3)
-    _validation.tensor(warehouse, "warehouse", op)
-    _validation.same_device_dtype(warehouse, "warehouse", op, attention=attention)
-    ok = not isinstance(layout, (str, bytes)) and isinstance(layout, (Sequence, torch.Size)) and len(layout) >= 2
-    if ok:
-        for v in layout:
-            ok = ok and isinstance(v, int) and not isinstance(v, bool) and v >= 1
-    if not ok:
-        raise ValueError(f"{op}: `layout` must be (Cout, Cin/groups, *kernel) with positive ints, got {layout!r}")
-    layout = [int(v) for v in layout]
-    if warehouse.dim() < 3:
-        raise ValueError(f"{op}: `warehouse` must be (n, co, ci, *cell_kernel), got shape {tuple(warehouse.shape)}")
-    n, co, ci = warehouse.shape[:3]
-    cell_k, kernel = list(warehouse.shape[3:]), layout[2:]
-    if cell_k != [1] * len(cell_k) and cell_k != kernel:
-        raise ValueError(f"{op}: `warehouse` cells must span one kernel tap (cell kernel all ones) or the whole "
-                         f"kernel {tuple(kernel)}, got cell kernel {tuple(cell_k)}")
-    if co == 0 or ci == 0 or layout[0] % co or layout[1] % ci:
-        raise ValueError(f"{op}: `warehouse` cells ({co} x {ci}) must divide the kernel's channels "
-                         f"(`layout` {tuple(layout)})")
-    go, co, gi, ci, ns, ce, ks = _ref.layout_grid(warehouse.shape, layout)
-    m = go * gi * ns
-    if attention.shape[1] != m or attention.shape[2] != n:
-        raise ValueError(f"{op}: `attention` must have shape (B, {m}, {n}) for `warehouse` {tuple(warehouse.shape)} "
-                         f"and `layout` {tuple(layout)} (m = {go}·{gi}·{ns} cells per kernel), "
-                         f"got {tuple(attention.shape)}")
-    return layout
 
 
 def _fake(attention, warehouse, layout):
@@ -96,15 +67,17 @@ if _backend.HAS_TRITON:
     def _kw_assemble_triton(attention: torch.Tensor, warehouse: torch.Tensor, layout: Sequence[int]) -> torch.Tensor:
         from ..triton_kernels.kw_assemble_fwd import kw_assemble_fwd
 
+        layout, grid = _op_checks.kw_assemble("kw_assemble_triton", attention, warehouse, layout)
         out = torch.empty((attention.shape[0], *layout), dtype=warehouse.dtype, device=warehouse.device)
-        return kw_assemble_fwd(attention, warehouse, _ref.layout_grid(warehouse.shape, layout), out)
+        return kw_assemble_fwd(attention, warehouse, grid, out)
 
     @torch.library.custom_op("repkernels::kw_assemble_backward_attention_triton", mutates_args=())
     def _kw_assemble_backward_attention_triton(grad: torch.Tensor, warehouse: torch.Tensor,
                                                layout: Sequence[int]) -> torch.Tensor:
         from ..triton_kernels.kw_assemble_bwd_attention import kw_assemble_bwd_attention
 
-        grid = _ref.layout_grid(warehouse.shape, layout)
+        layout, grid = _op_checks.kw_assemble_backward_attention("kw_assemble_backward_attention_triton", grad,
+                                                                 warehouse, layout)
         out = torch.empty((grad.shape[0], grid[0] * grid[2] * grid[4], warehouse.shape[0]), dtype=grad.dtype,
                           device=grad.device)
         return kw_assemble_bwd_attention(grad, warehouse, grid, out)
@@ -114,8 +87,10 @@ if _backend.HAS_TRITON:
                                                layout: Sequence[int]) -> torch.Tensor:
         from ..triton_kernels.kw_assemble_bwd_warehouse import kw_assemble_bwd_warehouse
 
+        layout, grid = _op_checks.kw_assemble_backward_warehouse("kw_assemble_backward_warehouse_triton", grad,
+                                                                 attention, warehouse, layout)
         out = torch.empty(warehouse.shape, dtype=warehouse.dtype, device=warehouse.device)
-        return kw_assemble_bwd_warehouse(attention, grad, _ref.layout_grid(warehouse.shape, layout), out)
+        return kw_assemble_bwd_warehouse(attention, grad, grid, out)
 
     register_op_family("kw_assemble_triton", ("kw_assemble_backward_attention_triton",
                                               "kw_assemble_backward_warehouse_triton"),
@@ -151,7 +126,7 @@ def kw_assemble(attention: torch.Tensor, warehouse: torch.Tensor, layout: Sequen
         (B, Cout, Cin/groups, *kernel), contiguous, dtype of ``warehouse``; written directly in this layout.
         float32/float16/bfloat16 on the fast paths (fp32 accumulation), any float dtype on the reference.
     """
-    layout = check_layout(attention, warehouse, layout)
+    layout = check_layout(attention, warehouse, layout, OP)
     which = _backend.select(
         OP,
         {"cuda": lambda: cuda_reason(attention, warehouse),

@@ -7,7 +7,7 @@ Two fast paths:
 * fused (Triton, ``repkernels::kw_conv2d_fused_triton``) — each program assembles its kernel tiles from the
   attentions and the warehouse inside the convolution, so per-sample kernels never reach memory. Its
   backward re-assembles the kernels (``kw_assemble``) and runs the per-sample dgrad / wgrad and the assembly
-  backward.
+  backward. Called directly, the op checks its arguments (:func:`repkernels.ops._op_checks.kw_conv2d_fused`).
 
 Routing rule (:func:`fused_wins`, independent of the batch size). The fused kernel recomputes a tile's
 assembly for every pixel tile of BLOCK_P outputs: per weight element and sample it costs
@@ -27,11 +27,12 @@ import torch
 
 from .. import _backend, _validation
 from ..reference import kernelwarehouse as _ref
-from .kw_assemble import check_layout as _check_layout
+from . import _op_checks
+from ._op_checks import check_groups as _check_groups
+from ._op_checks import check_layout as _check_layout
+from ._op_checks import check_spatial as _check_spatial
+from ._op_checks import out_hw as _out_hw
 from .kw_assemble import kw_assemble as _kw_assemble
-from .per_sample_conv2d import check_groups as _check_groups
-from .per_sample_conv2d import check_spatial as _check_spatial
-from .per_sample_conv2d import out_hw as _out_hw
 from .per_sample_conv2d import per_sample_conv2d as _per_sample_conv2d
 from .per_sample_conv2d import resolve_padding as _resolve_padding
 
@@ -97,9 +98,11 @@ if _backend.HAS_TRITON:
                                 padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
         from ..triton_kernels.kw_conv2d_fused_fwd import kw_conv2d_fused_fwd
 
+        layout, grid, stride, padding, dilation = _op_checks.kw_conv2d_fused(
+            "kw_conv2d_fused_triton", input, attention, warehouse, layout, bias, stride, padding, dilation)
         out = _fake(input, attention, warehouse, layout, bias, stride, padding, dilation)
-        return kw_conv2d_fused_fwd(input, attention, warehouse, _ref.layout_grid(warehouse.shape, layout),
-                                   tuple(layout[2:]), bias, tuple(stride), tuple(padding), tuple(dilation), out)
+        return kw_conv2d_fused_fwd(input, attention, warehouse, grid, tuple(layout[2:]), bias, tuple(stride),
+                                   tuple(padding), tuple(dilation), out)
 
     _kw_conv2d_fused_triton.register_fake(_fake)
     _kw_conv2d_fused_triton.register_autograd(_backward, setup_context=_setup_context)

@@ -4,7 +4,8 @@ Registered operators (``torch.ops.repkernels``):
 
 * ``per_sample_conv2d``, ``per_sample_conv2d_backward_input``, ``per_sample_conv2d_backward_weight`` — CUDA
   kernels from the compiled extension (their CPU implementations emulate the CUDA kernels, for the tests);
-* ``..._triton`` versions of the three — Triton kernels.
+* ``..._triton`` versions of the three — Triton kernels; they check their arguments as the C++ ops do
+  (:mod:`repkernels.ops._op_checks`), raising ``ValueError`` / ``TypeError``.
 
 All are batched implicit GEMMs whose tiles and compiled code depend on the layer, not on the batch size
 (unlike the reference's grouped conv with ``groups = B·groups``, which cuDNN autotunes and ``torch.compile``
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 
 from .. import _backend, _extension, _validation
 from ..reference import kernelwarehouse as _ref
+from . import _op_checks
+from ._op_checks import check_groups, check_spatial, out_hw
 from ._registration import register_conv_double_backward, register_op_family
 
 OP = "per_sample_conv2d"
@@ -31,12 +34,6 @@ IntPair = int | Sequence[int]
 
 def _has_c_op(name: str) -> bool:
     return _extension.HAS_C and hasattr(torch.ops.repkernels, name)
-
-
-def out_hw(h: int, w: int, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-           dilation: Sequence[int]) -> tuple[int, int]:
-    return (_validation.conv_out_size(h, kernel[0], stride[0], 2 * padding[0], dilation[0]),
-            _validation.conv_out_size(w, kernel[1], stride[1], 2 * padding[1], dilation[1]))
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -81,6 +78,8 @@ if _backend.HAS_TRITON:
                                   groups: int) -> torch.Tensor:
         from ..triton_kernels.per_sample_conv2d_fwd import per_sample_conv2d_fwd
 
+        stride, padding, dilation, groups = _op_checks.per_sample_conv2d(
+            "per_sample_conv2d_triton", input, weight, bias, stride, padding, dilation, groups)
         out = _fake(input, weight, bias, stride, padding, dilation, groups)
         return per_sample_conv2d_fwd(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups, out)
 
@@ -90,6 +89,8 @@ if _backend.HAS_TRITON:
                                                  dilation: Sequence[int], groups: int) -> torch.Tensor:
         from ..triton_kernels.per_sample_conv2d_bwd_input import per_sample_conv2d_bwd_input
 
+        stride, padding, dilation, groups = _op_checks.per_sample_conv2d_backward(
+            "per_sample_conv2d_backward_input_triton", grad, input, weight, stride, padding, dilation, groups)
         out = _fake_bwd_input(grad, input, weight, stride, padding, dilation, groups)
         return per_sample_conv2d_bwd_input(grad, weight, tuple(stride), tuple(padding), tuple(dilation), groups, out)
 
@@ -99,6 +100,8 @@ if _backend.HAS_TRITON:
                                                   dilation: Sequence[int], groups: int) -> torch.Tensor:
         from ..triton_kernels.per_sample_conv2d_bwd_weight import per_sample_conv2d_bwd_weight
 
+        stride, padding, dilation, groups = _op_checks.per_sample_conv2d_backward(
+            "per_sample_conv2d_backward_weight_triton", grad, input, weight, stride, padding, dilation, groups)
         out = _fake_bwd_weight(grad, input, weight, stride, padding, dilation, groups)
         return per_sample_conv2d_bwd_weight(input, grad, tuple(stride), tuple(padding), tuple(dilation), groups, out)
 
@@ -132,23 +135,6 @@ def resolve_padding(input: torch.Tensor, kernel: Sequence[int], stride: tuple[in
             return input, (totals[0] // 2, totals[1] // 2)
         raise ValueError(f"{op}: `padding` must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
     return input, _validation.pair(padding, "padding", op, 0)
-
-
-def check_groups(groups: object, cin: int, cout: int, op: str) -> int:
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{op}: `groups` must be a positive int, got {groups!r}")
-    if cin % groups or cout % groups:
-        raise ValueError(f"{op}: `groups` ({groups}) must divide the input channels ({cin}) and the output "
-                         f"channels ({cout})")
-    return groups
-
-
-def check_spatial(input: torch.Tensor, kernel: Sequence[int], padding: tuple[int, int], dilation: tuple[int, int],
-                  op: str) -> None:
-    h, w = input.shape[2] + 2 * padding[0], input.shape[3] + 2 * padding[1]
-    if h < dilation[0] * (kernel[0] - 1) + 1 or w < dilation[1] * (kernel[1] - 1) + 1:
-        raise ValueError(f"{op}: padded `input` ({h} x {w}) is smaller than the dilated kernel "
-                         f"({dilation[0] * (kernel[0] - 1) + 1} x {dilation[1] * (kernel[1] - 1) + 1})")
 
 
 def _normalize(input, weight, bias, stride, padding, dilation, groups):
