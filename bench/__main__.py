@@ -1,4 +1,4 @@
-"""``python -m repkernels.bench``: check and time every op against cuDNN and the reference.
+"""``python -m repkernels.bench``: check and time every op against the best PyTorch option and the roofline.
 
 Without a GPU there is nothing to time: each backend's output is still checked against the float64
 reference (on shrunken shapes; Triton under its interpreter) and the run exits 0 when all agree.
@@ -22,6 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument("--out", default="bench_out", help="folder for the JSON results and the PNG plot "
                         "(default: ./bench_out)")
+    parser.add_argument("--name", default=None, help="file stem of the JSON/PNG results (default: "
+                        "bench_<device>)")
+    parser.add_argument("--compile-budget", type=float, default=None, metavar="SECONDS",
+                        help="seconds the torch.compile baselines may spend compiling in this run; the ones "
+                        "after that are reported as skipped (default: REPKERNELS_BENCH_COMPILE_BUDGET_S, "
+                        "else no limit)")
     parser.add_argument("--list", action="store_true", help="list the ops that have a suite and exit")
     args = parser.parse_args(argv)
 
@@ -47,13 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as exc:
         parser.error(f"unknown dtype {exc.args[0]!r}; choose from {', '.join(harness.DTYPES)}")
 
+    if args.compile_budget is not None:
+        harness.COMPILE_BUDGET.seconds = args.compile_budget
     env = harness.environment()
-    print(f"repkernels {env['repkernels']} | torch {env['torch']} | CUDA {env['cuda']} | triton {env['triton']}")
-    print(f"device: {env['device']}")
-    if env["peaks"]:
-        p = env["peaks"]
-        print(f"peaks (datasheet): {p['bandwidth_GBps']} GB/s, fp32 {p['fp32_TFLOPs']} TFLOP/s, "
-              f"bf16 {p['bf16_TFLOPs']} TFLOP/s")
+    print(f"repkernels {env['repkernels']} ({env['commit']}) | torch {env['torch']} | CUDA {env['cuda']} | "
+          f"triton {env['triton']}", flush=True)
+    print(f"device: {env['device']}", flush=True)
+    if env["ceilings"]:
+        c = env["ceilings"]
+        print(f"roofline ceilings: copy {c['copy_GBps']:.0f} GB/s, tensor cores (bf16) {c['tensor_TFLOPs']:.0f} "
+              f"TFLOP/s (both measured), fp32 FMA {c['fp32_TFLOPs']} TFLOP/s ({c['sources']['fp32_TFLOPs']})",
+              flush=True)
     if not torch.cuda.is_available():
         print("No GPU visible: timings need a GPU. Checking each backend's output against the reference "
               "on shrunken shapes instead.")
@@ -61,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
 
     cases = [c for op in ops for c in SUITES[op](dtypes, args.quick)]
-    records = harness.run_cases(cases, args.quick)
+    records = harness.run_cases(cases, args.quick, log=lambda line: print(line, flush=True))
     print(harness.format_table(records, env["peaks"]))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_" + "".join(ch if ch.isalnum() else "_" for ch in env["device"]).strip("_")
+    stem = args.name or "bench_" + "".join(ch if ch.isalnum() else "_" for ch in env["device"]).strip("_")
     harness.write_json(out / f"{stem}.json", env, records)
     print(f"results: {out / (stem + '.json')}")
     if torch.cuda.is_available():
@@ -74,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"plot: {out / (stem + '.png')}")
         else:
             print("plot: skipped (pip install matplotlib)")
-    bad = [r for r in records if r["check"] not in ("ok", "baseline")]
+    bad = [r for r in records if r["check"] not in ("ok", "baseline", "skipped")]
     if bad:
         print(f"{len(bad)} implementation(s) disagree with the reference, failed or could not be checked: "
               "see the check column",

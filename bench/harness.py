@@ -1,10 +1,19 @@
-"""Benchmark harness: correctness check, timing, table, JSON and PNG for every suite.
+"""Benchmark harness: correctness check, timing, roofline, table, JSON and PNG for every suite.
 
 A suite (``repkernels.bench.suites.<op>``) yields :class:`Case` objects. For each case the harness
 builds the inputs, runs every implementation once and checks it against the float64 reference, then
-(on a GPU) times each one with warm-up and repeats (``triton.testing.do_bench``, median; CUDA
-events without Triton) and reports time, speed-up over cuDNN and over the reference, and achieved
-TFLOP/s and GB/s next to the device's peaks.
+(on a GPU) times each one with warm-up and repeats (``triton.testing.do_bench``: median and the 20th/80th
+percentiles; CUDA events without Triton; rows under 50 µs also by CUDA-graph replay) and reports:
+
+* ``x_best_torch``: the fastest PyTorch option of the same computation (``best_torch_ms``: the case's
+  ``torch_*`` implementations, e.g. ``F.conv2d`` on NCHW, on channels_last (cuDNN) and ``torch.compile``)
+  over this row's time;
+* ``bound_ms``: the roofline, the lower bound on time from the fewest bytes the problem must move (at the
+  device's copy bandwidth, measured at the start of the run) and from its useful FLOPs (at the FP32 FMA
+  peak for float32, the tensor-core peak for half precision); ``pct_roofline = 100 * bound_ms / ms``;
+* ``x_baseline``: against the case's named comparison row (e.g. the static conv a dynamic one replaces).
+
+Once per case family it records which kernels each PyTorch option ran (profiler kernel names).
 """
 
 from __future__ import annotations
@@ -14,14 +23,17 @@ import datetime as _dt
 import gc
 import json
 import platform
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-# Datasheet peaks (dense, SXM parts), used to show the distance to the limit. fp32 is the CUDA-core
-# rate (what a non-tensor-core kernel can reach); bf16/fp16 the tensor-core rate.
+# Datasheet peaks (dense, SXM parts). fp32 is the CUDA-core FMA rate (what a non-tensor-core kernel can reach);
+# bf16/fp16 the tensor-core rate. The roofline uses the copy bandwidth and tensor-core rate measured at the
+# start of the run where it can (see measure_ceilings), these otherwise.
 DEVICE_PEAKS = {
     "H200": {"bandwidth_GBps": 4800, "fp32_TFLOPs": 67, "bf16_TFLOPs": 989},
     "H100": {"bandwidth_GBps": 3350, "fp32_TFLOPs": 67, "bf16_TFLOPs": 989},
@@ -30,6 +42,12 @@ DEVICE_PEAKS = {
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CHECK_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}  # relative to max |ref|
+GRAPH_REPLAY_BELOW_MS = 0.05  # rows faster than this are also timed by CUDA-graph replay (launch gaps removed)
+
+
+class Skipped(Exception):
+    """Raised by an implementation that chose not to run (e.g. a compile budget is spent): reported, not a
+    failure."""
 
 
 @dataclasses.dataclass
@@ -37,9 +55,14 @@ class Case:
     """One benchmarked problem.
 
     ``setup(device, small)`` returns ``(impls, reference)``: ``impls`` maps implementation names
-    ('cudnn', 'reference', 'cuda', 'triton', ...) to zero-argument callables over prebuilt inputs;
+    ('torch_nchw', 'auto', 'cuda', 'triton', ...) to zero-argument callables over prebuilt inputs;
     ``reference`` is a zero-argument callable computing the float64 result. ``small=True`` asks for a
     shrunken problem that CPU backends (emulation, Triton interpreter) can check in seconds.
+
+    ``torch_impls`` names the implementations that are PyTorch options of the *same* computation (default:
+    every name starting with ``torch_``); the fastest is ``best_torch``. ``baseline`` names a comparison row
+    (``x_baseline``), e.g. the static conv a dynamic conv replaces, listed in ``unchecked`` when it computes
+    something else. ``family`` groups cases whose PyTorch kernels are reported once.
     """
 
     op: str
@@ -48,10 +71,15 @@ class Case:
     setup: Callable[[str, bool], tuple[dict[str, Callable[[], torch.Tensor]], Callable[[], torch.Tensor]]]
     flops: float  # useful floating-point operations (2 x MACs, no padding)
     bytes: float  # fewest bytes a kernel must move (inputs read once, outputs written once)
-    baseline: str = "cudnn"
+    baseline: str | None = None
     # Implementations timed for comparison but computing something else (e.g. the static conv a dynamic one
     # replaces): run once, recorded with check "baseline", not compared with the reference.
     unchecked: tuple[str, ...] = ()
+    torch_impls: tuple[str, ...] | None = None
+    family: str | None = None
+
+    def is_torch(self, impl: str) -> bool:
+        return impl in self.torch_impls if self.torch_impls is not None else impl.startswith("torch_")
 
 
 def device_peaks() -> tuple[str, dict[str, float] | None]:
@@ -64,6 +92,52 @@ def device_peaks() -> tuple[str, dict[str, float] | None]:
     return name, None
 
 
+_CEILINGS: dict | None = None
+
+
+def measure_ceilings() -> dict | None:
+    """The roofline's ceilings for this device (None without a GPU), measured once per process.
+
+    ``copy_GBps``: a 1 GiB device-to-device copy, bytes read + written (2 GiB) over the median time.
+    ``tensor_TFLOPs``: an 8192³ bf16 matmul on random data (cuBLAS). ``fp32_TFLOPs``: the datasheet FP32 FMA rate
+    (no library reaches it on a plain FMA stream; 2 x SMs x 128 FMA/clock x the boost clock otherwise)."""
+    global _CEILINGS
+    if _CEILINGS is not None or not torch.cuda.is_available():
+        return _CEILINGS
+    _, peaks = device_peaks()
+    props = torch.cuda.get_device_properties(0)
+    copy_gbps, tensor_tflops = _copy_GBps(), _matmul_TFLOPs()
+    torch.cuda.empty_cache()
+    clock_ghz = getattr(props, "clock_rate", 0) / 1e6  # kHz -> GHz (absent on some torch versions)
+    fp32 = peaks["fp32_TFLOPs"] if peaks else 2 * props.multi_processor_count * 128 * clock_ghz / 1e3
+    _CEILINGS = {"copy_GBps": round(copy_gbps, 1), "tensor_TFLOPs": round(tensor_tflops, 1),
+                 "fp32_TFLOPs": fp32,
+                 "sources": {"copy_GBps": "measured (1 GiB device copy)",
+                             "tensor_TFLOPs": "measured (8192^3 bf16 matmul)",
+                             "fp32_TFLOPs": "datasheet" if peaks else "2 x SMs x 128 x clock"}}
+    return _CEILINGS
+
+
+def _copy_GBps() -> float:
+    src = torch.empty(2**30 // 4, dtype=torch.float32, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / time_stats(lambda: dst.copy_(src), quick=True)["ms"] / 1e6
+
+
+def _matmul_TFLOPs(n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    return 2 * n**3 / time_stats(lambda: a @ b, quick=True)["ms"] / 1e9
+
+
+def bound_ms(case: Case, ceilings: dict | None) -> float | None:
+    """Roofline lower bound on the case's time: max(bytes / bandwidth, flops / peak), in ms."""
+    if not ceilings:
+        return None
+    peak = ceilings["fp32_TFLOPs"] if case.dtype in (torch.float32, torch.float64) else ceilings["tensor_TFLOPs"]
+    return max(case.bytes / (ceilings["copy_GBps"] * 1e6), case.flops / (peak * 1e9))
+
+
 def check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> tuple[bool, float]:
     """(passed, error relative to max |ref|)."""
     out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
@@ -74,12 +148,14 @@ def check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> tuple[boo
     return err <= CHECK_TOL.get(dtype, 1e-8), err
 
 
-def time_ms(fn: Callable[[], object], quick: bool) -> float:
-    """Median time of ``fn`` in milliseconds (GPU)."""
+def time_stats(fn: Callable[[], object], quick: bool) -> dict[str, float]:
+    """Median and 20th/80th percentile time of ``fn`` in milliseconds (GPU)."""
     try:
         from triton.testing import do_bench
 
-        return float(do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median"))
+        p20, p50, p80 = do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
+                                 quantiles=[0.2, 0.5, 0.8])
+        return {"ms": float(p50), "p20_ms": float(p20), "p80_ms": float(p80)}
     except ImportError:
         for _ in range(3 if quick else 10):
             fn()
@@ -93,7 +169,47 @@ def time_ms(fn: Callable[[], object], quick: bool) -> float:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         times.sort()
-        return times[len(times) // 2]
+        return {key: times[min(int(q * len(times)), len(times) - 1)]
+                for key, q in (("ms", 0.5), ("p20_ms", 0.2), ("p80_ms", 0.8))}
+
+
+def graph_ms(fn: Callable[[], object], calls: int = 20, replays: int = 10) -> float:
+    """Median time per call of ``fn`` replayed from a CUDA graph holding ``calls`` calls (no launch gaps)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm on the side stream (allocator pools, lazy initialisation)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def kernel_names(fn: Callable[[], object]) -> list[str]:
+    """Names of the GPU kernels one call of ``fn`` runs, in order of first launch (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names: list[str] = []
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.name not in names:
+            names.append(ev.name)
+    return names
 
 
 def _progress(items: list, desc: str):
@@ -110,16 +226,17 @@ def _progress(items: list, desc: str):
         return gen()
 
 
-def run_cases(cases: list[Case], quick: bool) -> list[dict]:
+def run_cases(cases: list[Case], quick: bool, log: Callable[[str], None] | None = None) -> list[dict]:
     """Check (and on a GPU, time) every implementation of every case. Returns one record per pair.
 
     float32 means IEEE float32 for every implementation, cuDNN included: TF32 is switched off for the run
     (``torch.backends.cudnn.allow_tf32`` and ``torch.backends.cuda.matmul.allow_tf32``), so no path is timed
-    with cheaper, less precise products than another, and the float32 check tolerance applies to all."""
+    with cheaper, less precise products than another, and the float32 check tolerance applies to all.
+    ``log`` receives one line per case family with the kernels each PyTorch option ran (GPU only)."""
     cudnn_tf32, matmul_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        return _run_cases(cases, quick)
+        return _run_cases(cases, quick, log or (lambda line: None))
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn_tf32, matmul_tf32
 
@@ -132,9 +249,31 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _run_cases(cases: list[Case], quick: bool) -> list[dict]:
+def _time_record(rec: dict, fn: Callable[[], object], case: Case, quick: bool, ceilings: dict | None) -> None:
+    try:
+        rec.update(time_stats(fn, quick))
+    except Exception as exc:  # noqa: BLE001
+        rec.update(check="ERROR", error=f"timing: {type(exc).__name__}: {exc}")
+        _free_memory()
+        return
+    if rec["ms"] < GRAPH_REPLAY_BELOW_MS:
+        try:
+            rec["graph_ms"] = graph_ms(fn)
+        except Exception as exc:  # noqa: BLE001 - a path that cannot be captured is still timed eagerly
+            rec["graph_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            torch.cuda.synchronize()
+    ms = rec["ms"]
+    rec.update(TFLOPs=case.flops / ms / 1e9, GBps=case.bytes / ms / 1e6)
+    bound = bound_ms(case, ceilings)
+    if bound is not None:
+        rec.update(bound_ms=bound, pct_roofline=100.0 * bound / ms)
+
+
+def _run_cases(cases: list[Case], quick: bool, log: Callable[[str], None]) -> list[dict]:
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
+    ceilings = measure_ceilings() if gpu else None
+    families_seen: set[tuple[str, str]] = set()
     records = []
     for case in _progress(cases, "benchmarking" if gpu else "checking"):
         base = {"op": case.op, "case": case.name, "dtype": str(case.dtype).replace("torch.", "")}
@@ -151,7 +290,7 @@ def _run_cases(cases: list[Case], quick: bool) -> list[dict]:
             _free_memory()
         results = {}
         for name, fn in impls.items():
-            rec = {**base, "impl": name}
+            rec = {**base, "impl": name, "torch": case.is_torch(name)}
             try:
                 if name in case.unchecked:
                     fn()
@@ -162,55 +301,93 @@ def _run_cases(cases: list[Case], quick: bool) -> list[dict]:
                 else:
                     ok, err = check(fn(), ref, case.dtype)
                     rec.update(check="ok" if ok else "FAIL", rel_error=err)
+            except Skipped as exc:
+                rec.update(check="skipped", error=str(exc))
             except Exception as exc:  # noqa: BLE001 - reported, never hidden
                 rec.update(check="ERROR", error=f"{type(exc).__name__}: {exc}")
                 _free_memory()
             if gpu and rec["check"] in ("ok", "baseline", "unchecked"):
-                try:
-                    ms = time_ms(fn, quick)
-                    rec.update(ms=ms, TFLOPs=case.flops / ms / 1e9, GBps=case.bytes / ms / 1e6)
-                except Exception as exc:  # noqa: BLE001
-                    rec.update(check="ERROR", error=f"timing: {type(exc).__name__}: {exc}")
-                    _free_memory()
+                _time_record(rec, fn, case, quick, ceilings)
             results[name] = rec
             records.append(rec)
-        for rec in results.values():
-            for base_name in (case.baseline, "reference"):
-                if "ms" in rec and "ms" in results.get(base_name, {}):
-                    rec[f"speedup_vs_{base_name}"] = results[base_name]["ms"] / rec["ms"]
+        family = (case.family or case.op, base["dtype"])
+        if gpu and family not in families_seen:
+            families_seen.add(family)
+            for name, fn in impls.items():
+                if case.is_torch(name) and results[name]["check"] in ("ok", "baseline", "unchecked"):
+                    try:
+                        results[name]["kernels"] = kernel_names(fn)
+                    except Exception as exc:  # noqa: BLE001
+                        results[name]["kernels"] = [f"(profiler failed: {type(exc).__name__}: {exc})"]
+                    log(f"kernels [{family[0]}, {family[1]}] {name}: {', '.join(results[name]['kernels'])}")
+        _compare(case, results)
         del impls, reference, ref, results
         _free_memory()
     return records
 
 
-def format_table(records: list[dict], peaks: dict[str, float] | None) -> str:
+def _compare(case: Case, results: dict[str, dict]) -> None:
+    """Fill best_torch_ms / x_best_torch and x_baseline on the timed records of one case."""
+    timed_torch = [r for r in results.values() if r["torch"] and "ms" in r]
+    best = min(timed_torch, key=lambda r: r["ms"]) if timed_torch else None
+    base = results.get(case.baseline) if case.baseline else None
+    for rec in results.values():
+        if "ms" not in rec:
+            continue
+        if best is not None:
+            rec.update(best_torch=best["impl"], best_torch_ms=best["ms"], x_best_torch=best["ms"] / rec["ms"])
+        if base is not None and "ms" in base:
+            rec.update(baseline=case.baseline, x_baseline=base["ms"] / rec["ms"])
+
+
+def _fmt(value, spec: str, width: int) -> str:
+    return f"{value:{width}{spec}}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
+
+
+def format_table(records: list[dict], peaks: dict[str, float] | None = None) -> str:
+    """The results as a text table (timed columns when any record was timed)."""
     gpu = any("ms" in r for r in records)
     if gpu:
-        head = f"{'op':<18} {'case':<34} {'dtype':<9} {'impl':<10} {'ms':>9} {'x cudnn':>8} {'x ref':>7} " \
-               f"{'TFLOP/s':>8} {'GB/s':>8} {'%BW':>5} check"
+        head = (f"{'op':<20} {'case':<40} {'dtype':<9} {'impl':<22} {'ms':>9} {'p20-p80':>15} {'graph':>8} "
+                f"{'x best':>6} {'bound':>8} {'%roof':>6} {'x base':>6} check")
     else:
-        head = f"{'op':<18} {'case':<34} {'dtype':<9} {'impl':<22} {'rel.err':>9} check"
+        head = f"{'op':<20} {'case':<40} {'dtype':<9} {'impl':<22} {'rel.err':>9} check"
     lines = [head, "-" * len(head)]
     for r in records:
+        prefix = f"{r['op']:<20} {r['case']:<40} {r['dtype']:<9} {r['impl']:<22}"
+        note = f" {r['error']}" if r.get("error") else ""
         if gpu:
-            if "ms" in r:
-                bw = f"{100 * r['GBps'] / peaks['bandwidth_GBps']:5.1f}" if peaks else "    -"
-                sc = r.get("speedup_vs_cudnn")
-                sr = r.get("speedup_vs_reference")
-                lines.append(f"{r['op']:<18} {r['case']:<34} {r['dtype']:<9} {r['impl']:<10} {r['ms']:9.4f} "
-                             f"{(f'{sc:.2f}' if sc else '-'):>8} {(f'{sr:.2f}' if sr else '-'):>7} "
-                             f"{r['TFLOPs']:8.2f} {r['GBps']:8.0f} {bw} {r['check']} {r.get('error', '')}".rstrip())
-            else:
-                lines.append(f"{r['op']:<18} {r['case']:<34} {r['dtype']:<9} {r['impl']:<10} {'-':>9} "
-                             f"{'':>8} {'':>7} {'':>8} {'':>8} {'':>5} {r['check']} {r.get('error', '')}")
+            spread = f"{r['p20_ms']:.4f}-{r['p80_ms']:.4f}" if "p20_ms" in r else "-"
+            lines.append(f"{prefix} {_fmt(r.get('ms'), '.4f', 9)} {spread:>15} {_fmt(r.get('graph_ms'), '.4f', 8)} "
+                         f"{_fmt(r.get('x_best_torch'), '.2f', 6)} {_fmt(r.get('bound_ms'), '.4f', 8)} "
+                         f"{_fmt(r.get('pct_roofline'), '.1f', 6)} {_fmt(r.get('x_baseline'), '.2f', 6)} "
+                         f"{r['check']}{note}".rstrip())
         else:
-            err = f"{r['rel_error']:9.1e}" if "rel_error" in r else f"{'-':>9}"
-            lines.append(f"{r['op']:<18} {r['case']:<34} {r['dtype']:<9} {r['impl']:<22} {err} {r['check']} "
-                         f"{r.get('error', '')}")
+            lines.append(f"{prefix} {_fmt(r.get('rel_error'), '.1e', 9)} {r['check']}{note}".rstrip())
+    if gpu:
+        lines.append("x best = the fastest PyTorch option of the same case (torch_* rows) / this row; bound = roofline "
+                     "lower bound (ms); %roof = 100 * bound / ms; x base = the case's comparison row / this row")
     return "\n".join(lines)
 
 
+def git_commit() -> str | None:
+    """Short sha of the checkout the bench runs from ('-dirty' with uncommitted changes), or None."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        import os
+
+        return os.environ.get("REPKERNELS_COMMIT")
+    return sha + ("-dirty" if dirty else "")
+
+
 def environment() -> dict:
+    import os
+
     import repkernels
     from repkernels import _extension
 
@@ -221,9 +398,10 @@ def environment() -> dict:
     except ImportError:
         triton_version = None
     name, peaks = device_peaks()
-    return {"device": name, "peaks": peaks, "repkernels": repkernels.__version__, "torch": torch.__version__,
+    return {"device": name, "peaks": peaks, "ceilings": measure_ceilings(), "repkernels": repkernels.__version__,
+            "commit": os.environ.get("REPKERNELS_COMMIT") or git_commit(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "triton": triton_version, "extension": _extension.build_info(),
-            "date": _dt.datetime.now().isoformat(timespec="seconds")}
+            "python": platform.python_version(), "date": _dt.datetime.now().isoformat(timespec="seconds")}
 
 
 def write_json(path: Path, env: dict, records: list[dict]) -> None:
@@ -231,7 +409,8 @@ def write_json(path: Path, env: dict, records: list[dict]) -> None:
 
 
 def write_plot(path: Path, records: list[dict], device: str) -> bool:
-    """Speed-up over cuDNN per case and implementation (PNG). False when matplotlib is missing."""
+    """Speed-up over the best PyTorch option per case and implementation (PNG). False when matplotlib is missing
+    or nothing was timed."""
     try:
         import matplotlib
 
@@ -239,7 +418,7 @@ def write_plot(path: Path, records: list[dict], device: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    timed = [r for r in records if "speedup_vs_cudnn" in r and r["impl"] != "cudnn"]
+    timed = [r for r in records if "x_best_torch" in r and not r.get("torch")]
     if not timed:
         return False
     labels = sorted({f"{r['op']} {r['case']} {r['dtype']}" for r in timed}, key=str)
@@ -247,16 +426,55 @@ def write_plot(path: Path, records: list[dict], device: str) -> bool:
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) * len(impls) + 1.5))
     height = 0.8 / len(impls)
     for j, impl in enumerate(impls):
-        vals = {f"{r['op']} {r['case']} {r['dtype']}": r["speedup_vs_cudnn"] for r in timed if r["impl"] == impl}
+        vals = {f"{r['op']} {r['case']} {r['dtype']}": r["x_best_torch"] for r in timed if r["impl"] == impl}
         ys = [i + j * height for i in range(len(labels))]
         ax.barh(ys, [vals.get(lbl, 0.0) for lbl in labels], height=height, label=impl)
     ax.axvline(1.0, color="k", linewidth=0.8)
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))])
     ax.set_yticklabels(labels, fontsize=7)
-    ax.set_xlabel("speed-up over cuDNN (F.conv2d), higher is better")
+    ax.set_xlabel("speed-up over the best PyTorch option (NCHW, channels_last, torch.compile), higher is better")
     ax.set_title(f"repkernels on {device}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+class CompileBudget:
+    """A process-wide allowance of seconds for ``torch.compile`` baselines (their first call compiles).
+
+    ``wrap(fn)`` returns a callable that compiles ``fn`` on first use while the allowance lasts and raises
+    :class:`Skipped` once it is spent, so a slow compiler cannot eat a GPU slot's time. ``None`` seconds: no
+    limit. Set with ``--compile-budget`` or ``REPKERNELS_BENCH_COMPILE_BUDGET_S``."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds, self.spent = seconds, 0.0
+
+    def wrap(self, make: Callable[[], Callable[[], object]]) -> Callable[[], object]:
+        state: dict = {}
+
+        def call():
+            if "fn" not in state:
+                if self.seconds is not None and self.spent >= self.seconds:
+                    raise Skipped(f"compile budget of {self.seconds:.0f} s spent")
+                start = time.monotonic()
+                try:
+                    fn = make()
+                    out = fn()
+                finally:
+                    self.spent += time.monotonic() - start
+                state["fn"] = fn
+                return out
+            return state["fn"]()
+        return call
+
+
+def _budget_from_env() -> float | None:
+    import os
+
+    value = os.environ.get("REPKERNELS_BENCH_COMPILE_BUDGET_S", "").strip()
+    return float(value) if value else None
+
+
+COMPILE_BUDGET = CompileBudget(_budget_from_env())

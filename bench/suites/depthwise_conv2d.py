@@ -10,8 +10,11 @@ Padding is K//2 per axis (ParCNetV2: H − 1), so the oversized kernels see thei
 count useful multiply-adds only (taps that land on padding zeros are not counted), ×3 for fwd+bwd
 (forward, input gradient, weight gradient). Bytes are the fewest a kernel must move: forward reads x
 and writes y; backward reads grad_y twice and x once and writes grad_x. Run with
-``python -m repkernels.bench --ops depthwise_conv2d`` (cudnn.benchmark is on: the baseline is
-``F.conv2d(groups=C)`` at its autotuned best).
+``python -m repkernels.bench --ops depthwise_conv2d``. The PyTorch options (cudnn.benchmark on) are
+``torch_nchw`` (``F.conv2d(groups=C)`` on NCHW: for depthwise convs usually ATen's own kernels, not cuDNN),
+``torch_channels_last`` (the same on channels_last tensors: cuDNN) and ``torch_compile``
+(``torch.compile(mode="max-autotune-no-cudagraphs")`` of the same call, while the compile budget lasts); the
+profiler's kernel names for each are recorded once per family.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 import repkernels
 from repkernels import _backend, _extension
 
-from ..harness import Case
+from ..harness import COMPILE_BUDGET, Case
 
 OP = "depthwise_conv2d"
 
@@ -108,14 +111,14 @@ def _setup(n, c, h, w, kernel_spec, stride, mode, dtype, device, small):
     gpu = device == "cuda"
     s2, p2 = [stride, stride], list(padding)
 
-    def wrap(fn):
+    def wrap(fn, inputs=(x, wt, b), g=grad):
         if mode == "fwd":
-            return lambda: fn(x, wt, b)
+            return lambda: fn(*inputs)
 
         def run():
-            args = [t.detach().requires_grad_() for t in (x, wt, b)]
+            args = [t.detach().requires_grad_() for t in inputs]
             out = fn(*args)
-            grads = torch.autograd.grad(out, args, grad)
+            grads = torch.autograd.grad(out, args, g)
             return torch.cat([out.flatten()] + [g.flatten() for g in grads])
         return run
 
@@ -125,8 +128,18 @@ def _setup(n, c, h, w, kernel_spec, stride, mode, dtype, device, small):
                 return repkernels.ops.depthwise_conv2d(xx, ww, bb, stride, padding)
         return call
 
-    impls = {"cudnn": wrap(lambda xx, ww, bb: F.conv2d(xx, ww, bb, stride, padding, 1, c)),
-             "reference": wrap(with_backend("reference"))}
+    def torch_conv(xx, ww, bb):
+        return F.conv2d(xx, ww, bb, stride, padding, 1, c)
+
+    def compiled():
+        torch._dynamo.reset()  # one graph per case: no recompile limit reached, no silent eager fallback
+        return wrap(torch.compile(torch_conv, mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=False))
+
+    cl = torch.channels_last
+    x_cl, wt_cl, grad_cl = x.to(memory_format=cl), wt.to(memory_format=cl), grad.to(memory_format=cl)
+    impls = {"torch_nchw": wrap(torch_conv),
+             "torch_channels_last": wrap(torch_conv, (x_cl, wt_cl, b), grad_cl),
+             "torch_compile": COMPILE_BUDGET.wrap(compiled)}
     if _extension.HAS_C:
         impls["cuda" if gpu else "cuda (CPU emulation)"] = wrap(
             lambda xx, ww, bb: torch.ops.repkernels.depthwise_conv2d(xx, ww, bb, s2, p2, [1, 1]))
@@ -168,5 +181,6 @@ def cases(dtypes: list[torch.dtype], quick: bool) -> list[Case]:
                     flops, nbytes = 6.0 * macs, float(elem * (3 * x_el + 3 * y_el + 3 * w_el))
                 name = f"{label} {mode} b{n} c{c} {h}x{w} k{kernel[0]}x{kernel[1]}"
                 out.append(Case(OP, name, dtype, functools.partial(_setup, n, c, h, w, kernel_spec, stride, mode,
-                                                                   dtype), flops, nbytes))
+                                                                   dtype), flops, nbytes,
+                                family=f"{label.split()[0]} {mode}"))
     return out

@@ -3,13 +3,13 @@
 For each layer shape (ResNet-50 3x3 stages, a MobileNetV2 depthwise 3x3; 224x224 inputs, batch 64) and
 method, the implementations are
 
-* ``cudnn``: the deployed layer trained as a plain conv (``F.conv2d`` with the re-parameterized kernel,
+* ``plain conv`` (the ``x_baseline`` row): the deployed layer trained as a plain conv (``F.conv2d`` with the re-parameterized kernel,
   forward + backward to input and kernel): what the layer costs without the method;
 * ``coc`` / ``refconv``: the training-time module (kernel transform + conv, forward + backward to input
-  and the method's parameters).
+  and the method's parameters; pure PyTorch, so it is also the case's PyTorch option).
 
 Each returns the layer output; it is checked against the module evaluated in float64. The ratio
-``x cudnn`` is the method's training overhead per layer (the CoC paper reports 5-10% per network).
+``x_baseline`` is the inverse of the method's training overhead per layer (the CoC paper reports 5-10% per network).
 Without a GPU the harness shrinks every case (``small=True``) and only checks.
 """
 
@@ -68,7 +68,7 @@ def _setup(method, n, cin, cout, h, w, k, g, dtype, device, small):
             b64 = copy.deepcopy(block).double()
             return F.conv2d(x.double(), b64.transformed_weight(), None, 1, k // 2, 1, g)
 
-    return {"cudnn": plain, method: transformed}, ref64
+    return {"plain conv": plain, method: transformed}, ref64
 
 
 def cases(dtypes: list[torch.dtype], quick: bool) -> list[Case]:
@@ -84,5 +84,5 @@ def cases(dtypes: list[torch.dtype], quick: bool) -> list[Case]:
                 nbytes = float(elem * 3 * (n * cin * h * w + n * cout * h * w))
                 name = f"{method} {label} b{n} c{cin}"
                 out.append(Case(OP, name, dtype, functools.partial(_setup, method, n, cin, cout, h, w, k, g, dtype),
-                                flops, nbytes))
+                                flops, nbytes, baseline="plain conv", torch_impls=(method,)))
     return out

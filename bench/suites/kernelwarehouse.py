@@ -2,16 +2,20 @@
 
 Cases (224x224 inputs, batch 64 and 256; ``--quick``: batch 64 only, fewer layers):
 
-* ``kw_assemble`` — the per-sample kernels of ResNet-50 KW(1x) layers; baseline the reference (one matmul
-  then a permute copy); GB/s counts the bytes the op must move (kernels written once, attentions and
-  warehouse read once), the "%BW" column is the goal's bandwidth fraction.
+* ``kw_assemble`` — the per-sample kernels of ResNet-50 KW(1x) layers; the PyTorch option is the reference
+  (one matmul then a permute copy); the roofline counts the bytes the op must move (kernels written once,
+  attentions and warehouse read once), so ``pct_roofline`` is the goal's bandwidth fraction.
+* ``kw_assemble backward`` — the gradients to the attentions and the warehouse from the kernels' gradient
+  (the two backward ops; bytes: kernel gradient, attentions and warehouse read once, both gradients written once).
 * ``kw_conv2d fwd+bwd`` — one KW layer's convolution (assembly + per-sample conv, forward and backward to input,
-  attentions and warehouse); ``cudnn`` is the *static* conv of the same shape (F.conv2d, channels_last; timed,
-  not checked: a different computation), ``reference`` the public approach (grouped conv over B·groups);
+  attentions and warehouse); ``static cudnn`` (the ``x_baseline`` row) is the *static* conv of the same shape
+  (F.conv2d, channels_last; timed, not checked: a different computation), ``reference`` the public approach
+  (grouped conv over B·groups) and the PyTorch option of the same computation;
   ``auto`` what KWConv2d runs (fused where the routing rule picks it).
 * ``KW-ResNet-50`` inference (τ = 0) / training step (forward + loss + backward, τ = 1: see _model_setup) at
-  b = 1; ``cudnn`` is the
-  static torchvision ResNet-50 (channels_last, timed, not checked); ``auto`` the KW model as users run it.
+  b = 1; ``static resnet50`` (the ``x_baseline`` row) is the
+  static torchvision ResNet-50 (channels_last, timed, not checked); ``reference`` the KW model on the reference
+  ops (the public approach); ``auto`` the KW model as users run it.
 
 Without a GPU the harness shrinks every case (``small=True``) and checks each implementation against float64.
 """
@@ -76,6 +80,31 @@ def _assemble_setup(label, c, h, w, cout, k, stride, cell, n, batch, dtype, devi
     return impls, lambda: ref.kw_assemble(att.double(), wh.double(), layout)
 
 
+def _assemble_backward_setup(label, c, h, w, cout, k, stride, cell, n, batch, dtype, device, small):
+    """Gradients to the attentions and the warehouse from the kernels' gradient (the two backward ops)."""
+    _, att, wh, layout = _layer_tensors(c, h, w, cout, k, cell, n, batch, dtype, device, small)
+    grad = torch.randn(att.shape[0], *layout, device=device).to(dtype)
+    gpu = device == "cuda"
+
+    def ops(suffix):
+        r = torch.ops.repkernels
+        bwd_a, bwd_w = (getattr(r, f"kw_assemble_backward_{part}{suffix}") for part in ("attention", "warehouse"))
+        return lambda: torch.cat([bwd_a(grad, wh, layout).flatten(), bwd_w(grad, att, wh, layout).flatten()])
+
+    def autograd_of(fn, a, ww, g):
+        def run():
+            aa, www = a.detach().requires_grad_(), ww.detach().requires_grad_()
+            return torch.cat([t.flatten() for t in torch.autograd.grad(fn(aa, www, layout), (aa, www), g)])
+        return run
+
+    impls = {"reference": autograd_of(ref.kw_assemble, att, wh, grad)}
+    if _extension.HAS_C:
+        impls["cuda" if gpu else "cuda (CPU emulation)"] = ops("")
+    if _backend.HAS_TRITON and (gpu or _backend.TRITON_INTERPRET):
+        impls["triton" if gpu else "triton (interpreter)"] = ops("_triton")
+    return impls, autograd_of(ref.kw_assemble, att.double(), wh.double(), grad.double())
+
+
 def _layer_setup(label, c, h, w, cout, k, stride, cell, n, batch, dtype, device, small):
     x, att, wh, layout = _layer_tensors(c, h, w, cout, k, cell, n, batch, dtype, device, small)
     pad = k // 2
@@ -104,7 +133,7 @@ def _layer_setup(label, c, h, w, cout, k, stride, cell, n, batch, dtype, device,
         out = F.conv2d(xx, ww, None, stride, pad)
         return torch.autograd.grad(out, (xx, ww), grad)[0]
 
-    impls = {"cudnn": cudnn, "reference": kw("reference")}
+    impls = {"static cudnn": cudnn, "reference": kw("reference")}
     if gpu:
         impls["auto"] = kw("auto")
     if _backend.HAS_TRITON and (gpu or _backend.TRITON_INTERPRET):
@@ -164,7 +193,7 @@ def _model_setup(train, batch, dtype, device, small):
             return torch.cat([out.flatten(), grad_of(model).grad.flatten()])
 
     grad_of = lambda m: m.warehouse_manager.warehouses["stage4"]  # noqa: E731
-    impls = {"cudnn": lambda: step(static, x, "auto"),
+    impls = {"static resnet50": lambda: step(static, x, "auto"),
              "reference": lambda: step(kw_model, x, "reference", grad_of)}
     if device == "cuda":
         impls["auto"] = lambda: step(kw_model, x, "auto", grad_of)
@@ -187,21 +216,28 @@ def cases(dtypes: list[torch.dtype], quick: bool) -> list[Case]:
                                 functools.partial(_assemble_setup, *args),
                                 flops=2.0 * batch * weights * n,
                                 bytes=float(elem * (batch * weights + n * cell * cell + batch * m * n)),
-                                baseline="reference"))
+                                torch_impls=("reference",), family="kw_assemble"))
+                out.append(Case("kw_assemble backward", f"{label} b{batch} m{m} n{n}", dtype,
+                                functools.partial(_assemble_backward_setup, *args),
+                                flops=2 * 2.0 * batch * weights * n,
+                                bytes=float(elem * (batch * weights + 2 * n * cell * cell + 3 * batch * m * n)),
+                                torch_impls=("reference",), family="kw_assemble backward"))
                 oh, ow = h // stride, w // stride
                 conv_flops = 2.0 * batch * weights * oh * ow
                 out.append(Case("kw_conv2d fwd+bwd", f"{label} b{batch}", dtype,
                                 functools.partial(_layer_setup, *args),
                                 flops=3 * conv_flops + 3 * 2.0 * batch * weights * n,
                                 bytes=float(elem * (2 * batch * c * h * w + 2 * batch * cout * oh * ow)),
-                                unchecked=("cudnn",)))
+                                unchecked=("static cudnn",), baseline="static cudnn", torch_impls=("reference",)))
             for train in (False, True):
                 name = f"KW-ResNet-50 {'train step' if train else 'inference'} b{batch}"
                 flops = (3 if train else 1) * 2.0 * R50_GMACS * 1e9 * batch
                 # A half-precision training step of a whole network is too ill-conditioned to compare with
                 # float64 (the static torchvision ResNet's bf16 gradients differ from float64 by tens of per
                 # cent too): timed only; the layer cases check half-precision forward + backward.
-                unchecked = ("cudnn", "reference", "auto") if train and dtype != torch.float32 else ("cudnn",)
+                unchecked = (("static resnet50", "reference", "auto") if train and dtype != torch.float32
+                             else ("static resnet50",))
                 out.append(Case("kw_resnet50", name, dtype, functools.partial(_model_setup, train, batch, dtype),
-                                flops=flops, bytes=float(elem * batch * 3 * 224 * 224), unchecked=unchecked))
+                                flops=flops, bytes=float(elem * batch * 3 * 224 * 224), unchecked=unchecked,
+                                baseline="static resnet50", torch_impls=("reference",)))
     return out

@@ -2,14 +2,15 @@
 
 Cases (ResNet-18/50 3x3 layer shapes at 224x224, C -> C, stride 1; batch 64 and 256, ``--quick``: 64):
 
-* ``pbconv fwd+bwd`` / ``acb fwd+bwd``: ``cudnn`` is ONE conv+BatchNorm of the same shape (timed, not
-  checked: a different computation), ``reference`` the unfused block (``fused=False``: every branch conv
-  and BatchNorm), ``fused`` the exact fused block (:func:`repkernels.ops.multibranch_conv_bn`),
-  ``fused triton`` the same with the Triton statistics kernel, ``online`` the block with
-  ``bn_mode='online'`` (timed, not checked: other semantics). "x cudnn" is then the block's cost in
-  units of one conv+BN, "x ref" the speed-up over the unfused module.
+* ``pbconv fwd+bwd`` / ``acb fwd+bwd``: ``static conv+bn`` (the ``x_baseline`` row) is ONE conv+BatchNorm of
+  the same shape (timed, not checked: a different computation), ``reference`` the unfused block
+  (``fused=False``: every branch conv and BatchNorm; the PyTorch option of the same computation), ``fused``
+  the exact fused block (:func:`repkernels.ops.multibranch_conv_bn`), ``fused triton`` the same with the
+  Triton statistics kernel, ``online`` the block with ``bn_mode='online'`` (timed, not checked: other
+  semantics). ``x_baseline`` is then one conv+BN's time over the block's, ``x_best_torch`` the speed-up over
+  the unfused module.
 * ``resnet50 train step``: a whole torchvision ResNet-50 converted with ``pbconv`` (every 3x3 conv),
-  forward + loss + backward; ``cudnn`` = the plain ResNet-50.
+  forward + loss + backward; ``static resnet50`` = the plain ResNet-50.
 
 Memory and the arithmetic bound: ``python -m repkernels.bench.suites.multibranch_conv_bn`` prints, per
 layer, the activation bytes autograd keeps between forward and backward (exact, counted with saved-tensor
@@ -98,7 +99,7 @@ def _block_setup(kind, c, h, batch, dtype, device, small):
                 return torch.cat([out.flatten()] + [t.flatten() for t in grads])
         return run
 
-    impls = {"cudnn": fwd_bwd(mods[3]), "reference": fwd_bwd(mods[0]), "fused": fwd_bwd(mods[1])}
+    impls = {"static conv+bn": fwd_bwd(mods[3]), "reference": fwd_bwd(mods[0]), "fused": fwd_bwd(mods[1])}
     if _backend.HAS_TRITON and dtype != torch.float64 and (device == "cuda" or _backend.TRITON_INTERPRET):
         impls["fused triton" if device == "cuda" else "fused triton (interpreter)"] = fwd_bwd(mods[1], "triton")
     impls["online"] = fwd_bwd(mods[2])
@@ -116,7 +117,7 @@ def _resnet_setup(batch, dtype, device, small):
         batch, size, arch = 4, 32, torchvision.models.resnet18
     torch.manual_seed(0)
     plain = arch(num_classes=100 if small else 1000)
-    models = {"cudnn": plain}
+    models = {"static resnet50": plain}
     models["reference"], _ = convert(copy.deepcopy(plain), "pbconv", branches=PB_RECTS, fused=False)
     models["fused"] = copy.deepcopy(models["reference"])       # the same weights, fused training path
     for m in models["fused"].modules():
@@ -158,13 +159,15 @@ def cases(dtypes: list[torch.dtype], quick: bool) -> list[Case]:
                     out.append(Case(f"{kind} fwd+bwd", f"{label} b{batch} R={r:.2f}", dtype,
                                     functools.partial(_block_setup, kind, c, h, batch, dtype),
                                     flops=3 * r * conv_flops, bytes=float(elem * 4 * batch * c * h * h),
-                                    unchecked=("cudnn", "online")))
+                                    unchecked=("static conv+bn", "online"), baseline="static conv+bn",
+                                    torch_impls=("reference",)))
             # a float64 check of a whole half-precision training step is meaningless: timed only there
-            unchecked = ("cudnn", "online") if dtype == torch.float32 else ("cudnn", "online", "reference", "fused")
+            unchecked = (("static resnet50", "online") if dtype == torch.float32
+                         else ("static resnet50", "online", "reference", "fused"))
             out.append(Case("resnet50 pbconv", f"train step b{batch}", dtype,
                             functools.partial(_resnet_setup, batch, dtype),
                             flops=3 * 2.0 * 4.09e9 * batch, bytes=float(elem * batch * 3 * 224 * 224),
-                            unchecked=unchecked))
+                            unchecked=unchecked, baseline="static resnet50", torch_impls=("reference",)))
     return out
 
 

@@ -2,12 +2,14 @@
 
 Implementations (same weights, same module code; only the depthwise convs' backend or form changes):
 
-* ``cudnn`` — the block / network with every depthwise conv run by plain ``F.conv2d(groups=C)`` (the
-  ``reference`` backend): the same block written with plain PyTorch convs, i.e. what the official code runs.
+* ``torch_channels_last`` / ``torch_nchw`` — the block / network with every depthwise conv run by plain
+  ``F.conv2d(groups=C)`` (the ``reference`` backend) on channels_last / NCHW inputs: the same block written with
+  plain PyTorch convs, i.e. what the official code runs (the PyTorch options of the case).
 * ``auto`` (and ``triton`` / ``cuda`` forced) — repkernels' depthwise kernels.
-* Inference ("after reparameterize"): ``cudnn`` is the *training* block in eval mode with plain convs;
-  ``deploy <form>`` the re-parameterized block (``merged`` one conv, ``separable`` pair + local, ``auto`` the
-  cost-model choice) on repkernels' kernels; ``cudnn deploy merged`` the merged kernel through cuDNN.
+* Inference ("after reparameterize"): ``torch_channels_last`` / ``torch_nchw`` are the *training* block in
+  eval mode with plain convs; ``deploy <form>`` the re-parameterized block (``merged`` one conv, ``separable``
+  pair + local, ``auto`` the cost-model choice) on repkernels' kernels; ``torch_deploy merged`` the merged
+  kernel through cuDNN (also a PyTorch option).
 
 Cases: train step (forward + backward of ``sum(out · g)``, output and input/kernel gradients checked) and
 inference, blocks at (C, map) = (64, 56), (128, 28), (320, 14), (512, 7), batch 64; ParCNetV2-T train step
@@ -105,15 +107,17 @@ def _block_setup(train, dim, size, batch, dtype, device, small):
     block.to(device=device, dtype=dtype).train(train)
     fmt = torch.channels_last
     x = torch.randn(batch, dim, size, size, device=device, dtype=dtype).to(memory_format=fmt)
+    x_nchw = x.contiguous()
     if train:
         g = torch.randn_like(x)
-        impls = {"cudnn": _train_step(block, x, g, "reference", _block_grads)}
+        impls = {"torch_channels_last": _train_step(block, x, g, "reference", _block_grads),
+                 "torch_nchw": _train_step(block, x_nchw, g.contiguous(), "reference", _block_grads)}
         for name, be in _fast_impls(gpu, interpret_ok=True).items():
             impls[name] = _train_step(block, x, g, be, _block_grads)
         ref = _train_step(block64, x.double(), g.double(), "reference", _block_grads)
         return impls, ref
-    impls = {"cudnn": _infer(block, x, "reference")}
-    impls["cudnn deploy merged"] = _infer(block.reparameterize("merged"), x, "reference")
+    impls = {"torch_channels_last": _infer(block, x, "reference"), "torch_nchw": _infer(block, x_nchw, "reference")}
+    impls["torch_deploy merged"] = _infer(block.reparameterize("merged"), x, "reference")
     fast = _fast_impls(gpu, interpret_ok=True)
     for form in FORMS:
         deployed = block.reparameterize(form)
@@ -147,12 +151,12 @@ def _model_setup(train, batch, dtype, device, small):
 
     fast = _fast_impls(gpu, interpret_ok=False)
     if train:
-        impls = {"cudnn": step(model, x, "reference")}
+        impls = {"torch_channels_last": step(model, x, "reference")}
         for name, be in fast.items():
             impls[name] = step(model, x, be)
         return impls, step(model64, x.double(), "reference")
-    impls = {"cudnn": _infer(model, x, "reference"),
-             "cudnn deploy auto": _infer(model.reparameterize("auto"), x, "reference")}
+    impls = {"torch_channels_last": _infer(model, x, "reference"),
+             "torch_deploy auto": _infer(model.reparameterize("auto"), x, "reference")}
     for form in FORMS:
         deployed = model.reparameterize(form)
         for name, be in fast.items():
@@ -181,7 +185,7 @@ def cases(dtypes: list[torch.dtype], quick: bool) -> list[Case]:
             kind = "train step" if train else "inference"
             # A half-precision training step of a whole network is too ill-conditioned to compare with float64:
             # timed only there; the block cases check half-precision forward + backward.
-            unchecked = ("cudnn", "auto", "triton", "cuda") if train and dtype != torch.float32 else ()
+            unchecked = ("torch_channels_last", "auto", "triton", "cuda") if train and dtype != torch.float32 else ()
             out.append(Case("parcnetv2_tiny", f"ParCNetV2-T 224 b{BATCH} {kind}", dtype,
                             functools.partial(_model_setup, train, BATCH, dtype),
                             flops=(3 if train else 1) * 2.0 * BATCH * model_macs(),
