@@ -121,7 +121,12 @@ class CMakeBuild(build_ext):
             f"-DREPKERNELS_TORCH_VERSION={torch.__version__}",
         ]
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        subprocess.run(configure, cwd=build_temp, env=env, check=True)
+        try:
+            subprocess.run(configure, cwd=build_temp, env=env, check=True)
+        except subprocess.CalledProcessError:
+            # A failed configure caches what it did not find (e.g. CUDA_INCLUDE_DIRS-NOTFOUND): start clean next time.
+            (build_temp / "CMakeCache.txt").unlink(missing_ok=True)
+            raise
         subprocess.run(["cmake", "--build", str(build_temp), "--target", "_C", "-j", jobs],
                        cwd=build_temp, env=env, check=True)
         built = list(out_dir.glob("_C.*"))

@@ -1,0 +1,182 @@
+"""Call every CUDA and Triton kernel once, forward and backward, on small shapes (for compute-sanitizer).
+
+``python -m repkernels.bench.sanitize_ops [--device cuda|cpu] [--only cuda|triton]`` runs each kernel path of
+repkernels (depthwise direct and Toeplitz, stride-2 dgrad, deterministic wgrad; KernelWarehouse assembly,
+per-sample conv, fused assemble-in-conv; the multi-branch statistics kernel) through the public ops with the
+backend forced, and checks each result against the reference backend, so that
+``compute-sanitizer --tool memcheck|racecheck python -m repkernels.bench.sanitize_ops`` sees every launch once.
+One line per path; exit status 1 when a path raises or disagrees. Without a GPU the same paths run through
+the CUDA emulation and the Triton interpreter (``--device cpu``), which keeps this script tested in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import sys
+import time
+from collections.abc import Callable
+
+
+def _paths(device: str) -> list[tuple[str, str, Callable[[], tuple[list, list]]]]:
+    """(backend, name, run): ``run()`` returns (fast, reference) lists of the output and input gradients.
+
+    The registered ops are called directly (``torch.ops.repkernels.<op>`` for the CUDA kernels — their CPU
+    implementation is the emulation — and ``<op>_triton``), their autograd running the family's backward ops."""
+    import os
+
+    import torch
+    import torch.nn.functional as F
+
+    import repkernels
+    from repkernels import _backend, _extension
+    from repkernels.nn import PBConv2d
+    from repkernels.reference import kernelwarehouse as kw_ref
+
+    R = torch.ops.repkernels
+    dw_module = sys.modules["repkernels.ops.depthwise_conv2d"]
+    one = [1, 1]
+
+    def grads(fn, tensors, g=None):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = fn(*leaves)
+        g = torch.randn_like(out) if g is None else g
+        return [out.detach(), *torch.autograd.grad(out, leaves, g)], g
+
+    def compare(fast, ref, tensors):
+        got, g = grads(fast, tensors)
+        want, _ = grads(ref, [t.double() for t in tensors], g.double())
+        return got, want
+
+    @contextlib.contextmanager
+    def depthwise_mode(direct: bool, deterministic: bool):
+        saved = dw_module.TRITON_TOEPLITZ, os.environ.get("REPKERNELS_DW_TOEPLITZ")
+        dw_module.TRITON_TOEPLITZ = not direct
+        os.environ["REPKERNELS_DW_TOEPLITZ"] = "0" if direct else "1"
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(False)
+            dw_module.TRITON_TOEPLITZ = saved[0]
+            if saved[1] is None:
+                os.environ.pop("REPKERNELS_DW_TOEPLITZ", None)
+            else:
+                os.environ["REPKERNELS_DW_TOEPLITZ"] = saved[1]
+
+    def dw(sfx, n, c, h, w, k, stride, padding, direct=False, deterministic=False):
+        op = getattr(R, "depthwise_conv2d" + sfx)
+        st, pd = [stride] * 2, list(padding)
+        tensors = [torch.randn(n, c, h, w, device=device), torch.randn(c, 1, *k, device=device),
+                   torch.randn(c, device=device)]
+
+        def run():
+            with depthwise_mode(direct, deterministic):
+                return compare(lambda x, wt, b: op(x, wt, b, st, pd, one),
+                               lambda x, wt, b: F.conv2d(x, wt, b, st, pd, 1, c), tensors)
+        return run
+
+    def assemble(sfx):
+        tensors = [torch.randn(2, 36, 5, device=device), torch.randn(5, 4, 3, 1, 1, device=device)]
+        layout = [8, 6, 3, 3]
+        return lambda: compare(lambda a, w: getattr(R, "kw_assemble" + sfx)(a, w, layout),
+                               lambda a, w: kw_ref.kw_assemble(a, w, layout), tensors)
+
+    def per_sample(sfx, groups):
+        tensors = [torch.randn(2, 4, 7, 6, device=device).to(memory_format=torch.channels_last),
+                   torch.randn(2, 8, 4 // groups, 3, 3, device=device)]
+        return lambda: compare(
+            lambda x, w: getattr(R, "per_sample_conv2d" + sfx)(x, w, None, one, one, one, groups),
+            lambda x, w: kw_ref.per_sample_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), groups), tensors)
+
+    def kw_layer(sfx, fused):
+        tensors = [torch.randn(2, 16, 6, 6, device=device), torch.randn(2, 9, 3, device=device) / 3,
+                   torch.randn(3, 16, 16, 1, 1, device=device) / 12]
+        layout = [16, 16, 3, 3]
+
+        def fast(x, a, w):
+            if fused:
+                return R.kw_conv2d_fused_triton(x, a, w, layout, None, one, one, one)
+            kernels = getattr(R, "kw_assemble" + sfx)(a, w, layout)
+            return getattr(R, "per_sample_conv2d" + sfx)(x, kernels, None, one, one, one, 1)
+        return lambda: compare(fast, lambda x, a, w: kw_ref.kw_conv2d(x, a, w, layout, None, (1, 1), (1, 1),
+                                                                         (1, 1), 1), tensors)
+
+    def pbconv():
+        torch.manual_seed(0)
+        block = PBConv2d(8, 8, 3, padding=1, branches=[(0, 0, 2, 2), (1, 1, 2, 2), (0, 0, 3, 3)], fused=True)
+        block = block.to(device).train()
+        block64 = copy.deepcopy(block).double()
+        x = torch.randn(2, 8, 6, 6, device=device)
+
+        def run():
+            with repkernels.backend("triton"):
+                got, g = grads(block, [x])
+            with repkernels.backend("reference"):
+                want, _ = grads(block64, [x.double()], g.double())
+            return got, want
+        return run
+
+    def common(sfx):
+        return [
+            ("depthwise 3x3 direct", dw(sfx, 2, 3, 9, 10, (3, 3), 1, (1, 1), direct=True)),
+            ("depthwise 5x5 stride 2 direct (transposed dgrad)", dw(sfx, 2, 3, 9, 10, (5, 5), 2, (2, 2), True)),
+            ("depthwise 11x1 Toeplitz (vertical)", dw(sfx, 2, 3, 6, 7, (11, 1), 1, (5, 0))),
+            ("depthwise 1x13 Toeplitz (horizontal)", dw(sfx, 2, 3, 6, 7, (1, 13), 1, (0, 6))),
+            ("depthwise 11x11 Toeplitz (2-D plane)", dw(sfx, 2, 3, 6, 6, (11, 11), 1, (5, 5))),
+            ("depthwise 11x1 Toeplitz, deterministic wgrad", dw(sfx, 2, 3, 6, 7, (11, 1), 1, (5, 0),
+                                                               deterministic=True)),
+            ("kw_assemble", assemble(sfx)),
+            ("per_sample_conv2d", per_sample(sfx, 1)),
+            ("per_sample_conv2d groups=2", per_sample(sfx, 2)),
+            ("kw_conv2d (assemble + per-sample conv)", kw_layer(sfx, False)),
+        ]
+
+    out = []
+    if _extension.HAS_C:
+        out += [("cuda", name, run) for name, run in common("")]
+    if _backend.HAS_TRITON and (device == "cuda" or _backend.TRITON_INTERPRET):
+        out += [("triton", name, run) for name, run in common("_triton")]
+        out += [("triton", "kw_conv2d fused (assembly inside the conv)", kw_layer("_triton", True)),
+                ("triton", "multibranch conv+BN statistics (PBConv fused)", pbconv())]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m repkernels.bench.sanitize_ops", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    parser.add_argument("--only", choices=("cuda", "triton"), default=None, help="one backend's kernels")
+    args = parser.parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        from repkernels import _backend
+
+        if _backend.HAS_TRITON:
+            _backend.enable_triton_interpreter()
+    failed = 0
+    t0 = time.monotonic()
+    for backend, name, run in _paths(device):
+        if args.only and backend != args.only:
+            continue
+        try:
+            got, want = run()
+            errs = [((g.double().cpu() - w.cpu()).abs().max() / w.abs().max().clamp_min(1e-30)).item()
+                    for g, w in zip(got, want)]
+            if device == "cuda":
+                torch.cuda.synchronize()
+            status = "ok" if max(errs) < 1e-3 else f"MISMATCH (max rel. error {max(errs):.1e})"
+        except Exception as exc:  # noqa: BLE001 - reported per path
+            status = f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        failed += status != "ok"
+        print(f"{backend:<7} {name:<50} {status}", flush=True)
+    print(f"sanitize_ops: {failed} path(s) failed ({time.monotonic() - t0:.0f} s, {device})", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
