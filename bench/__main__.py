@@ -13,6 +13,11 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if "--static" in args_in:  # the compiled-code report: no timing, no interpreter
+        from .static import main as static_main
+
+        return static_main(args_in)
     parser = argparse.ArgumentParser(prog="python -m repkernels.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", default="all", help="comma-separated ops to run (default: all): "
@@ -29,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                         "after that are reported as skipped (default: REPKERNELS_BENCH_COMPILE_BUDGET_S, "
                         "else no limit)")
     parser.add_argument("--list", action="store_true", help="list the ops that have a suite and exit")
+    parser.add_argument("--static", action="store_true", help="instead of running: the compiled-code report "
+                        "(registers, spills, shared memory, FMAs per load of every CUDA and Triton kernel; see "
+                        "python -m repkernels.bench --static --help)")
     args = parser.parse_args(argv)
 
     import torch
