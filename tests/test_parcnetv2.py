@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import repkernels
 from helpers import requires_gpu, requires_triton_cpu
-from repkernels.nn.parcnetv2 import (AUTO_MAX_MAC_RATIO, OversizedConv2d, OversizedConv2dDeploy, choose_form,
-                                     kernel_resize_matrix, merged_kernel, oversized_macs, resize_taps)
+from repkernels.nn.parcnetv2 import (AUTO_MAX_MAC_RATIO, KERNEL_RESIZES, NORMS, OversizedConv2d, OversizedConv2dDeploy,
+                                     choose_form, kernel_resize_matrix, merged_kernel, oversized_macs, resize_taps)
 
 TOL32 = 1e-5
 
@@ -31,42 +31,64 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _plain_oversized(x, m: OversizedConv2d) -> torch.Tensor:
-    """The same computation with F.conv2d and F.interpolate (independent of the module's code paths)."""
+    """The same computation with F.conv2d and F.interpolate (independent of the module's code paths), following
+    the official OversizeConv2d: ``interpolate=True`` (F.interpolate, one tap = the first tap) for
+    "interpolate", ``interpolate=False`` (the trained kernels, padding K // 2) for "fixed"."""
     c, (h, w) = x.shape[1], x.shape[-2:]
     kv, kh = m.weight_v, m.weight_h
-    # F.interpolate to one tap would take the first tap; the module documents the centre tap instead
-    if h == 1:
-        kv = kv[:, :, kv.shape[2] // 2:kv.shape[2] // 2 + 1]
-    if w == 1:
-        kh = kh[:, :, :, kh.shape[3] // 2:kh.shape[3] // 2 + 1]
+    k = m.local_kernel
+    local = F.conv2d(x, m.weight_local, m.bias, 1, k // 2, groups=c)
+    if m.kernel_resize == "fixed":
+        y = F.conv2d(x, kv, None, 1, (kv.shape[2] // 2, 0), groups=c)
+        return F.conv2d(y, kh, None, 1, (0, kh.shape[3] // 2), groups=c) + local
+    if m.kernel_resize == "interpolate_centre":  # one tap: the centre tap instead of F.interpolate's first tap
+        if h == 1:
+            kv = kv[:, :, kv.shape[2] // 2:kv.shape[2] // 2 + 1]
+        if w == 1:
+            kh = kh[:, :, :, kh.shape[3] // 2:kh.shape[3] // 2 + 1]
     if kv.shape[2] != 2 * h - 1:
         kv = F.interpolate(kv, size=(2 * h - 1, 1), mode="bilinear", align_corners=True)
     if kh.shape[3] != 2 * w - 1:
         kh = F.interpolate(kh, size=(1, 2 * w - 1), mode="bilinear", align_corners=True)
     y = F.conv2d(F.conv2d(x, kv, None, 1, (h - 1, 0), groups=c), kh, None, 1, (0, w - 1), groups=c)
-    k = m.local_kernel
-    return y + F.conv2d(x, m.weight_local, m.bias, 1, k // 2, groups=c)
+    return y + local
 
 
 # ---------------------------------------------------------------------------------------------------------
 # kernel resizing
 # ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n_in,n_out", [(13, 27), (27, 13), (111, 55), (7, 9), (5, 3), (3, 5)])
+@pytest.mark.parametrize("n_in,n_out", [(13, 27), (27, 13), (111, 55), (7, 9), (5, 3), (3, 5), (13, 1), (1, 5)])
 def test_resize_matches_bilinear_align_corners(n_in, n_out):
+    """The default resize is the official one: F.interpolate(bilinear, align_corners=True), one tap included."""
     k = torch.randn(4, 1, n_in, 1, dtype=torch.float64)
-    ours = resize_taps(k, n_out, 2)
     ref = F.interpolate(k, size=(n_out, 1), mode="bilinear", align_corners=True)
-    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(resize_taps(k, n_out, 2), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(resize_taps(k, n_out, 2, "interpolate"), ref, rtol=1e-12, atol=1e-12)
+    kh = k.transpose(2, 3)
+    ref_h = F.interpolate(kh, size=(1, n_out), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(resize_taps(kh, n_out, 3), ref_h, rtol=1e-12, atol=1e-12)
 
 
 def test_resize_matrix_properties():
-    a = kernel_resize_matrix(13, 27)
-    assert a.shape == (27, 13)
-    torch.testing.assert_close(a.sum(1), torch.ones(27, dtype=torch.float64))  # partition of unity
-    assert a[0, 0] == 1 and a[-1, -1] == 1 and a[13, 6] == 1  # ends and centre map to ends and centre
-    assert kernel_resize_matrix(13, 1)[0, 6] == 1  # a single tap is the centre tap
-    torch.testing.assert_close(kernel_resize_matrix(9, 9), torch.eye(9, dtype=torch.float64))
+    for mode in ("interpolate", "interpolate_centre"):
+        a = kernel_resize_matrix(13, 27, mode=mode)
+        assert a.shape == (27, 13)
+        torch.testing.assert_close(a.sum(1), torch.ones(27, dtype=torch.float64))  # partition of unity
+        assert a[0, 0] == 1 and a[-1, -1] == 1 and a[13, 6] == 1  # ends and centre map to ends and centre
+    # a single tap: the first end tap (official, F.interpolate) or the centre tap
+    assert kernel_resize_matrix(13, 1)[0, 0] == 1 and kernel_resize_matrix(13, 1).sum() == 1
+    assert kernel_resize_matrix(13, 1, mode="interpolate_centre")[0, 6] == 1
+    for mode in KERNEL_RESIZES:
+        torch.testing.assert_close(kernel_resize_matrix(9, 9, mode=mode), torch.eye(9, dtype=torch.float64))
+    # fixed: crop to the central taps / zero-extend around them (centres aligned)
+    crop = kernel_resize_matrix(9, 5, mode="fixed")
+    torch.testing.assert_close(crop, torch.eye(9, dtype=torch.float64)[2:7])
+    assert kernel_resize_matrix(13, 1, mode="fixed")[0, 6] == 1
+    ext = kernel_resize_matrix(5, 9, mode="fixed")
+    torch.testing.assert_close(ext, torch.eye(9, dtype=torch.float64)[:, 2:7])
+    with pytest.raises(ValueError, match="kernel_resize"):
+        kernel_resize_matrix(5, 3, mode="nearest")
 
 
 def test_resize_is_deterministic_and_differentiable():
@@ -93,10 +115,11 @@ def test_kernel_shapes_and_global_receptive_field():
 
 
 @pytest.mark.parametrize("size,run", [((8, 8), (8, 8)), ((6, 5), (6, 5)), ((8, 8), (5, 11)), ((4, 6), (9, 3)),
-                                      ((5, 5), (1, 1)), ((5, 5), (2, 7))])
+                                      ((5, 5), (1, 1)), ((5, 5), (2, 7)), ((5, 5), (1, 6)), ((4, 4), (7, 1))])
 @pytest.mark.parametrize("bias", [False, True])
-def test_forward_matches_plain_pytorch(size, run, bias):
-    m = _randomize(OversizedConv2d(4, size, local_kernel=5, bias=bias))
+@pytest.mark.parametrize("kernel_resize", KERNEL_RESIZES)
+def test_forward_matches_plain_pytorch(size, run, bias, kernel_resize):
+    m = _randomize(OversizedConv2d(4, size, local_kernel=5, bias=bias, kernel_resize=kernel_resize))
     x = torch.randn(2, 4, *run)
     with torch.no_grad():
         torch.testing.assert_close(m(x), _plain_oversized(x, m), rtol=1e-5, atol=1e-5)
@@ -106,11 +129,13 @@ def test_forward_matches_plain_pytorch(size, run, bias):
                                       ((6, 6), (1, 2)), ((3, 3), (3, 3))])
 @pytest.mark.parametrize("form", ["merged", "separable", "auto"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_reparameterize_exact_fp32(size, run, form, bias):
+@pytest.mark.parametrize("kernel_resize", KERNEL_RESIZES)
+def test_reparameterize_exact_fp32(size, run, form, bias, kernel_resize):
     """Both deploy forms equal the training module within 1e-5 (fp32), at the trained size and another size."""
-    m = _randomize(OversizedConv2d(5, size, local_kernel=7, bias=bias))
+    m = _randomize(OversizedConv2d(5, size, local_kernel=7, bias=bias, kernel_resize=kernel_resize))
     d = m.reparameterize(form)
     assert isinstance(d, OversizedConv2dDeploy) and d.form in ("merged", "separable")
+    assert d.kernel_resize == kernel_resize and d.reparameterize("separable").kernel_resize == kernel_resize
     x = torch.randn(2, 5, *run)
     with torch.no_grad():
         ref = m.double()(x.double())
@@ -245,8 +270,8 @@ def test_bad_inputs_and_forms():
 # BGUs and ParCV2Block
 # ---------------------------------------------------------------------------------------------------------
 
-from repkernels.nn.parcnetv2 import (ChannelBGU, ChannelLayerNorm, DropPath, ParCV2Block,  # noqa: E402
-                                     SpatialBGU, bgu_hidden_ratio)
+from repkernels.nn.parcnetv2 import (ChannelBGU, ChannelL2Norm, ChannelLayerNorm, DropPath,  # noqa: E402
+                                     ParCV2Block, SpatialBGU, bgu_hidden_ratio, channel_norm)
 
 
 def test_alpha_tilde_rounding():
@@ -294,12 +319,14 @@ def _block(dim=6, size=5, **kw):
 
 
 @pytest.mark.parametrize("form", ["merged", "separable", "auto"])
-@pytest.mark.parametrize("run", [(5, 5), (7, 3), (2, 2)])
+@pytest.mark.parametrize("run", [(5, 5), (7, 3), (2, 2), (1, 3)])
 @pytest.mark.parametrize("scales", [dict(), dict(layer_scale_init=0.5, res_scale_init=1.0)])
-def test_block_reparameterize_exact(form, run, scales):
-    b = _block(**scales)
+@pytest.mark.parametrize("norm", NORMS)
+def test_block_reparameterize_exact(form, run, scales, norm):
+    b = _block(norm=norm, **scales)
     d = b.reparameterize(form)
     assert d.norm1.weight is None and isinstance(d.layer_scale1, torch.nn.Identity)
+    assert type(d.norm1) is type(b.norm1) and d.norm == norm  # the parameter-free norm stays
     assert isinstance(b.token_mixer.oversized, OversizedConv2d)  # the original is untouched
     x = torch.randn(2, 6, *run)
     with torch.no_grad():
@@ -322,6 +349,39 @@ def test_block_structure_and_train_mode_behaviour():
     with torch.no_grad():
         torch.testing.assert_close(b(x), b(x))  # drop path off in eval
     assert ChannelLayerNorm(3).bias is None
+
+
+def test_norm_modes():
+    """norm="official" (default) is the official LayerNormGeneral: centred vector over its L2 norm, clamped at eps
+    (= standard LayerNorm / sqrt(C)); norm="layernorm" is the standard LayerNorm of earlier versions."""
+    b = ParCV2Block(6, 4)
+    assert isinstance(b.norm1, ChannelL2Norm) and isinstance(b.norm2, ChannelL2Norm) and b.norm == "official"
+    assert b.token_mixer.oversized.kernel_resize == "interpolate"
+    b2 = ParCV2Block(6, 4, norm="layernorm")
+    assert isinstance(b2.norm1, ChannelLayerNorm) and not isinstance(b2.norm1, ChannelL2Norm)
+    assert sum(p.numel() for p in b.parameters()) == sum(p.numel() for p in b2.parameters())
+    x = torch.randn(2, 6, 3, 5, dtype=torch.float64) * 3 + 1
+    w = torch.randn(6, dtype=torch.float64)
+    official, standard = channel_norm("official", 6).double(), channel_norm("layernorm", 6).double()
+    with torch.no_grad():
+        official.weight.copy_(w)
+        standard.weight.copy_(w)
+    c = x - x.mean(1, keepdim=True)
+    expect = c / c.square().sum(1, keepdim=True).sqrt().clamp_min(1e-6) * w.view(1, -1, 1, 1)
+    torch.testing.assert_close(official(x), expect, rtol=1e-12, atol=1e-12)
+    ln = F.layer_norm(x.permute(0, 2, 3, 1), (6,), w, None, 1e-6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(standard(x), ln, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(official(x) * 6 ** 0.5, ln, rtol=1e-5, atol=1e-6)  # sqrt(C) smaller
+    # constant pixels: the clamp keeps the output finite (zero), with finite gradients
+    xc = torch.ones(1, 6, 2, 2, dtype=torch.float64, requires_grad=True)
+    out = official(xc)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isfinite(xc.grad).all()
+    # half precision: statistics in float32, output in the input dtype, channels_last kept
+    xb = x.float().to(torch.bfloat16).to(memory_format=torch.channels_last)
+    yb = channel_norm("official", 6)(xb)
+    assert yb.dtype == torch.bfloat16 and yb.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(yb.float(), channel_norm("official", 6)(xb.float()), rtol=1e-2, atol=1e-2)
 
 
 def test_drop_path():
@@ -349,6 +409,12 @@ def test_block_bad_arguments():
         ParCV2Block(4, 4)(torch.randn(1, 3, 4, 4))
     with pytest.raises(ValueError, match="form"):
         ParCV2Block(4, 4).reparameterize("both")
+    with pytest.raises(ValueError, match="norm"):
+        ParCV2Block(4, 4, norm="ln")
+    with pytest.raises(ValueError, match="kernel_resize"):
+        ParCV2Block(4, 4, kernel_resize="bilinear")
+    with pytest.raises(ValueError, match="kernel_resize"):
+        OversizedConv2d(4, 4, kernel_resize=None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -394,9 +460,11 @@ def test_tiny_model_forward_backward():
 
 
 @pytest.mark.parametrize("form", ["auto", "merged", "separable"])
-@pytest.mark.parametrize("img", [32, 48])
-def test_tiny_model_deploy_equivalence(form, img):
-    m = _small_model().eval()
+@pytest.mark.parametrize("img", [32, 48, 16])
+@pytest.mark.parametrize("norm", NORMS)
+def test_tiny_model_deploy_equivalence(form, img, norm):
+    m = _small_model(norm=norm).eval()
+    assert m.norm_type == norm and all(b.norm == norm for s in m.stages for b in s)
     d = reparameterize_parcnetv2(m, form)
     x = torch.randn(2, 3, img, img)
     with torch.no_grad():
@@ -430,6 +498,14 @@ def test_tiny_parameter_count():
     m = parcnetv2_tiny()
     n = sum(p.numel() for p in m.parameters())
     assert 24.5e6 < n < 25.5e6  # ParCNetV2-T is a ~25M-parameter network
+    # the norm mode changes no parameter
+    assert n == sum(p.numel() for p in parcnetv2_tiny(norm="layernorm").parameters())
+    assert isinstance(m.downsample[0][1], ChannelL2Norm) and isinstance(m.downsample[1][0], ChannelL2Norm)
+    assert isinstance(m.norm, torch.nn.LayerNorm) and m.norm.bias is not None  # the head norm: nn.LayerNorm
+    with pytest.raises(ValueError, match="norm"):
+        parcnetv2_tiny(depths=(1,), dims=(4,), img_size=16, norm="official_ln")
+    with pytest.raises(ValueError, match="kernel_resize"):
+        parcnetv2_tiny(depths=(1,), dims=(4,), img_size=16, kernel_resize="crop")
 
 
 # ---------------------------------------------------------------------------------------------------------

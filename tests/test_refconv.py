@@ -316,3 +316,29 @@ def test_registry_supports_with_options_is_backward_compatible():
     finally:
         reparam.unregister_method("test-opts")
         reparam.unregister_method("test-one")
+
+
+@pytest.mark.parametrize("cin,cout,groups", GROUPINGS)
+@pytest.mark.parametrize("map_k", [1, 3])
+def test_zero_init_false_is_the_official_initialization(cin, cout, groups, map_k):
+    """The official RefConv map is nn.Conv2d(N, N, map_k, padding=map_k // 2, groups=G, bias=False) with its
+    default initialization (the zero init is commented out): zero_init=False draws the same numbers when
+    seeded alike (basis first, as our reset_parameters), i.e. Kaiming-uniform(a=sqrt(5)), bound
+    1 / sqrt(groups * map_k**2); zero_init=True (our default) starts at zero."""
+    n = cout * cin // groups
+    torch.manual_seed(123)
+    m = RefConv2d(cin, cout, 3, padding=1, groups=groups, bias=False, map_k=map_k, zero_init=False)
+    torch.manual_seed(123)
+    basis = torch.empty(cout, cin // groups, 3, 3)
+    nn.init.kaiming_uniform_(basis, a=5 ** 0.5)  # the basis is drawn first
+    official_map = nn.Conv2d(n, n, map_k, padding=map_k // 2, groups=cin * cout // groups ** 2, bias=False)
+    assert m.map_weight.shape == official_map.weight.shape
+    assert torch.equal(m.weight, basis) and torch.equal(m.map_weight.detach(), official_map.weight.detach())
+    bound = 1.0 / (groups * map_k * map_k) ** 0.5
+    assert m.map_weight.abs().max() <= bound and m.map_weight.abs().max() > 0.5 * bound
+    assert torch.equal(RefConv2d(cin, cout, 3, groups=groups, map_k=map_k).map_weight.detach(),
+                       torch.zeros_like(m.map_weight))
+    # and the official forward (weight + convmap(weight viewed as (1, N, k, k))) is ours
+    x = torch.randn(2, cin, 6, 5)
+    kernel = basis + official_map(basis.view(1, n, 3, 3)).view_as(basis)
+    torch.testing.assert_close(m(x), F.conv2d(x, kernel, None, 1, 1, 1, groups), rtol=1e-5, atol=1e-5)

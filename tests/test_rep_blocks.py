@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from repkernels.nn import ACBConv2d, ConvBranch, DBBConv2d, PBConv2d
 from repkernels.nn.dbb import AverageBranch, OneByOneKxKBranch
-from repkernels.reparam import ReparameterizationError, check_equivalence
+from repkernels.reparam import ReparameterizationError, check_equivalence, convert
 from repkernels.search import random_candidate
 from reparam_utils import RTOL_FP32, randomize_bn, single_thread  # noqa: F401 (fixture)
 
@@ -151,6 +151,26 @@ def test_dbb_structure_and_border_padding():
     z = branch.first_norm(F.conv2d(x, branch._first_weight(), None, groups=1))
     zero_padded = branch.second_norm(F.conv2d(F.pad(z, (1, 1, 1, 1)), branch.second.weight))
     assert (zero_padded - branch(x, (1, 1, 1, 1)))[..., 0, :].abs().max() > 0.1
+
+
+@pytest.mark.parametrize("pad_grad", [False, True])
+@pytest.mark.parametrize("cin,cout,groups", [(4, 6, 1), (4, 6, 2), (4, 4, 4)])
+def test_dbb_pad_grad_option(pad_grad, cin, cout, groups):
+    """pad_grad=False (default, the official DBB) detaches the first-stage BN's pad value: no gradient reaches
+    gamma/beta through the border. Either way the block trains and deploys exactly."""
+    assert DBBConv2d(4, 6, 3).pad_grad is False
+    block = DBBConv2d(cin, cout, 3, padding=1, groups=groups, pad_grad=pad_grad)
+    assert all(br.pad_grad is pad_grad for br in block.branches if isinstance(br, (AverageBranch, OneByOneKxKBranch)))
+    check_block(block, torch.randn(2, cin, 7, 6), f"DBB pad_grad={pad_grad} g={groups}", train_steps=2)
+    # the pad value's own graph: detached unless pad_grad
+    br = block.branches[-1]
+    z = br._first_stage(torch.randn(1, cin, 4, 4), (1, 1, 1, 1))
+    (gw,) = torch.autograd.grad(z[..., 0, 0].sum() + 0 * z.sum(), br.first_norm.weight, allow_unused=True)
+    assert bool(gw.abs().max() > 0) is pad_grad
+    converted, _ = convert(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), "dbb", pad_grad=pad_grad)
+    assert converted[0].pad_grad is pad_grad
+    with pytest.raises(TypeError, match="pad_grad"):
+        DBBConv2d(4, 6, 3, pad_grad=1)
 
 
 def test_dbb_identity_based_1x1_initialized_to_identity():

@@ -1,15 +1,23 @@
 """ParCNetV2 classification networks built from :class:`repkernels.nn.ParCV2Block`.
 
-Layout of the official network (4 stages): stem conv 7x7 stride 4 padding 2 + LayerNorm; before stages 2–4
-a LayerNorm + conv 3x3 stride 2 padding 1; each stage a stack of ParC V2 blocks whose global kernels are
+Layout of the official network (4 stages): stem conv 7x7 stride 4 padding 2 + norm; before stages 2–4
+a norm + conv 3x3 stride 2 padding 1; each stage a stack of ParC V2 blocks whose global kernels are
 learned for that stage's map (56/28/14/7 at a 224 input: kernels 111/55/27/13); head = global average pool,
-LayerNorm, linear. Residual scales 1.0 in stages 3–4 (as the official code), no layer scale.
+LayerNorm (a standard ``nn.LayerNorm`` with bias, eps 1e-6, as the official ``output_norm``), linear. Residual
+scales 1.0 in stages 3–4 (as the official code), no layer scale.
+
+``norm`` chooses the bias-free channel norm of the stem, the downsampling layers and every block:
+``"official"`` (default) — the official ``LayerNormGeneral`` (``c / max(‖c‖₂, 1e-6) · γ`` with
+``c = x − mean_C(x)``, see :class:`repkernels.nn.parcnetv2.ChannelL2Norm`), used by the released code in all
+of those places; ``"layernorm"`` — a standard LayerNorm (earlier repkernels versions). ``kernel_resize``
+(default ``"interpolate"``) is passed to every oversized conv (see :mod:`repkernels.nn.parcnetv2`).
 ``parcnetv2_tiny``: depths (3, 3, 12, 3), dims (64, 128, 320, 512); ``parcnetv2_xt``: (3, 3, 9, 2),
 (48, 96, 192, 320). The channel BGU uses α̃ = 2.5 (α = 4).
 
 :meth:`ParCNetV2.reparameterize` (or :func:`reparameterize_parcnetv2`) returns the inference copy: every block's
-oversized conv in the chosen form (``"auto"`` merges where it is cheaper: stages 2–4 at 224), LayerNorm weights
-and layer scales folded. Any input size works (kernels resized, see :mod:`repkernels.nn.parcnetv2`).
+oversized conv in the chosen form (``"auto"`` merges where it is cheaper: stages 2–4 at 224), block norm weights
+and layer scales folded (in both norm modes; exact). Any input size works (kernels resized, see
+:mod:`repkernels.nn.parcnetv2`).
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from ..nn.parcnetv2 import ChannelLayerNorm, OversizedConv2d, ParCV2Block, _positive_int, check_form, size_pair
+from ..nn.parcnetv2 import (OversizedConv2d, ParCV2Block, _positive_int, channel_norm, check_form, check_kernel_resize,
+                            check_norm, size_pair)
 
 TINY = {"depths": (3, 3, 12, 3), "dims": (64, 128, 320, 512)}
 XT = {"depths": (3, 3, 9, 2), "dims": (48, 96, 192, 320)}
@@ -53,14 +62,21 @@ class ParCNetV2(nn.Module):
         drop_path_rate: stochastic depth, linearly increasing over blocks.
         layer_scale_init: layer scale init (None: off). res_scale_init: per-stage residual scale init
             (default (None, None, 1.0, 1.0), as the official code). head_dropout: dropout before the classifier.
+        norm: ``"official"`` (default, the official ``LayerNormGeneral``) or ``"layernorm"`` (standard
+            LayerNorm) for the stem, downsampling and block norms (the head norm is ``nn.LayerNorm`` in both).
+        kernel_resize: ``"interpolate"`` (default), ``"interpolate_centre"`` or ``"fixed"``: how the oversized
+            kernels are resized for another input resolution (:class:`repkernels.nn.OversizedConv2d`).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = TINY["depths"],
                  dims: Sequence[int] = TINY["dims"], img_size=224, mlp_ratio: float = 4.0, local_kernel: int = 7,
                  drop_path_rate: float = 0.0, layer_scale_init: float | None = None,
-                 res_scale_init: Sequence[float | None] = (None, None, 1.0, 1.0), head_dropout: float = 0.0) -> None:
+                 res_scale_init: Sequence[float | None] = (None, None, 1.0, 1.0), head_dropout: float = 0.0, *,
+                 norm: str = "official", kernel_resize: str = "interpolate") -> None:
         super().__init__()
         op = type(self).__name__
+        self.norm_type = check_norm(norm, op)
+        self.kernel_resize = check_kernel_resize(kernel_resize, op)
         depths, dims = list(depths), list(dims)
         if not 1 <= len(depths) <= 4 or len(dims) != len(depths):
             raise ValueError(f"{op}: `depths` and `dims` must have the same length (1 to 4 stages), got "
@@ -80,16 +96,18 @@ class ParCNetV2(nn.Module):
         self.downsample = nn.ModuleList()
         for i, d in enumerate(dims):
             if i == 0:
-                self.downsample.append(nn.Sequential(nn.Conv2d(in_chans, d, 7, 4, 2), ChannelLayerNorm(d)))
+                self.downsample.append(nn.Sequential(nn.Conv2d(in_chans, d, 7, 4, 2), channel_norm(norm, d)))
             else:
-                self.downsample.append(nn.Sequential(ChannelLayerNorm(dims[i - 1]), nn.Conv2d(dims[i - 1], d, 3, 2, 1)))
+                self.downsample.append(nn.Sequential(channel_norm(norm, dims[i - 1]),
+                                                     nn.Conv2d(dims[i - 1], d, 3, 2, 1)))
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.stages = nn.ModuleList()
         k = 0
         for i, (depth, d) in enumerate(zip(depths, dims)):
             self.stages.append(nn.Sequential(*[
                 ParCV2Block(d, self.sizes[i], mlp_ratio, local_kernel, drop_path=rates[k + j],
-                            layer_scale_init=layer_scale_init, res_scale_init=res_scale_init[i])
+                            layer_scale_init=layer_scale_init, res_scale_init=res_scale_init[i], norm=norm,
+                            kernel_resize=kernel_resize)
                 for j in range(depth)]))
             k += depth
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
@@ -163,10 +181,11 @@ def reparameterize_parcnetv2(model: nn.Module, form: str = "auto", img_size=None
 
 def parcnetv2_tiny(num_classes: int = 1000, img_size=224, **kwargs) -> ParCNetV2:
     """ParCNetV2-T: depths (3, 3, 12, 3), dims (64, 128, 320, 512); ``kwargs`` go to :class:`ParCNetV2`
-    (pass ``depths``/``dims`` to shrink it)."""
+    (pass ``depths``/``dims`` to shrink it; ``norm="official"`` (default) or ``"layernorm"``,
+    ``kernel_resize``)."""
     return ParCNetV2(num_classes=num_classes, img_size=img_size, **{**TINY, **kwargs})
 
 
 def parcnetv2_xt(num_classes: int = 1000, img_size=224, **kwargs) -> ParCNetV2:
-    """ParCNetV2-XT: depths (3, 3, 9, 2), dims (48, 96, 192, 320)."""
+    """ParCNetV2-XT: depths (3, 3, 9, 2), dims (48, 96, 192, 320); ``kwargs`` as :func:`parcnetv2_tiny`."""
     return ParCNetV2(num_classes=num_classes, img_size=img_size, **{**XT, **kwargs})

@@ -12,9 +12,19 @@ Branches (as in the DBB paper and its official code), each ending with a BatchNo
 
 Exactness under zero padding: the KxK stage of branches 3 and 4 does not see zeros at the border
 but the first stage's response to a zero input (the BN's ``beta - mean * gamma / sqrt(var + eps)``,
-from the running statistics as in DBB), because that is what zero-padding the input of the merged
-KxK conv means. The average is a fixed depthwise conv with weights ``1 / (kh * kw)`` (an
-``AvgPool2d`` with ``count_include_pad=True`` that also supports dilation).
+from the running statistics, read after this forward's update, as in DBB), because that is what
+zero-padding the input of the merged KxK conv means. The average is a fixed depthwise conv with weights
+``1 / (kh * kw)`` (an ``AvgPool2d`` with ``count_include_pad=True`` that also supports dilation).
+
+Gradient of the pad value (``pad_grad``): the official block (``BNAndPadLayer`` in
+``diversebranchblock.py``) computes the pad value from ``bn.weight.detach()`` and ``bn.bias.detach()``,
+so no gradient flows into the first-stage BN's ``gamma`` / ``beta`` through the border (they still get
+the gradient of the interior). That is the default here (``pad_grad=False``: the whole pad value is
+detached; the running statistics carry no gradient anyway). ``pad_grad=True`` lets the gradient flow
+through the pad value too (the exact gradient of the function the block computes, which is also the
+gradient of the merged conv's bias and border taps w.r.t. ``gamma`` / ``beta``). Outputs, running
+statistics and the re-parameterized conv are identical either way; only the gradients of the first-stage
+``gamma`` / ``beta`` (or, with ``norm=None``, of nothing: the pad is the conv bias, None in DBB) differ.
 """
 
 from __future__ import annotations
@@ -44,10 +54,15 @@ def zero_response(conv: nn.Conv2d, norm: nn.Module | None) -> torch.Tensor | Non
 
 
 class _TwoStageBranch(Branch):
-    """A 1x1 conv (+norm) followed by a KxK stage (+norm) over the whole kernel."""
+    """A 1x1 conv (+norm) followed by a KxK stage (+norm) over the whole kernel.
+
+    ``pad_grad`` (attribute, default False as the official DBB): whether the gradient flows through the pad
+    value of the intermediate map (see the module docstring).
+    """
 
     first: nn.Conv2d | None
     first_norm: nn.Module | None
+    pad_grad: bool = False
 
     def _first_weight(self) -> torch.Tensor:
         w = self.first.weight
@@ -57,7 +72,10 @@ class _TwoStageBranch(Branch):
         z = F.conv2d(input, self._first_weight(), self.first.bias, 1, 0, 1, self.first.groups)
         if self.first_norm is not None:
             z = self.first_norm(z)
-        return pad_with_values(z, sides, zero_response(self.first, self.first_norm))
+        value = zero_response(self.first, self.first_norm)
+        if value is not None and not self.pad_grad:
+            value = value.detach()
+        return pad_with_values(z, sides, value)
 
     def _first_fused(self) -> tuple[torch.Tensor, torch.Tensor]:
         return fold_bn(self._first_weight(), self.first.bias, self.first_norm)
@@ -67,9 +85,10 @@ class OneByOneKxKBranch(_TwoStageBranch):
     """DBB's 1x1 -> KxK branch: ``second_norm(conv_kxk(pad_b(first_norm(conv_1x1(x)))))``."""
 
     def __init__(self, rect: Rect, first: nn.Conv2d, first_norm: nn.Module | None, second: nn.Conv2d,
-                 second_norm: nn.Module | None, identity_based: bool) -> None:
+                 second_norm: nn.Module | None, identity_based: bool, pad_grad: bool = False) -> None:
         super().__init__()
         self.rect = Rect(*rect)
+        self.pad_grad = pad_grad
         self.first, self.first_norm, self.second, self.second_norm = first, first_norm, second, second_norm
         self.identity_based = identity_based
         if identity_based:
@@ -100,7 +119,8 @@ class OneByOneKxKBranch(_TwoStageBranch):
         self.second_norm = ChannelScale(channels, device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
-        return f"rect={tuple(self.rect)}, identity_based={self.identity_based}"
+        return f"rect={tuple(self.rect)}, identity_based={self.identity_based}" + \
+            (", pad_grad=True" if self.pad_grad else "")
 
 
 class AverageBranch(_TwoStageBranch):
@@ -108,9 +128,10 @@ class AverageBranch(_TwoStageBranch):
     for a depthwise conv (``first=None``)."""
 
     def __init__(self, rect: Rect, channels: int, groups: int, stride, dilation, first: nn.Conv2d | None,
-                 first_norm: nn.Module | None, norm: nn.Module | None) -> None:
+                 first_norm: nn.Module | None, norm: nn.Module | None, pad_grad: bool = False) -> None:
         super().__init__()
         self.rect = Rect(*rect)
+        self.pad_grad = pad_grad
         self.channels, self.groups = channels, groups
         self.stride, self.dilation = tuple(stride), tuple(dilation)
         self.first, self.first_norm, self.norm = first, first_norm, norm
@@ -148,7 +169,8 @@ class AverageBranch(_TwoStageBranch):
         self.norm = ChannelScale(channels, device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
-        return f"rect={tuple(self.rect)}, channels={self.channels}, first_1x1={self.first is not None}"
+        return f"rect={tuple(self.rect)}, channels={self.channels}, first_1x1={self.first is not None}" + \
+            (", pad_grad=True" if self.pad_grad else "")
 
 
 class DBBConv2d(MultiBranchConv2d):
@@ -159,19 +181,27 @@ class DBBConv2d(MultiBranchConv2d):
     1x1->KxK branch; default as DBB: ``in_channels`` if ``groups < out_channels`` else
     ``2 * in_channels``; must be a multiple of ``groups``). With ``norm=None`` a depthwise block has
     no average branch (a fixed average without a norm would have nothing to learn).
+    ``pad_grad`` (default False, as the official DBB): False detaches the pad value of the 1x1->avg and
+    1x1->KxK branches' intermediate map (the first-stage BN's response to zero) from the autograd graph, as
+    the official ``BNAndPadLayer`` does with ``bn.weight.detach()`` / ``bn.bias.detach()``; True lets the
+    gradient of the first-stage BN's gamma / beta include the border term. Same outputs and deploy conv
+    either way (see the module docstring).
     Shapes as ``nn.Conv2d``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  norm: str | None = "bn", internal_channels: int | None = None, bn_mode: str = "exact",
-                 fused: bool | str = False) -> None:
+                 fused: bool | str = False, pad_grad: bool = False) -> None:
         op = type(self).__name__
+        if not isinstance(pad_grad, bool):
+            raise TypeError(f"{op}: `pad_grad` must be a bool, got {pad_grad!r}")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, op=op,
                          fused=fused)
         norm = check_norm(norm, op)
         bn_mode = check_bn_mode(bn_mode, norm, op)
         self.norm_type = norm
+        self.pad_grad = pad_grad
         if internal_channels is None:
             internal_channels = in_channels if groups < out_channels else 2 * in_channels
         if not isinstance(internal_channels, int) or isinstance(internal_channels, bool) or internal_channels < 1 \
@@ -193,14 +223,14 @@ class DBBConv2d(MultiBranchConv2d):
         if not pure_depthwise:
             first = self._conv(1, False, **dd, stride=1, dilation=1)
             self.branches.append(AverageBranch(full, out_channels, groups, self.stride, self.dilation, first,
-                                               bn(out_channels), bn(out_channels)))
+                                               bn(out_channels), bn(out_channels), pad_grad=pad_grad))
         elif norm is not None:
             self.branches.append(AverageBranch(full, out_channels, groups, self.stride, self.dilation, None, None,
-                                               bn(out_channels)))
+                                               bn(out_channels), pad_grad=pad_grad))
         first = self._conv(1, False, **dd, out_channels=internal_channels, stride=1, dilation=1)
         second = self._conv(self.kernel_size, False, **dd, in_channels=internal_channels)
         self.branches.append(OneByOneKxKBranch(full, first, bn(internal_channels), second, bn(out_channels),
-                                               identity_based=internal_channels == in_channels))
+                                               identity_based=internal_channels == in_channels, pad_grad=pad_grad))
         if bn_mode == "online":
             self._make_online(device, dtype)
 
@@ -213,15 +243,16 @@ class DBBConv2d(MultiBranchConv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", internal_channels={self.internal_channels}, norm={self.norm_type!r}" + \
-            (f", bn_mode={self.bn_mode!r}" if self.bn_mode != "exact" else "")
+            (f", bn_mode={self.bn_mode!r}" if self.bn_mode != "exact" else "") + \
+            (", pad_grad=True" if self.pad_grad else "")
 
 
 def build_dbb(name: str, conv: nn.Conv2d, bn: nn.Module | None = None, *, norm="bn",
               internal_channels: int | None = None, zero_init: bool = False, bn_mode: str = "exact",
-              fused: bool | str = False) -> DBBConv2d:
+              fused: bool | str = False, pad_grad: bool = False) -> DBBConv2d:
     """``convert`` builder for ``"dbb"``."""
     block = DBBConv2d.from_conv(conv, bn, norm=norm, internal_channels=internal_channels, bn_mode=bn_mode,
-                                fused=fused)
+                                fused=fused, pad_grad=pad_grad)
     return block.zero_init_branches_() if zero_init else block
 
 
@@ -237,4 +268,4 @@ def _takes_bn(options: dict) -> bool:
 
 register_method("dbb", build_dbb, supports=dbb_supports, takes_bn=_takes_bn, overwrite=True,
                 description="Diverse Branch Block (KxK, 1x1, 1x1-avg, 1x1-KxK branches); options: norm, "
-                            "internal_channels, zero_init, bn_mode, fused")
+                            "internal_channels, zero_init, bn_mode, fused, pad_grad")

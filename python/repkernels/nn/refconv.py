@@ -21,7 +21,15 @@ the map keeps the kernel's size.
 Initialization (documented choice): ``T`` starts at zero (``zero_init=True``), so ``W' = W`` and a
 converted pretrained model computes exactly what it computed before conversion. The map still gets
 gradients at zero (``dL/dT`` correlates ``W`` with ``dL/dW'``), so it trains from the first step.
-``zero_init=False`` gives the map ``nn.Conv2d``'s default (Kaiming-uniform) initialization instead.
+``zero_init=False`` is the official initialization: in the official code (``RepConv`` in
+``ImageNet-MobileNetv3-RefConv.py`` of github.com/Aiolus-X/RefConv) the map is an
+``nn.Conv2d(N, N, map_k, padding=map_k // 2, groups=G, bias=False)`` whose ``nn.init.zeros_`` line is
+commented out, so it keeps ``nn.Conv2d``'s default ``kaiming_uniform_(a=sqrt(5))``, i.e. uniform in
+``±1 / sqrt(g * map_k**2)`` (fan-in ``N / G * map_k**2``); ``zero_init=False`` draws the map from exactly
+that distribution (and, seeded alike, the same numbers as ``nn.Conv2d`` would). The official model's
+``_initialize_weights`` is commented out too, and the basis comes from a checkpoint. Deliberate
+generalizations: the official module asserts ``map_k <= kernel_size`` and takes square kernels, dilation 1
+and no bias; here ``map_k`` may be larger and every ``nn.Conv2d`` argument works (``bias`` as ``nn.Conv2d``).
 
 ``reparameterize()`` evaluates ``W + T(W)`` once and returns a plain ``nn.Conv2d`` (exact).
 ``repkernels.reparam.convert(model, "refconv")`` swaps every KxK ``nn.Conv2d`` (1x1 ones only with
@@ -74,9 +82,10 @@ class RefConv2d(KernelTransformConv2d):
     """Refocusing convolution: ``conv2d(x, W + T(W))`` with a frozen basis ``W`` and a trainable map ``T``.
 
     Arguments as ``nn.Conv2d`` plus ``map_k`` (odd int or pair, the map's kernel size; default 3)
-    and ``zero_init`` (start with ``T = 0``; default True). Buffers: ``weight`` ``(D, C // g, kh, kw)``
-    (the basis; named like ``nn.Conv2d.weight`` so a pretrained conv's state_dict entry loads into
-    it). Parameters: ``map_weight`` ``(D * C // g, g, map_k, map_k)`` and ``bias`` ``(D,)`` (if any).
+    and ``zero_init`` (start with ``T = 0``; default True; ``False`` is the official initialization,
+    ``nn.Conv2d``'s default Kaiming-uniform for the map, see the module docstring). Buffers: ``weight``
+    ``(D, C // g, kh, kw)`` (the basis; named like ``nn.Conv2d.weight`` so a pretrained conv's state_dict
+    entry loads into it). Parameters: ``map_weight`` ``(D * C // g, g, map_k, map_k)`` and ``bias`` ``(D,)`` (if any).
     Shapes as ``nn.Conv2d``. A standalone ``RefConv2d`` draws its basis like ``nn.Conv2d`` draws its
     weight; use :meth:`from_conv` (or ``convert``) to inherit a trained kernel.
     """
@@ -98,7 +107,8 @@ class RefConv2d(KernelTransformConv2d):
         self.reset_parameters(zero_init)
 
     def reset_parameters(self, zero_init: bool = True) -> None:
-        """Basis and bias as ``nn.Conv2d`` initializes weight and bias; the map zero (or Kaiming-uniform)."""
+        """Basis and bias as ``nn.Conv2d`` initializes weight and bias; the map zero (or, ``zero_init=False``, the
+        official initialization: ``nn.Conv2d``'s default Kaiming-uniform, bound ``1 / sqrt(groups * map_k**2)``)."""
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
             if zero_init:
