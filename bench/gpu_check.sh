@@ -6,7 +6,8 @@
 #   bench/gpu_check.sh --dry-run OUTDIR                  the same stages on a CPU machine (tiny shapes, Triton
 #                                                        interpreter, CUDA emulation, no sanitizer): CI runs it
 #
-# Stages, in order of value, each with its own time budget inside a whole-run budget (--budget, default 420 s):
+# Stages, in order of value, each with its own time budget inside a whole-run budget (--budget SECONDS, default
+# 420 on a GPU, 1800 for --dry-run):
 #   build      build _C against the torch that is there (sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise, all
 #              cores, offline, no dependency resolution) into a private folder put first on PYTHONPATH; record
 #              `python -m repkernels info`, nvidia-smi and versions in env.txt
@@ -26,11 +27,11 @@ ALL_SUITES="depthwise_conv2d kernelwarehouse parcnetv2 multibranch_conv_bn kerne
 DRY_RUN=0
 STAGES=$ALL_STAGES
 SUITES=$ALL_SUITES
-BUDGET=420
+BUDGET=""
 ARCHIVE=""
 OUTDIR=""
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY_RUN=1 ;;
@@ -63,6 +64,9 @@ if [ -z "${REPKERNELS_COMMIT:-}" ] && [ -n "$(git status --porcelain --untracked
 fi
 export REPKERNELS_COMMIT=$SHA
 
+if [ -z "$BUDGET" ]; then
+    if [ "$DRY_RUN" = 1 ]; then BUDGET=1800; else BUDGET=420; fi   # 7 minutes on a GPU; CPUs are slower
+fi
 if [ "$DRY_RUN" = 1 ]; then
     export CUDA_VISIBLE_DEVICES=""          # CPU even on a GPU machine
     export TRITON_INTERPRET=1
@@ -148,7 +152,7 @@ stage_build() {
         nvcc --version 2>&1 | tail -2 || true
         gcc --version 2>&1 | head -1 || true
         nvidia-smi 2>&1 || echo "nvidia-smi: not available"
-        compute-sanitizer --version 2>&1 | head -2 || echo "compute-sanitizer: not available"
+        (command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer) 2>&1 | head -1
     } > "$OUTDIR/env.txt" 2>&1
     rm -rf "$SITE"
     local jobs
@@ -157,7 +161,8 @@ stage_build() {
     REPKERNELS_BUILD_EXT=${REPKERNELS_BUILD_EXT:-1} MAX_JOBS=$jobs "$PY" -m pip install --no-build-isolation \
         --no-deps --no-index --no-cache-dir --disable-pip-version-check --upgrade --target "$SITE" -v . \
         || return 1
-    (cd /tmp && REPKERNELS_REQUIRE_C=1 "$PY" -m repkernels info) | tee -a "$OUTDIR/env.txt"
+    (cd /tmp && PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" REPKERNELS_REQUIRE_C=1 "$PY" -m repkernels info) \
+        | tee -a "$OUTDIR/env.txt"
     return "${PIPESTATUS[0]}"
 }
 
@@ -181,15 +186,18 @@ stage_sanitizer() {
         "$PY" -m repkernels.bench.sanitize_ops 2>&1 | tee -a "$out"
         return "${PIPESTATUS[0]}"
     fi
-    if ! command -v compute-sanitizer > /dev/null; then
-        echo "sanitizer: compute-sanitizer is not on PATH on this machine" | tee "$out"
+    local sanitizer
+    sanitizer=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer \
+                /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -1)
+    if [ -z "$sanitizer" ]; then
+        echo "sanitizer: compute-sanitizer is neither on PATH nor in the CUDA toolkit on this machine" | tee "$out"
         return 1
     fi
     local half=$(( $1 / 2 )) rc=0
     : > "$out"
     for tool in memcheck racecheck; do
         echo "sanitizer: === $tool ===" | tee -a "$out"
-        timeout -k 5 "$half" compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
+        timeout -k 5 "$half" "$sanitizer" --tool "$tool" --error-exitcode 9 --print-limit 20 \
             "$PY" -m repkernels.bench.sanitize_ops 2>&1 | tee -a "$out"
         local trc=${PIPESTATUS[0]}
         echo "sanitizer: $tool exit $trc$([ "$trc" = 124 ] && echo ' (timed out)')" | tee -a "$out"

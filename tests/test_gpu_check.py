@@ -45,6 +45,8 @@ def test_dry_run_writes_every_result(tmp_path):
     assert len(canary) > 20 and all(r["status"] == "ok" for r in canary), canary
     assert any("_triton" in r["case"] for r in canary) and any(r["case"].startswith("per_sample") for r in canary)
     assert "0 path(s) failed" in (out / "sanitizer.txt").read_text()
+    env_txt = (out / "env.txt").read_text()
+    assert "_C extension    built" in env_txt and str(tmp_path / "site") in env_txt   # the private build
     text = (out / "summary.md").read_text()
     for goal in goals.GOALS:
         assert goal.text in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -20,7 +21,7 @@ def info() -> str:
         triton_version = "not installed"
     build = _extension.build_info()
     lines = [
-        f"repkernels      {repkernels.__version__}",
+        f"repkernels      {repkernels.__version__} ({os.path.dirname(repkernels.__file__)})",
         f"torch           {torch.__version__} (CUDA {torch.version.cuda or 'none: CPU build'})",
         f"triton          {triton_version}",
         f"backend         {_backend.get_backend()} (set with {_backend.ENV_VAR} or repkernels.backend())",
