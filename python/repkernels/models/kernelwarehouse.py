@@ -1,13 +1,18 @@
 """KernelWarehouse versions of torchvision backbones: ``kw_resnet18``, ``kw_resnet50``, ``kw_mobilenetv2``,
 ``kw_convnext_tiny``.
 
-Each builder creates the torchvision model (same arguments: ``num_classes``, ``weights``, ...), replaces the
+Each builder creates the torchvision model (same arguments: ``num_classes``, ``weights``, ...) and replaces the
 layers the paper converts by KW layers sharing per-stage warehouses (paper A.3; which layers, which
-warehouse, cell sizes and budgets as in the authors' code), and copies every static kernel into the warehouse
-cells CAF's β assigns to it, so that at τ = 1 (the start of training) a b >= 1 model computes exactly the
-torchvision model it was built from (pretrained weights included). The warehouses are registered once, in
-``model.warehouse_manager``. The values of m and n reproduce the paper's Table 14
-(``repkernels.nn.warehouse_summary(model)`` lists them).
+warehouse, cell sizes, budgets and attention options as in the authors' code and configurations). The
+warehouses are registered once, in ``model.warehouse_manager``. The values of m and n reproduce the paper's
+Table 14 (``repkernels.nn.warehouse_summary(model)`` lists them), the parameter counts the authors' models.
+
+Cells, β and initialization follow the authors' code by default (``beta_pattern="official"``,
+``init="official"``, see :class:`~repkernels.nn.WarehouseManager`). Static kernels are copied into the cells β
+assigns (``copy_weights``; by default when ``weights`` (pretrained) are given or with ``init="layer"``), so that
+at τ = 1 a b >= 1 model computes exactly the torchvision model it was built from; with ``init="layer"`` and no
+``weights`` that is the torchvision initialization (the previous behaviour), with the default ``init`` the
+warehouses keep the authors' cell initialization.
 
 Stages and reassignment (Table 15). Warehouses follow the feature-map stages, except that the first layer(s)
 of a stage — those that change the channel count or the resolution — use the previous stage's warehouse:
@@ -20,11 +25,14 @@ of a stage — those that change the channel count or the resolution — use the
   expansion, reduction); b < 1: the paper's KW(1/2x) recipe — depth-wise layers and the stem at b = 1, the
   point-wise layers of the last stage and the classifier (cells 1000 x 32) at b, the other point-wise
   layers static, attention reduction 1/32.
-* ConvNeXt-Tiny: the 9 blocks of stage 3 form three stages of 3; per stage one warehouse for the depth-wise
-  convs and one for the point-wise layers (torchvision's ``nn.Linear``: :class:`~repkernels.nn.KWLinear`),
-  one per downsampling layer and one for the stem; LayerNorm in the attentions. b = 3/4 is the paper's
-  recipe (point-wise layers of the last two stages at b = 1/2 with half-size cells, the rest at b = 1); other
-  b apply uniformly (half-size cells when b < 1).
+  ResNet-50 at b < 1 compresses the attentions with the non-local basis (``nonlocal_basis_ratio = 1/16``,
+  the authors' KW(1/2x) configuration ``configs/resnet50/kw1d2x_resnet50.json``).
+* ConvNeXt-Tiny: per stage one warehouse for the depth-wise convs and one for the point-wise layers
+  (torchvision's ``nn.Linear``: :class:`~repkernels.nn.KWLinear`), one per downsampling layer and one for
+  the stem; LayerNorm in the attentions. ``layout="official"`` (default): the four stages of the network, as
+  the authors' code; ``layout="paper"``: the 9 blocks of stage 3 form three stages of 3 (the paper's A.3 and
+  Table 14). b = 3/4 is the paper's recipe (point-wise layers of the last two stages at b = 1/2 with
+  half-size cells, the rest at b = 1); other b apply uniformly (half-size cells when b < 1).
 """
 
 from __future__ import annotations
@@ -37,6 +45,21 @@ from torch import nn
 from ..nn.kernelwarehouse import WarehouseManager
 
 __all__ = ["convert_to_kw", "kw_convnext_tiny", "kw_mobilenetv2", "kw_resnet18", "kw_resnet50"]
+
+
+def _manager(fn: str, beta_pattern: str, init: str, **options: Any) -> WarehouseManager:
+    if beta_pattern not in ("official", "sequential"):
+        raise ValueError(f"{fn}: `beta_pattern` must be 'official' or 'sequential', got {beta_pattern!r}")
+    if init not in ("official", "layer"):
+        raise ValueError(f"{fn}: `init` must be 'official' or 'layer', got {init!r}")
+    return WarehouseManager(beta_pattern=beta_pattern, init=init, **options)
+
+
+def _copy(copy_weights: bool | None, init: str, kwargs: dict) -> bool:
+    """Copy the static kernels into the cells: when asked, else with pretrained ``weights`` or init='layer'."""
+    if copy_weights is None:
+        return init == "layer" or kwargs.get("weights") is not None
+    return bool(copy_weights)
 
 
 def _check_budget(b: float, fn: str) -> float:
@@ -116,32 +139,54 @@ def _resnet_plan(model: nn.Module, bottleneck: bool) -> list[tuple[str, str, Non
     return plan
 
 
-def _resnet(builder: str, bottleneck: bool, b: float, num_classes: int, reduction: float, kwargs: dict) -> nn.Module:
+def _resnet(builder: str, bottleneck: bool, b: float, num_classes: int, reduction: float,
+            nonlocal_basis_ratio: float | None, beta_pattern: str, init: str, copy_weights: bool | None,
+            kwargs: dict) -> nn.Module:
     import torchvision
 
     fn = f"kw_{builder}"
     b = _check_budget(b, fn)
+    if nonlocal_basis_ratio is None:  # the authors' configurations: 1/16 for ResNet-50 KW(1/2x) only
+        nonlocal_basis_ratio = 1 / 16 if bottleneck and b < 1 else 1.0
     model = getattr(torchvision.models, builder)(num_classes=num_classes, **kwargs)
     half = 0.5 if b < 1 else 1.0
-    manager = WarehouseManager(reduction=reduction, cell_num_ratio=b, cell_inplane_ratio=half,
-                               cell_outplane_ratio=half)
-    return convert_to_kw(model, _resnet_plan(model, bottleneck), manager)
+    manager = _manager(fn, beta_pattern, init, reduction=reduction, cell_num_ratio=b, cell_inplane_ratio=half,
+                       cell_outplane_ratio=half, nonlocal_basis_ratio=nonlocal_basis_ratio)
+    return convert_to_kw(model, _resnet_plan(model, bottleneck), manager, _copy(copy_weights, init, kwargs))
 
 
-def kw_resnet18(b: float = 1, num_classes: int = 1000, reduction: float = 1 / 16, **kwargs: Any) -> nn.Module:
+
+def kw_resnet18(b: float = 1, num_classes: int = 1000, reduction: float = 1 / 16, *,
+                nonlocal_basis_ratio: float | None = None, beta_pattern: str = "official", init: str = "official",
+                copy_weights: bool | None = None, **kwargs: Any) -> nn.Module:
     """KernelWarehouse ResNet-18 (torchvision definition) with budget ``b`` (paper: 1/4, 1/2, 1, 2, 4).
 
     Table 14: m = (56, 47, 47, 27) cells per stage for b >= 1 (224, 188, 188, 108 for b < 1), n = b·m.
-    ``kwargs`` go to ``torchvision.models.resnet18`` (e.g. ``weights``)."""
-    return _resnet("resnet18", False, b, num_classes, reduction, kwargs)
+    Parameters as the authors' models: 4,031,768 (b = 1/4; the paper prints 4.08M), 7.43M, 11.93M, 23.24M,
+    45.86M. ``nonlocal_basis_ratio``: None = 1 (no basis; the authors' ResNet-18 configurations set none).
+    ``kwargs`` go to ``torchvision.models.resnet18`` (e.g. ``weights``).
+    ``beta_pattern``, ``init``: see :class:`~repkernels.nn.WarehouseManager` (default: the authors' code);
+    ``copy_weights``: copy the torchvision kernels into the assigned cells (default: with ``weights`` or
+    ``init="layer"``)."""
+    return _resnet("resnet18", False, b, num_classes, reduction, nonlocal_basis_ratio, beta_pattern, init,
+                   copy_weights, kwargs)
 
 
-def kw_resnet50(b: float = 1, num_classes: int = 1000, reduction: float = 1 / 16, **kwargs: Any) -> nn.Module:
+def kw_resnet50(b: float = 1, num_classes: int = 1000, reduction: float = 1 / 16, *,
+                nonlocal_basis_ratio: float | None = None, beta_pattern: str = "official", init: str = "official",
+                copy_weights: bool | None = None, **kwargs: Any) -> nn.Module:
     """KernelWarehouse ResNet-50 (torchvision definition) with budget ``b`` (paper: 1/2, 1, 4).
 
     Table 14: m = (87, 104, 138, 47) for b >= 1 (348, 416, 552, 188 for b < 1), n = b·m.
-    ``kwargs`` go to ``torchvision.models.resnet50``."""
-    return _resnet("resnet50", True, b, num_classes, reduction, kwargs)
+    ``nonlocal_basis_ratio``: None = 1/16 for b < 1 (the authors' ``kw1d2x_resnet50.json``: 17,638,264
+    parameters at b = 1/2, the paper's 17.64M), 1 otherwise (28.05M at b = 1, 102.02M at b = 4).
+    ``kwargs`` go to ``torchvision.models.resnet50``.
+    ``beta_pattern``, ``init``: see :class:`~repkernels.nn.WarehouseManager` (default: the authors' code);
+    ``copy_weights``: copy the torchvision kernels into the assigned cells (default: with ``weights`` or
+    ``init="layer"``)."""
+    return _resnet("resnet50", True, b, num_classes, reduction, nonlocal_basis_ratio, beta_pattern, init,
+                   copy_weights, kwargs)
+
 
 
 # ---------------------------------------------------------------------------------------------- MobileNetV2
@@ -151,13 +196,17 @@ _MBV2_STAGES = [1, 2, 3, 4, 5, 6, 6]
 
 
 def kw_mobilenetv2(b: float = 1, num_classes: int = 1000, width_mult: float = 1.0, reduction: float | None = None,
+                   *, beta_pattern: str = "official", init: str = "official", copy_weights: bool | None = None,
                    **kwargs: Any) -> nn.Module:
     """KernelWarehouse MobileNetV2 (torchvision definition) with budget ``b`` (paper: 1/2, 1, 4).
 
     Table 14 (width 1.0): b = 1: m = n = (9, 36, 34, 78, 18, 42, 27, 102, 36, 120, 27, 58, 27); b = 4: 19
     warehouses, n = 4m; b = 1/2: m = (9, 36, 18, 27, 36, 27, 12, 27, 80, 40), n = (…, 6, 27, 40, 20). ``reduction``
     defaults to 1/16 (1/32 for b < 1, as the paper's KW(1/2x)). ``kwargs`` go to
-    ``torchvision.models.mobilenet_v2``."""
+    ``torchvision.models.mobilenet_v2``.
+    ``beta_pattern``, ``init``: see :class:`~repkernels.nn.WarehouseManager` (default: the authors' code);
+    ``copy_weights``: copy the torchvision kernels into the assigned cells (default: with ``weights`` or
+    ``init="layer"``)."""
     import torchvision
 
     b = _check_budget(b, "kw_mobilenetv2")
@@ -193,26 +242,54 @@ def kw_mobilenetv2(b: float = 1, num_classes: int = 1000, width_mult: float = 1.
         half = {"s6_pw_expand": 0.5, "s6_pw_reduce": 0.5, "default": 1.0}
         # classifier cells: all classes x 32 inputs (1000 x 32 in the paper)
         inplane = half | {"classifier": 32 / last_channels if last_channels % 32 == 0 else 1.0}
-        manager = WarehouseManager(reduction=1 / 32 if reduction is None else reduction, cell_num_ratio=ratio,
-                                   cell_inplane_ratio=inplane, cell_outplane_ratio=half)
+        manager = _manager("kw_mobilenetv2", beta_pattern, init,
+                           reduction=1 / 32 if reduction is None else reduction, cell_num_ratio=ratio,
+                           cell_inplane_ratio=inplane, cell_outplane_ratio=half)
     else:
-        manager = WarehouseManager(reduction=1 / 16 if reduction is None else reduction, cell_num_ratio=b)
-    return convert_to_kw(model, plan, manager)
+        manager = _manager("kw_mobilenetv2", beta_pattern, init,
+                           reduction=1 / 16 if reduction is None else reduction, cell_num_ratio=b)
+    return convert_to_kw(model, plan, manager, _copy(copy_weights, init, kwargs))
+
 
 
 # ---------------------------------------------------------------------------------------------- ConvNeXt
-def kw_convnext_tiny(b: float = 1, num_classes: int = 1000, reduction: float = 1 / 16, **kwargs: Any) -> nn.Module:
+_CONVNEXT_LAYOUTS = {"official": {1: ["s1"], 3: ["s2"], 5: ["s3"], 7: ["s4"]},
+                     "paper": {1: ["s1"], 3: ["s2"], 5: ["s3a", "s3b", "s3c"], 7: ["s4"]}}
+
+
+def kw_convnext_tiny(b: float = 1, num_classes: int = 1000, reduction: float = 1 / 16, *, layout: str = "official",
+                     beta_pattern: str = "official", init: str = "official", copy_weights: bool | None = None,
+                     **kwargs: Any) -> nn.Module:
     """KernelWarehouse ConvNeXt-Tiny (torchvision definition) with budget ``b`` (paper: 3/4, 1).
 
-    Table 14: b = 1: m = n = 16 (stem), 4, 4, 4 (downsampling layers), then (147 depth-wise, 24 point-wise) for
-    each of the 6 stages; b = 3/4: the point-wise warehouses of the last two stages have m = 96, n = 48.
-    ``kwargs`` go to ``torchvision.models.convnext_tiny``."""
+    ``layout="official"`` (default; the authors' ``models/kw_convnext.py`` with ``configs/convnext/
+    kw1x_convnext_tiny.json``): one depth-wise and one point-wise warehouse per stage of the network, m = n =
+    16 (stem), 4, 4, 4 (downsampling layers), (147, 24), (147, 24), (441, 72), (147, 24) at b = 1:
+    39,370,674 parameters, those of the authors' model.
+
+    ``layout="paper"``: the 9 blocks of stage 3 form three stages of 3 (A.3, Table 14: (147, 24) for each of
+    the 6 stages): 35,918,508 parameters at b = 1 and 27,818,076 at b = 3/4, where the paper prints 32.99M and
+    24.53M. The difference is all in the attentions (the warehouses hold 27,756,000 cells' parameters at b = 1,
+    exactly the static convs' kernels, and 18,908,640 at b = 3/4): with the attentions' first FC reducing by 32
+    instead of 16 (hidden ``max(C/32, 16)``, ``reduction=1/32``) this layout has 32,992,964 and 24,531,380
+    parameters, the paper's two numbers to the printed precision, while the paper's A.3, the authors'
+    configuration (``reduction: 0.0625``) and this builder's default use 16. Neither layout at 1/16 nor the
+    non-local basis (not set by the authors' ConvNeXt configuration; 1/16 would give 34,099,932 and 25,605,900
+    here) matches them.
+
+    b = 3/4: the point-wise warehouses of the last two stages at b = 1/2 with half-size cells (paper layout:
+    m = 96, n = 48 for s3c and s4, Table 14). ``kwargs`` go to ``torchvision.models.convnext_tiny``.
+    ``beta_pattern``, ``init``: see :class:`~repkernels.nn.WarehouseManager` (default: the authors' code);
+    ``copy_weights``: copy the torchvision kernels into the assigned cells (default: with ``weights`` or
+    ``init="layer"``)."""
     import torchvision
 
     b = _check_budget(b, "kw_convnext_tiny")
+    if layout not in _CONVNEXT_LAYOUTS:
+        raise ValueError(f"kw_convnext_tiny: `layout` must be 'official' or 'paper', got {layout!r}")
     model = torchvision.models.convnext_tiny(num_classes=num_classes, **kwargs)
     plan: list[tuple[str, str, float | None]] = [("features.0.0", "stem", None)]
-    stage_names = {1: ["s1"], 3: ["s2"], 5: ["s3a", "s3b", "s3c"], 7: ["s4"]}
+    stage_names = _CONVNEXT_LAYOUTS[layout]
     for feat, names in stage_names.items():
         blocks = _get(model, f"features.{feat}")
         per = len(blocks) // len(names)
@@ -223,13 +300,15 @@ def kw_convnext_tiny(b: float = 1, num_classes: int = 1000, reduction: float = 1
             plan.append((f"features.{feat}.{bi}.block.5", f"{wh}_pw", None))
         if feat < 7:
             plan.append((f"features.{feat + 1}.1", f"ds{(feat + 1) // 2}", None))
+    common = {"reduction": reduction, "norm_layer": nn.LayerNorm}
     if b == 0.75:
-        reduced = {"s3c_pw": 0.5, "s4_pw": 0.5}
-        manager = WarehouseManager(reduction=reduction, cell_num_ratio=reduced | {"default": 1.0},
-                                   cell_inplane_ratio=reduced | {"default": 1.0},
-                                   cell_outplane_ratio=reduced | {"default": 1.0}, norm_layer=nn.LayerNorm)
+        reduced = {f"{stage_names[5][-1]}_pw": 0.5, "s4_pw": 0.5}
+        manager = _manager("kw_convnext_tiny", beta_pattern, init, cell_num_ratio=reduced | {"default": 1.0},
+                           cell_inplane_ratio=reduced | {"default": 1.0},
+                           cell_outplane_ratio=reduced | {"default": 1.0}, **common)
     else:
         half = 0.5 if b < 1 else 1.0
-        manager = WarehouseManager(reduction=reduction, cell_num_ratio=b, cell_inplane_ratio=half,
-                                   cell_outplane_ratio=half, norm_layer=nn.LayerNorm)
-    return convert_to_kw(model, plan, manager)
+        manager = _manager("kw_convnext_tiny", beta_pattern, init, cell_num_ratio=b, cell_inplane_ratio=half,
+                           cell_outplane_ratio=half, **common)
+    return convert_to_kw(model, plan, manager, _copy(copy_weights, init, kwargs))
+
