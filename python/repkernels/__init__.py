@@ -14,3 +14,7 @@ from . import reparam, nn, search, analysis  # importing nn registers its method
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "__version__", "backend", "get_backend", "ops", "reference",
            "reparam", "nn", "search", "analysis"]
+
+from .official import load_official  # noqa: E402 (official checkpoints: ACNet, DBB, RefConv, ParCNetV2, CoC)
+
+__all__ += ["load_official"]
