@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import repkernels
-from helpers import (HAS_GPU, assert_close, check_triton_op_call, requires_c, requires_gpu, requires_triton_cpu,
-                     requires_triton_gpu)
+from helpers import (HAS_GPU, TRITON_ON_CPU, assert_close, check_triton_op_call, requires_c, requires_gpu,
+                     requires_triton_cpu, requires_triton_gpu)
 from repkernels import _extension
 from repkernels.ops import depthwise_conv2d
 
@@ -338,6 +338,112 @@ def test_bad_inputs_raise_clear_errors():
         depthwise_conv2d(x.long(), w.long())
     with pytest.raises(TypeError, match="`input` must be a torch.Tensor"):
         depthwise_conv2d(x.numpy(), w)
+
+
+# ---------------------------------------------------------------- C = 0: the same empty output on every backend
+def _zero_channel_backends():
+    """(name, callable) for every implementation that runs on this machine (CPU: the reference, the CUDA op's
+    emulation, the Triton interpreter)."""
+    out = [("auto", lambda *a: depthwise_conv2d(*a)),
+           ("reference", lambda *a: _with_backend("reference", *a))]
+    if _extension.HAS_C:
+        out.append(("cuda-op", lambda x, w, b, s, p, d: torch.ops.repkernels.depthwise_conv2d(x, w, b, s, p, d)))
+        if HAS_GPU:
+            out.append(("cuda", lambda *a: _with_backend("cuda", *a)))
+    if repkernels._backend.HAS_TRITON and (HAS_GPU or repkernels._backend.TRITON_INTERPRET):
+        out.append(("triton", lambda *a: _with_backend("triton", *a)))
+        out.append(("triton-op", lambda x, w, b, s, p, d: torch.ops.repkernels.depthwise_conv2d_triton(
+            x, w, b, s, p, d)))
+    return out
+
+
+def _with_backend(name, x, w, b, s, p, d):
+    with repkernels.backend(name):
+        return depthwise_conv2d(x, w, b, s, p, d)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_zero_channels_give_an_empty_output_on_every_backend(channels_last, bias):
+    """C = 0 gave "non-positive groups is not supported" (F.conv2d) on auto/reference while the fast backends
+    returned an empty tensor: now every backend returns the empty (N, 0, OH, OW) output, with empty gradients."""
+    device = "cuda" if HAS_GPU else "cpu"
+    stride, padding, dilation = [2, 1], [1, 2], [1, 1]
+    for name, fn in _zero_channel_backends():
+        x = torch.randn(2, 0, 9, 8, device=device)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        w = torch.randn(0, 1, 3, 3, device=device)
+        b = torch.randn(0, device=device) if bias else None
+        with torch.no_grad():
+            out = fn(x, w, b, stride, padding, dilation)
+        assert out.shape == (2, 0, 5, 10) and out.dtype == x.dtype and out.device == x.device, name
+        tensors = [t.requires_grad_() for t in (x, w, b) if t is not None]
+        out = fn(x, w, b, stride, padding, dilation)
+        assert out.shape == (2, 0, 5, 10) and out.requires_grad, name
+        grads = torch.autograd.grad(out.sum(), tensors)
+        assert [g.shape for g in grads] == [t.shape for t in tensors], name
+
+
+# ---------------------------------------------------------------- torch.func transforms
+def _dw(x, w, b=None):
+    return depthwise_conv2d(x, w, b, (2, 1), 1, (1, 2))
+
+
+def _dw_ref(x, w, b=None):
+    return F.conv2d(x, w, b, (2, 1), 1, (1, 2), groups=x.shape[1])
+
+
+@pytest.mark.parametrize("name", ["auto", "reference"])
+def test_torch_func_transforms_run_on_auto_and_reference(name):
+    """torch.func transforms (issue #14: jacrev failed with "must override the setup_context staticmethod"):
+    under them `auto` runs the reference, which supports every transform."""
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    w = torch.randn(3, 1, 3, 2, dtype=torch.float64)
+    t = torch.randn_like(x)
+    with repkernels.backend(name):
+        jac = torch.func.jacrev(_dw, argnums=(0, 1))(x, w)
+        tangent = torch.func.jvp(lambda x: _dw(x, w), (x,), (t,))[1]
+        per_sample = torch.func.vmap(lambda x: _dw(x[None], w)[0])(x)
+        hess = torch.func.hessian(lambda w: _dw(x, w).square().sum())(w)
+        psg = torch.func.vmap(torch.func.grad(lambda w, x: _dw(x[None], w).square().sum()), in_dims=(None, 0))(w, x)
+    ref_jac = torch.func.jacrev(_dw_ref, argnums=(0, 1))(x, w)
+    for a, r in zip(jac, ref_jac):
+        assert_close(a, r)
+    assert_close(tangent, torch.func.jvp(lambda x: _dw_ref(x, w), (x,), (t,))[1])
+    assert_close(per_sample, _dw_ref(x, w))
+    assert_close(hess, torch.func.hessian(lambda w: _dw_ref(x, w).square().sum())(w))
+    assert_close(psg, torch.stack([torch.func.grad(lambda w: _dw_ref(x[i:i + 1], w).square().sum())(w)
+                                   for i in range(2)]))
+
+
+@pytest.mark.skipif(not (_extension.HAS_C or TRITON_ON_CPU or HAS_GPU), reason="no fast backend here")
+def test_torch_func_transforms_on_a_fast_backend_raise_clearly():
+    """An explicitly asked fast backend cannot be differentiated by torch.func / forward-mode AD (PyTorch's
+    register_autograd has no setup_context, pytorch/pytorch#168393): a clear BackendUnavailableError instead
+    of PyTorch's error (grad) or a silently zero tangent (jvp). vmap alone and grad-free calls still work."""
+    import torch.autograd.forward_ad as fwAD
+
+    name = "triton" if (repkernels._backend.HAS_TRITON and (HAS_GPU or TRITON_ON_CPU)) else "cuda"
+    if name == "cuda" and not HAS_GPU:
+        pytest.skip("the 'cuda' backend needs CUDA tensors")
+    device = "cuda" if HAS_GPU else "cpu"
+    x = torch.randn(2, 3, 7, 6, device=device)
+    w = torch.randn(3, 1, 3, 3, device=device)
+    with repkernels.backend(name):
+        with pytest.raises(repkernels.BackendUnavailableError,
+                           match=rf"backend '{name}' cannot serve this call: torch.func.grad / vjp / jacrev "
+                                 r"\(active transforms: grad\).*pytorch/issues/168393.*'auto' or 'reference'"):
+            torch.func.jacrev(lambda x: _dw(x, w))(x)
+        with pytest.raises(repkernels.BackendUnavailableError, match=r"forward-mode AD \(torch.func.jvp"):
+            torch.func.jvp(lambda x: _dw(x, w), (x,), (x,))
+        with fwAD.dual_level(), pytest.raises(repkernels.BackendUnavailableError, match="torch.autograd.forward_ad"):
+            _dw(fwAD.make_dual(x, torch.ones_like(x)), w)
+        # what the registered op can do under transforms: vmap (PyTorch's per-sample fallback), no-grad inputs
+        per_sample = torch.func.vmap(lambda x: _dw(x[None], w)[0])(x)
+        scale = torch.func.grad(lambda s: (_dw(x, w) * s).sum())(torch.tensor(2.0, device=device))
+    assert_close(per_sample, _dw_ref(x, w).double(), torch.float32)
+    assert_close(scale, _dw_ref(x, w).sum().double(), torch.float32)
 
 
 # ---------------------------------------------------------------- GPU: real kernels vs cuDNN

@@ -112,6 +112,26 @@ def test_reference_per_sample_conv_matches_loop():
     assert_close(out, loop)
 
 
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[6]], ids=["3x3", "groups", "empty"])
+def test_reference_per_sample_conv_keeps_channels_last(case):
+    """Its docstring and the other backends: the output is channels_last when the input is (issue #14)."""
+    x, wt, bias, s, p, d, g = make_conv(case, torch.float64, channels_last=True)
+    out = ref.per_sample_conv2d(x, wt, bias, s, p, d, g)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, ref.per_sample_conv2d(x.contiguous(), wt, bias, s, p, d, g))
+    assert ref.per_sample_conv2d(x.contiguous(), wt, bias, s, p, d, g).is_contiguous()
+    out_kw = ref.kw_conv2d(x, *make_asm((x.shape[0], (case[4], case[1] // case[9], *case[5]),
+                                         (case[4], case[1] // case[9], 1, 1), 3), torch.float64), bias, s, p, d,
+                           case[9])
+    assert out_kw.is_contiguous(memory_format=torch.channels_last)
+    with repkernels.backend("reference"):
+        assert per_sample_conv2d(x, wt, bias, s, p, d, g).is_contiguous(memory_format=torch.channels_last)
+    if _extension.HAS_C and case[0] > 0:   # the CUDA op's CPU emulation: same layout, same values
+        fast = R.per_sample_conv2d(x.float(), wt.float(), bias.float(), list(s), list(p), list(d), g)
+        assert fast.is_contiguous(memory_format=torch.channels_last)
+        assert_close(fast, out, torch.float32)
+
+
 def test_reference_gradcheck():
     att, wh, layout = make_asm(ASM_CASES[0], torch.float64)
     att.requires_grad_(True)
@@ -657,3 +677,24 @@ def test_gpu_auto_uses_a_fast_path():
     out = kw_assemble(att, wh, layout)
     assert_close(out, asm_ref64(att, wh, layout), torch.float32)
     assert HAS_GPU and (_extension.HAS_C or _backend.HAS_TRITON)
+
+
+# ---------------------------------------------------------------- torch.func transforms
+@requires_triton_cpu
+def test_kw_ops_under_torch_func_refuse_a_fast_backend_and_run_the_reference_on_auto():
+    """As depthwise_conv2d: the registered ops' autograd has no setup_context (pytorch/pytorch#168393), so under
+    torch.func a forced fast backend raises naming the transform, and `auto` runs the reference."""
+    att, wh, layout = make_asm(ASM_CASES[0], torch.float32)
+    x, wt, bias, s, p, d, g = make_conv(CONV_CASES[0], torch.float32)
+    calls = {
+        "kw_assemble": (lambda a: kw_assemble(a, wh, layout), att),
+        "per_sample_conv2d": (lambda x: per_sample_conv2d(x, wt, bias, s, p, d, g), x),
+    }
+    for name, (fn, arg) in calls.items():
+        with repkernels.backend("triton"), pytest.raises(repkernels.BackendUnavailableError,
+                                                         match=rf"{name}: backend 'triton'.*torch.func.grad"):
+            torch.func.jacrev(fn)(arg)
+        with repkernels.backend("auto"):
+            jac = torch.func.jacrev(fn)(arg)
+        with repkernels.backend("reference"):
+            assert_close(jac, torch.func.jacrev(fn)(arg).double(), torch.float32, name)

@@ -246,6 +246,107 @@ def test_op_running_stats_and_bias():
     _close(out, ref, torch.float64, "output")
 
 
+@pytest.mark.parametrize("field", ["running_mean", "running_var", "weight", "bias"])
+def test_op_per_channel_tensors_of_the_wrong_size_name_the_argument_and_branch(field):
+    """A wrong-size running_mean (or other per-channel tensor) gave a raw broadcast error (issue #14)."""
+    x, ws, rects, gam, bet = _op_inputs(dtype=torch.float32)
+    good = dict(weight=gam[1], bias=bet[1], running_mean=torch.zeros(3), running_var=torch.ones(3))
+    bad = BranchBN(**{**good, field: torch.zeros(5)}, momentum=0.1, eps=1e-5)
+    bns = [BranchBN(gam[0], bet[0], None, None, 0.1, 1e-5), bad, None]
+    with pytest.raises(ValueError, match=rf"^multibranch_conv_bn: `bn_params\[1\]\.{field}` \(the BatchNorm of "
+                                         r"branch 1, rect \(0, 0, 2, 2\)\) must have shape \(3,\), one value per "
+                                         r"output channel, got \(5,\)$"):
+        multibranch_conv_bn(x, ws, rects, bns, kernel_size=3, padding=1)
+    two_d = BranchBN(**{**good, field: torch.zeros(3, 1)}, momentum=0.1, eps=1e-5)
+    with pytest.raises(ValueError, match=rf"`bn_params\[0\]\.{field}`.*got \(3, 1\)"):
+        multibranch_conv_bn(x, ws, rects, [two_d, None, None], kernel_size=3, padding=1)
+    on_meta = BranchBN(**{**good, field: good[field].to("meta")}, momentum=0.1, eps=1e-5)
+    with pytest.raises(ValueError, match=rf"`bn_params\[2\]\.{field}`.*is on meta but `input` is on cpu"):
+        multibranch_conv_bn(x, ws, rects, [None, None, on_meta], kernel_size=3, padding=1)
+    integer = BranchBN(**{**good, field: torch.zeros(3, dtype=torch.long)}, momentum=0.1, eps=1e-5)
+    with pytest.raises(TypeError, match=rf"`bn_params\[0\]\.{field}`.*must be floating point"):
+        multibranch_conv_bn(x, ws, rects, [integer, None, None], kernel_size=3, padding=1)
+
+
+def test_op_conv_bias_and_merged_scales_of_the_wrong_size():
+    from repkernels.ops.multibranch_conv_bn import merged_conv2d
+
+    x, ws, rects, gam, bet = _op_inputs(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"`conv_biases\[2\]` \(the conv bias of branch 2, rect \(1, 0, 2, 3\)\) "
+                                         r"must have shape \(3,\)"):
+        multibranch_conv_bn(x, ws, rects, [None] * 3, kernel_size=3, padding=1,
+                            conv_biases=[None, None, torch.zeros(4)])
+    with pytest.raises(ValueError, match=r"^merged_conv2d: `scales\[1\]` \(the scale of branch 1\) must have shape"):
+        merged_conv2d(x, ws, rects, [None, torch.ones(2), None], [None] * 3, kernel_size=3, padding=1)
+    with pytest.raises(ValueError, match=r"^merged_conv2d: `biases\[0\]`"):
+        merged_conv2d(x, ws, rects, [None] * 3, [torch.ones(4), None, None], kernel_size=3, padding=1)
+
+
+def test_op_under_torch_func_transforms():
+    """Under torch.func transforms and forward-mode AD both ops compute the same sum with PyTorch ops (their
+    memory-saving autograd.Functions cannot run there): jacrev / jvp / vmap / forward_ad agree with the fused
+    op differentiated by torch.autograd."""
+    import torch.autograd.forward_ad as fwAD
+    from repkernels.ops.multibranch_conv_bn import merged_conv2d
+
+    x, ws, rects, gam, bet = _op_inputs()
+    bns = [BranchBN(gam[0], bet[0], None, None, 0.1, 1e-5), BranchBN(gam[1], None, None, None, 0.1, 1e-5), None]
+    cb = torch.randn(3, dtype=torch.float64)
+
+    def f(x, w0):
+        return multibranch_conv_bn(x, [w0, *ws[1:]], rects, bns, kernel_size=3, padding=(1, 0, 2, 1),
+                                   conv_biases=[None, cb, cb])
+
+    def g(x, w0):
+        return merged_conv2d(x, [w0, *ws[1:]], rects, [gam[0], None, gam[2]], [cb, None, bet[2]], kernel_size=3,
+                             padding=1, stride=2)
+
+    for fn in (f, g):
+        jac = torch.func.jacrev(fn, argnums=(0, 1))(x, ws[0])
+        ref = torch.autograd.functional.jacobian(fn, (x, ws[0]))     # plain autograd: the fused op
+        for a, r in zip(jac, ref):
+            _close(a, r, torch.float64, f"{fn.__name__} jacrev")
+        t = torch.randn_like(x)
+        tangent = torch.func.jvp(lambda x: fn(x, ws[0]), (x,), (t,))[1]
+        _close(tangent, torch.einsum("...ijkl,ijkl->...", ref[0], t), torch.float64, f"{fn.__name__} jvp")
+        with fwAD.dual_level():
+            out = fwAD.unpack_dual(fn(fwAD.make_dual(x, t), ws[0])).tangent
+        _close(out, tangent, torch.float64, f"{fn.__name__} forward_ad")
+        per_sample = torch.func.vmap(lambda x: fn(x, ws[0]))(torch.stack([x, 2 * x]))
+        _close(per_sample[1], fn(2 * x, ws[0]), torch.float64, f"{fn.__name__} vmap")
+    # SyncBatchNorm statistics cannot be all-reduced inside a transform: a clear error
+    with pytest.raises(ValueError, match="`process_group`.*not supported under torch.func"):
+        torch.func.vmap(lambda x: multibranch_conv_bn(x, ws, rects, bns, kernel_size=3, padding=1,
+                                                      process_group=object()))(x[None])
+
+
+def test_fused_block_under_torch_func():
+    """A fused training-mode block under torch.func.grad (parameters and buffers passed in, as functorch needs for
+    BatchNorm): the gradients and running statistics of the unfused block."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    for bn_mode in ("exact", "online"):
+        block = randomize_bn(PBConv2d(3, 4, 3, padding=1, fused=True, bn_mode=bn_mode)).double().train()
+        with torch.no_grad():
+            for p in block.parameters():
+                p.normal_()
+        plain = copy.deepcopy(block)
+        plain.fused = False
+        params = {k: v.detach() for k, v in block.named_parameters()}
+        buffers = {k: v.clone() for k, v in block.named_buffers()}
+
+        def loss(params, buffers):
+            return torch.func.functional_call(block, {**params, **buffers}, (x,)).square().sum()
+
+        grads = torch.func.grad(loss)(params, buffers)
+        ref = dict(zip(params, torch.autograd.grad(plain(x).square().sum(), list(plain.parameters()))))
+        for k in params:
+            _close(grads[k], ref[k], torch.float64, f"{bn_mode} grad {k}")
+        for k, v in plain.named_buffers():
+            if v.is_floating_point():
+                _close(buffers[k], v, torch.float64, f"{bn_mode} buffer {k}")
+
+
 def test_saved_activations_do_not_grow_with_branches():
     """The fused block saves the input, the weights and per-channel statistics only; unfused saves every y_l."""
     def saved_bytes(block, x):

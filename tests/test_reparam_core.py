@@ -266,6 +266,161 @@ def test_iter_blocks_outermost_only():
     assert [n for n, _ in reparam.iter_blocks(net)] == ["a", "inner.0"]
 
 
+# Toy blocks, one per deploy convention (repkernels.reparam.protocol): each computes conv(x) + 1 in training form
+# and deploys to one conv with the +1 folded into the bias.
+class _Block(nn.Module):
+    def __init__(self, c: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.deployed = None
+
+    def forward(self, x):
+        return self.deployed(x) if self.deployed is not None else self.conv(x) + 1
+
+    def _folded(self) -> nn.Conv2d:
+        conv = copy.deepcopy(self.conv)
+        with torch.no_grad():
+            conv.bias += 1
+        return conv
+
+    def _switch(self):          # in place, returns None
+        if self.deployed is None:
+            self.deployed = self._folded()
+            del self.conv
+
+
+class FuseBlock(_Block):          # timm's LeViT/RepViT ConvNorm: fuse() returns the replacement
+    def fuse(self):
+        return self._folded()
+
+
+class ReturningBlock(_Block):     # repkernels' protocol: reparameterize() returns the replacement
+    def reparameterize(self):
+        return self._folded()
+
+
+class InPlaceBlock(_Block):       # timm's RepVGG / MobileOne: reparameterize() in place, returns None
+    def reparameterize(self):
+        self._switch()
+
+
+class SwitchBlock(_Block):        # official DBB / ACNet / OREPA code
+    def switch_to_deploy(self):
+        self._switch()
+
+
+class MergeBlock(_Block):         # official RepLKNet code
+    def merge_kernel(self):
+        self._switch()
+
+
+class ReturnsSelfBlock(_Block):   # e.g. ultralytics: fuse() changes the module and returns self
+    def fuse(self):
+        self._switch()
+        return self
+
+
+class BothBlock(_Block):          # fuse() takes precedence over reparameterize()
+    def fuse(self):
+        return self._folded()
+
+    def reparameterize(self):
+        raise AssertionError("fuse() must be used first")
+
+
+class Outer(InPlaceBlock):       # an in-place block holding another block: deploy looks inside afterwards
+    def __init__(self):
+        super().__init__()
+        self.inner = SwitchBlock()
+
+    def forward(self, x):
+        return self.inner(super().forward(x))
+
+
+CONVENTIONS = [FuseBlock, ReturningBlock, InPlaceBlock, SwitchBlock, MergeBlock, ReturnsSelfBlock, BothBlock]
+
+
+@pytest.mark.parametrize("cls", CONVENTIONS, ids=[c.__name__ for c in CONVENTIONS])
+def test_deploy_every_convention(cls):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    model = nn.Sequential(nn.Sequential(cls()), nn.ReLU(), cls()).eval()
+    assert reparam.deploy_method(model[2]) == {"BothBlock": "fuse", "ReturnsSelfBlock": "fuse"}.get(
+        cls.__name__, next(n for n in reparam.DEPLOY_METHODS if n in cls.__dict__))
+    assert [n for n, _ in reparam.iter_blocks(model)] == ["0.0", "2"]
+    deployed = deploy(model)
+    assert isinstance(model[2].conv, nn.Conv2d), "inplace=False must not modify the model"
+    for block in (deployed[0][0], deployed[2]):
+        if isinstance(block, _Block):   # changed in place
+            assert block.deployed is not None and not hasattr(block, "conv")
+        else:
+            assert type(block) is nn.Conv2d
+    assert not any(m.training for m in deployed.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model(x))
+    # a block on its own: the replacement, or the block itself changed in place
+    alone = deploy(cls().eval())
+    with torch.no_grad():
+        assert alone(x).shape == x.shape
+
+
+def test_deploy_looks_inside_blocks_changed_in_place_but_not_inside_replacements():
+    torch.manual_seed(0)
+    model = nn.Sequential(Outer()).eval()
+    x = torch.randn(1, 3, 5, 5)
+    deployed = deploy(model)
+    assert deployed[0].deployed is not None and deployed[0].inner.deployed is not None
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model(x))
+
+    class Replacement(nn.Module):  # what a block's fuse() returns; holds something with a deploy method
+        def __init__(self):
+            super().__init__()
+            self.keep = SwitchBlock()
+
+    class Replaced(nn.Module):
+        def fuse(self):
+            return Replacement()
+
+    out = deploy(nn.Sequential(Replaced()).eval())
+    assert isinstance(out[0], Replacement) and out[0].keep.deployed is None
+
+
+def test_deploy_method_detection():
+    class NotMethods(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fuse = nn.Conv2d(1, 1, 1)               # a submodule called `fuse` is not a method
+            self.register_buffer("merge_kernel", torch.zeros(1))
+
+        def reparameterize(self, form):                # needs an argument: not callable as deploy
+            raise AssertionError
+
+        def switch_to_deploy(self, strict=True):       # optional arguments are fine
+            self.deployed = True
+
+    m = NotMethods()
+    assert reparam.deploy_method(m) == "switch_to_deploy"
+    assert reparam.deploy_method(nn.Conv2d(1, 1, 1)) is None
+    assert reparam.deploy_method(PBConv2d(3, 4, 3)) == "fuse"
+    assert deploy(nn.Sequential(m).eval())[0].deployed is True
+
+
+def test_deploy_rejects_a_bad_return_value_and_training_blocks():
+    class Bad(nn.Module):
+        def fuse(self):
+            return 42
+
+    with pytest.raises(TypeError, match=r"`0` \(Bad\)\.fuse\(\) returned int"):
+        deploy(nn.Sequential(Bad()).eval())
+    model = nn.Sequential(InPlaceBlock().eval(), SwitchBlock())   # the second is in training mode
+    with pytest.raises(ReparameterizationError, match=r"block `1` \(SwitchBlock\) is in training mode"):
+        deploy(model, inplace=True)
+    assert model[0].deployed is None, "nothing may change before every block is checked"
+    with pytest.raises(ReparameterizationError, match=r"`model` \(SwitchBlock\) is in training mode"):
+        deploy(SwitchBlock())
+
+
 def test_check_equivalence():
     torch.manual_seed(0)
     a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))

@@ -78,6 +78,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..reparam.protocol import fuse_via_reparameterize
 from .._validation import nchw_input
 from ..ops.depthwise_conv2d import depthwise_conv2d
 from .scale import ChannelScale
@@ -271,6 +272,8 @@ class OversizedConv2d(nn.Module):
     Parameters: ``weight_v (C, 1, 2H−1, 1)``, ``weight_h (C, 1, 1, 2W−1)``, ``weight_local (C, 1, k, k)``, ``bias``.
     """
 
+    fuse = fuse_via_reparameterize  # timm.utils.reparameterize_model puts fuse()'s result in place
+
     def __init__(self, channels: int, input_size, local_kernel: int = 7, bias: bool = False,
                  device=None, dtype=None, *, kernel_resize: str = "interpolate") -> None:
         super().__init__()
@@ -334,6 +337,8 @@ class OversizedConv2dDeploy(nn.Module):
     (``weight_v``, ``weight_h``, ``weight_local``), still one conv. ``form="separable"``: the pair + local conv.
     ``kernel_resize`` as :class:`OversizedConv2d` (the training module's choice is passed on).
     """
+
+    fuse = fuse_via_reparameterize  # timm.utils.reparameterize_model puts fuse()'s result in place
 
     def __init__(self, weight_v: torch.Tensor, weight_h: torch.Tensor, weight_local: torch.Tensor,
                  bias: torch.Tensor | None, form: str = "auto", deploy_size=None,
@@ -479,6 +484,8 @@ class SpatialBGU(nn.Module):
     ``kernel_resize``: see :class:`OversizedConv2d`.
     """
 
+    fuse = fuse_via_reparameterize  # timm.utils.reparameterize_model puts fuse()'s result in place
+
     def __init__(self, dim: int, input_size, local_kernel: int = 7, bias: bool = False, *,
                  kernel_resize: str = "interpolate") -> None:
         super().__init__()
@@ -568,6 +575,8 @@ class ParCV2Block(nn.Module):
     layer scales folded into the adjacent 1x1 convs (all exact, in both norm modes; the parameter-free part of
     the norm stays).
     """
+
+    fuse = fuse_via_reparameterize  # timm.utils.reparameterize_model puts fuse()'s result in place
 
     def __init__(self, dim: int, input_size, mlp_ratio: float = 4.0, local_kernel: int = 7, drop_path: float = 0.0,
                  layer_scale_init: float | None = None, res_scale_init: float | None = None, drop: float = 0.0,

@@ -1,6 +1,27 @@
 """Registering an op family: a forward op and its backward ops (C++ ``TORCH_LIBRARY`` ops or Triton
 ``custom_op`` ones alike, named in the ``repkernels`` namespace) get their fake implementations, and the
-forward gets autograd whose backward calls the backward ops through the dispatcher."""
+forward gets autograd whose backward calls the backward ops through the dispatcher.
+
+torch.func transforms and forward-mode AD
+-----------------------------------------
+The registered ops support ``torch.autograd`` (backward, double backward), ``torch.compile`` and
+``torch.func.vmap`` (PyTorch's per-sample fallback: correct, slow), but not the torch.func transforms that
+differentiate (``grad``, ``vjp``, ``jacrev``, ``jvp``, ``jacfwd``, ``hessian``) nor forward-mode AD
+(``torch.autograd.forward_ad``). This is PyTorch's limitation, for every op whose autograd is registered
+with ``torch.library.register_autograd`` (PyTorch 2.4 to at least 2.14): the ``autograd.Function`` it
+generates has no ``setup_context``, which functorch requires ("In order to use an autograd.Function with
+functorch transforms ... it must override the setup_context staticmethod", pytorch/pytorch#168393,
+#170834, #179652), and it has no forward-mode formula, so a ``jvp`` through such an op silently returns a
+zero tangent. A Python autograd kernel cannot work around it: an ``autograd.Function`` applied inside an
+op's Autograd kernel while a transform is active is routed to functorch's ``custom_function_call``, which
+has no kernel at that dispatch level.
+
+The public functions therefore route around the registered ops: under any torch.func transform or
+forward-mode AD, backend ``auto`` runs the reference (PyTorch ops, which support every transform), and
+an explicitly requested fast backend is refused with a :class:`~repkernels.BackendUnavailableError`
+naming the transform (:func:`autodiff_unsupported_reason`), instead of PyTorch's error or a wrong result.
+Calling ``torch.ops.repkernels.*`` directly under these transforms still hits PyTorch's limitation.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +29,56 @@ import functools
 from collections.abc import Callable, Sequence
 
 import torch
+
+#: Where PyTorch tracks the limitation described in the module docstring.
+FUNCTORCH_ISSUE = "https://github.com/pytorch/pytorch/issues/168393"
+
+
+def functorch_transforms() -> tuple[str, ...]:
+    """The torch.func transforms active around this call, outermost first (``'vmap'``, ``'grad'``, ``'jvp'``,
+    ``'functionalize'``); empty outside any transform (and while ``torch.compile`` traces)."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return ()
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        return tuple(i.key().name.lower() for i in retrieve_all_functorch_interpreters())
+    except Exception:  # noqa: BLE001 - a private API that may move: assume the worst
+        return ("unknown",)
+
+
+def _has_tangent(t: torch.Tensor) -> bool:
+    import torch.autograd.forward_ad as fwAD
+
+    return fwAD.unpack_dual(t).tangent is not None
+
+
+def autodiff_unsupported_reason(*tensors: torch.Tensor | None) -> str | None:
+    """Why the registered ops' autograd cannot differentiate a call on ``tensors`` here (None: it can).
+
+    Refused: forward-mode AD (a ``jvp``/``jacfwd``/``hessian`` transform, or ``torch.autograd.forward_ad`` with
+    a dual input) and the ``grad``-type transforms (``grad``, ``vjp``, ``jacrev``) when an input is being
+    differentiated. ``vmap`` alone is fine. See the module docstring.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    kinds = functorch_transforms()
+    live = [t for t in tensors if t is not None]
+    why = None
+    if "jvp" in kinds or "unknown" in kinds:
+        why = f"forward-mode AD (torch.func.jvp / jacfwd / hessian; active transforms: {', '.join(kinds)})"
+    elif "grad" in kinds and any(t.requires_grad for t in live):
+        why = f"torch.func.grad / vjp / jacrev (active transforms: {', '.join(kinds)})"
+    else:
+        import torch.autograd.forward_ad as fwAD
+
+        if fwAD._current_level >= 0 and any(_has_tangent(t) for t in live):
+            why = "forward-mode AD (torch.autograd.forward_ad: a dual tensor)"
+    if why is None:
+        return None
+    return (f"{why} cannot differentiate the registered ops in PyTorch {torch.__version__.split('+')[0]} "
+            f"(their torch.library.register_autograd autograd has no setup_context / forward-mode formula: "
+            f"{FUNCTORCH_ISSUE}); backend 'auto' or 'reference' (PyTorch ops) supports them")
 
 
 def _call(name: str, *args):

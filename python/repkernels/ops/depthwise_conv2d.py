@@ -27,7 +27,10 @@ the map (the Toeplitz rule of ``triton_kernels/depthwise_conv2d_toeplitz.py``: P
 RepLKNet's K = 31 on 56×56 and K = 13 on 14×14 / 7×7, ...) go to Triton's Toeplitz GEMMs (tensor
 cores), falling back to CUDA; other kernels go to the CUDA kernels, falling back to Triton. A kernel
 side larger than ``MAX_KERNEL_SIZE`` is served by the reference with a one-time warning, whatever the
-backend asked for.
+backend asked for. Inside ``torch.func`` transforms (and for ``C = 0``) ``auto`` uses the reference: the
+registered ops cannot be differentiated by ``torch.func``/forward-mode AD (PyTorch's limitation, see
+:mod:`repkernels.ops._registration`), so a ``cuda``/``triton`` backend asked for there raises
+``BackendUnavailableError`` naming the transform.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ import torch.nn.functional as F
 from .. import _autotune, _backend, _extension, _validation
 from .. import reference as _reference
 from . import _op_checks
-from ._registration import register_conv_double_backward, register_op_family
+from ._registration import (autodiff_unsupported_reason, functorch_transforms, register_conv_double_backward,
+                            register_op_family)
 
 OP = "depthwise_conv2d"
 
@@ -172,6 +176,21 @@ if _backend.HAS_TRITON:
                                   "depthwise_conv2d_backward_weight_triton")
 
 
+def _reference_forward(input, weight, bias, stride, padding, dilation) -> torch.Tensor:
+    """The reference (``F.conv2d``, cuDNN on a GPU), and the empty result every backend gives for C = 0.
+
+    ``F.conv2d`` rejects ``groups=0`` ("non-positive groups is not supported") where the CUDA and Triton
+    kernels return an empty ``(N, 0, OH, OW)`` output: the same empty output here, connected to the autograd
+    graph of the inputs (their gradients are empty too), as the fast backends' outputs are.
+    """
+    if input.shape[1] == 0:
+        out = _empty_output(input, weight, stride, padding, dilation)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+            out = out + sum(t.sum() for t in (input, weight, bias) if t is not None)  # sums of empty tensors: 0
+        return out
+    return _reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
+
+
 def _reference_backward_input(grad, input, weight, stride, padding, dilation):
     return torch.ops.aten.convolution_backward(grad, input, weight, None, stride, padding, dilation, False,
                                                [0, 0], input.shape[1], [True, False, False])[0]
@@ -252,26 +271,36 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
     The backend is chosen by :func:`repkernels.backend` / ``REPKERNELS_BACKEND`` (default ``auto``; see
     the module docstring for the routing rule). Gradients run on the backend that ran the forward.
+
+    Every backend returns the same empty ``(N, 0, OH, OW)`` output for ``C = 0``. Under ``torch.func``
+    transforms (``grad``, ``jacrev``, ``vmap``, ``jvp``, ``hessian``...) and forward-mode AD, ``auto`` runs the
+    reference, which supports them all; an explicitly requested ``cuda``/``triton`` backend raises
+    :class:`~repkernels.BackendUnavailableError` where its registered op cannot differentiate (PyTorch's
+    limitation: see :mod:`repkernels.ops._registration`; ``vmap`` alone works, slowly).
     """
     input, stride, padding, dilation = _normalize(input, weight, bias, stride, padding, dilation)
     kh, kw = weight.shape[2], weight.shape[3]
     if max(kh, kw) > MAX_KERNEL_SIZE:
         _warn_too_large(kh, kw)
-        return _reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
+        return _reference_forward(input, weight, bias, stride, padding, dilation)
     tensors = (input, weight) if bias is None else (input, weight, bias)
+    if _backend.get_backend() == "auto" and (input.shape[1] == 0 or functorch_transforms()):
+        # C = 0: nothing to compute. torch.func transforms: the reference supports them all (see
+        # ops/_registration.py), and has real vmap rules where the registered ops use PyTorch's per-sample loop.
+        return _reference_forward(input, weight, bias, stride, padding, dilation)
     if _backend.get_backend() == "auto" and input.is_cuda and _autotune.enabled():
         which = _measured_choice(input, weight, bias, stride, padding, dilation, tensors)
         if which is not None:
             return _run(which, input, weight, bias, stride, padding, dilation)
     if (_backend.get_backend() == "auto" and input.is_cuda and max(kh, kw) <= CUDNN_MAX_KERNEL):
-        return _reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)  # cuDNN
+        return _reference_forward(input, weight, bias, stride, padding, dilation)  # cuDNN
     # Oversized kernels: Triton's Toeplitz GEMMs run on tensor cores, the CUDA kernels are direct.
     toeplitz = input.is_cuda and _backend.HAS_TRITON and _toeplitz_plan(input, weight, stride, padding,
                                                                        dilation) is not None
     which = _backend.select(
         OP,
-        {"cuda": lambda: _backend.cuda_unavailable_reason(*tensors),
-         "triton": lambda: _backend.triton_unavailable_reason(*tensors)},
+        {"cuda": lambda: _backend.cuda_unavailable_reason(*tensors) or autodiff_unsupported_reason(*tensors),
+         "triton": lambda: _backend.triton_unavailable_reason(*tensors) or autodiff_unsupported_reason(*tensors)},
         on_gpu=input.is_cuda,
         prefer=("triton", "cuda") if toeplitz else ("cuda", "triton"),
     )
@@ -283,13 +312,15 @@ def _run(which: str, input, weight, bias, stride, padding, dilation) -> torch.Te
         return torch.ops.repkernels.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
     if which == "triton":
         return torch.ops.repkernels.depthwise_conv2d_triton(input, weight, bias, stride, padding, dilation)
-    return _reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)  # cuDNN on a GPU
+    return _reference_forward(input, weight, bias, stride, padding, dilation)  # cuDNN on a GPU
 
 
 def _measured_choice(input, weight, bias, stride, padding, dilation, tensors) -> str | None:
     """The fastest of cuDNN and the fast backends that can serve this call, timed once per problem (shape,
     dtype, memory format, geometry, and whether gradients will be needed: forward+backward is timed then)."""
     candidates = ["reference"]
+    if autodiff_unsupported_reason(*tensors) is not None:
+        return None
     if _backend.cuda_unavailable_reason(*tensors) is None:
         candidates.append("cuda")
     if _backend.triton_unavailable_reason(*tensors) is None:

@@ -24,7 +24,7 @@ from .. import _backend, _extension
 from ..reference import kernelwarehouse as _ref
 from . import _op_checks
 from ._op_checks import check_layout
-from ._registration import register_assemble_double_backward, register_op_family
+from ._registration import autodiff_unsupported_reason, register_assemble_double_backward, register_op_family
 
 OP = "kw_assemble"
 PREFER = ("triton", "cuda")
@@ -129,8 +129,9 @@ def kw_assemble(attention: torch.Tensor, warehouse: torch.Tensor, layout: Sequen
     layout = check_layout(attention, warehouse, layout, OP)
     which = _backend.select(
         OP,
-        {"cuda": lambda: cuda_reason(attention, warehouse),
-         "triton": lambda: _backend.triton_unavailable_reason(attention, warehouse)},
+        {"cuda": lambda: cuda_reason(attention, warehouse) or autodiff_unsupported_reason(attention, warehouse),
+         "triton": lambda: (_backend.triton_unavailable_reason(attention, warehouse)
+                            or autodiff_unsupported_reason(attention, warehouse))},
         on_gpu=attention.is_cuda, prefer=PREFER)
     if which == "cuda":
         return torch.ops.repkernels.kw_assemble(attention, warehouse, layout)

@@ -32,6 +32,7 @@ from ._op_checks import check_groups as _check_groups
 from ._op_checks import check_layout as _check_layout
 from ._op_checks import check_spatial as _check_spatial
 from ._op_checks import out_hw as _out_hw
+from ._registration import autodiff_unsupported_reason
 from .kw_assemble import kw_assemble as _kw_assemble
 from .per_sample_conv2d import per_sample_conv2d as _per_sample_conv2d
 from .per_sample_conv2d import resolve_padding as _resolve_padding
@@ -154,7 +155,7 @@ def kw_conv2d(input: torch.Tensor, attention: torch.Tensor, warehouse: torch.Ten
                 f"{OP}: the fused kernel is a Triton kernel; backend '{wanted}' was asked for")
         oh, ow = _out_hw(input.shape[2], input.shape[3], layout[2:], stride, padding, dilation)
         tensors = (input, attention, warehouse) if bias is None else (input, attention, warehouse, bias)
-        why = _backend.triton_unavailable_reason(*tensors)
+        why = _backend.triton_unavailable_reason(*tensors) or autodiff_unsupported_reason(*tensors)
         if why is None and fused_tiles(warehouse.shape, layout, groups, oh * ow) is None:
             why = "it needs groups == 1 and kernel cells of at least 16 x 16 channels"
         if fused is True and why is not None:

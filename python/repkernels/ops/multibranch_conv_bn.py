@@ -36,6 +36,11 @@ does (``dgamma``/``dbeta`` stay local, as there).
 Running statistics are updated in place as ``F.batch_norm`` does: ``running = (1 - m) * running +
 m * stat`` with the unbiased variance and the mean including the conv bias; pass the momentum
 ``nn.BatchNorm2d`` would use this step (for ``momentum=None``: ``1 / num_batches_tracked``).
+
+torch.func transforms (``grad``, ``vmap``, ``jacrev``, ``jvp``...) and forward-mode AD: the memory-saving
+``autograd.Function`` cannot run under them, so both functions then compute the same sum with PyTorch ops
+(``conv -> F.batch_norm`` per branch; one conv with the merged kernel for :func:`merged_conv2d`), which every
+transform supports (the branch outputs are then kept, as in the unfused module).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..reparam.geometry import Rect, as_pair, conv2d_sides
+from ._registration import functorch_transforms
 
 OP = "multibranch_conv_bn"
 
@@ -323,6 +329,46 @@ def _select_stats(input: torch.Tensor, backend: str):
     return _triton_stats if name == "triton" else None
 
 
+def _check_channel_vector(t, name: str, what: str, channels: int, input: torch.Tensor, op: str) -> None:
+    """``t`` is None or a floating ``(channels,)`` tensor on ``input``'s device; else a clear error naming it."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` ({what}) must be a tensor or None, got {type(t).__name__}")
+    if t.dim() != 1 or t.shape[0] != channels:
+        raise ValueError(f"{op}: `{name}` ({what}) must have shape ({channels},), one value per output channel, "
+                         f"got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: `{name}` ({what}) must be floating point, got {t.dtype}")
+    if t.device != input.device:
+        raise ValueError(f"{op}: `{name}` ({what}) is on {t.device} but `input` is on {input.device}")
+
+
+def _composite_needed(*tensors) -> bool:
+    """Whether a torch.func transform or forward-mode AD (with a dual input) is active: the autograd.Functions
+    below cannot run there (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return False
+    if functorch_transforms():
+        return True
+    import torch.autograd.forward_ad as fwAD
+
+    return fwAD._current_level >= 0 and any(
+        t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _composite_multibranch_conv_bn(input, weights, rects, bn_params, kernel_size, stride, sides, dilation, groups,
+                                   conv_biases) -> torch.Tensor:
+    """``sum_l BN_l(conv(x, W_l))`` with PyTorch ops (every transform supports them; the branch outputs are kept)."""
+    out = None
+    for w, rect, bn, cb in zip(weights, rects, bn_params, conv_biases):
+        y = conv2d_sides(input, w, cb, stride, branch_sides(sides, kernel_size, dilation, rect), dilation, groups)
+        if bn is not None:
+            y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, float(bn.momentum), bn.eps)
+        out = y if out is None else out + y
+    return out
+
+
 def multibranch_conv_bn(input: torch.Tensor, weights: Sequence[torch.Tensor], branch_rects: Sequence[Sequence[int]],
                         bn_params: Sequence[BranchBN | None], *, kernel_size, stride=1, padding=0, dilation=1,
                         groups: int = 1, conv_biases: Sequence[torch.Tensor | None] | None = None,
@@ -383,15 +429,29 @@ def multibranch_conv_bn(input: torch.Tensor, weights: Sequence[torch.Tensor], br
         rects.append(rect)
     if c_out % groups:
         raise ValueError(f"{op}: `groups`={groups} must divide C_out={c_out}")
+    for i, cb in enumerate(conv_biases):
+        _check_channel_vector(cb, f"conv_biases[{i}]", f"the conv bias of branch {i}, rect {tuple(rects[i])}",
+                              c_out, input, op)
     for i, bn in enumerate(bn_params):
         if bn is not None and not isinstance(bn, BranchBN):
             raise TypeError(f"{op}: `bn_params[{i}]` must be a BranchBN or None, got {type(bn).__name__}")
+        if bn is not None:
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                _check_channel_vector(getattr(bn, name), f"bn_params[{i}].{name}",
+                                      f"the BatchNorm of branch {i}, rect {tuple(rects[i])}", c_out, input, op)
         if bn is not None and (bn.running_mean is None) != (bn.running_var is None):
             raise ValueError(f"{op}: `bn_params[{i}]` must give both running_mean and running_var, or neither")
         if bn is not None and not 0.0 <= float(bn.momentum) <= 1.0:
             raise ValueError(f"{op}: `bn_params[{i}].momentum` must be in [0, 1], got {bn.momentum!r}")
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"{op}: `backend` must be 'auto', 'triton' or 'reference', got {backend!r}")
+    if _composite_needed(input, *weights, *conv_biases,
+                         *[t for bn in bn_params if bn is not None for t in (bn.weight, bn.bias)]):
+        if process_group is not None:
+            raise ValueError(f"{op}: `process_group` (SyncBatchNorm statistics) is not supported under torch.func "
+                             "transforms or forward-mode AD")
+        return _composite_multibranch_conv_bn(input, weights, rects, bn_params, ks, st, sides, dil, groups,
+                                              conv_biases)
     stats_fn = _select_stats(input, backend)
     gammas = [None if bn is None else bn.weight for bn in bn_params]
     betas = [None if bn is None else bn.bias for bn in bn_params]
@@ -488,4 +548,20 @@ def merged_conv2d(input: torch.Tensor, weights: Sequence[torch.Tensor], branch_r
     meta = (tuple(Rect(*r) for r in branch_rects), as_pair(kernel_size, "kernel_size", "merged_conv2d", 1),
             as_pair(stride, "stride", "merged_conv2d", 1), _as_sides(padding, "merged_conv2d"),
             as_pair(dilation, "dilation", "merged_conv2d", 1), groups)
+    c_out = weights[0].shape[0]
+    for i, (s, b) in enumerate(zip(scales, biases)):
+        _check_channel_vector(s, f"scales[{i}]", f"the scale of branch {i}", c_out, input, "merged_conv2d")
+        _check_channel_vector(b, f"biases[{i}]", f"the conv bias of branch {i}", c_out, input, "merged_conv2d")
+    if _composite_needed(input, *weights, *scales, *biases):
+        rects, ks, st, sides, dil, groups = meta
+        merged, bias = None, None
+        for (t, le, h, wd), w, s, b in zip(rects, weights, scales, biases):
+            term = w if s is None else w * s.to(w.dtype).view(-1, 1, 1, 1)
+            term = F.pad(term, (le, ks[1] - le - wd, t, ks[0] - t - h))
+            merged = term if merged is None else merged + term
+            if b is not None:
+                b = b if s is None else b * s.to(b.dtype)
+                bias = b if bias is None else bias + b
+        return conv2d_sides(input, merged.to(input.dtype), None if bias is None else bias.to(input.dtype), st, sides,
+                            dil, groups)
     return _MergedConv.apply(meta, input, *weights, *scales, *biases)

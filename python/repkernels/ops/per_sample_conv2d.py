@@ -25,7 +25,7 @@ from .. import _backend, _extension, _validation
 from ..reference import kernelwarehouse as _ref
 from . import _op_checks
 from ._op_checks import check_groups, check_spatial, out_hw
-from ._registration import register_conv_double_backward, register_op_family
+from ._registration import autodiff_unsupported_reason, register_conv_double_backward, register_op_family
 
 OP = "per_sample_conv2d"
 PREFER = ("triton", "cuda")
@@ -164,9 +164,10 @@ def fast_reasons(*tensors: torch.Tensor) -> dict:
     def cuda():
         if not _has_c_op("per_sample_conv2d"):
             return _extension.LOAD_ERROR or "repkernels._C was built without the KernelWarehouse ops"
-        return _backend.cuda_unavailable_reason(*tensors)
+        return _backend.cuda_unavailable_reason(*tensors) or autodiff_unsupported_reason(*tensors)
 
-    return {"cuda": cuda, "triton": lambda: _backend.triton_unavailable_reason(*tensors)}
+    return {"cuda": cuda,
+            "triton": lambda: _backend.triton_unavailable_reason(*tensors) or autodiff_unsupported_reason(*tensors)}
 
 
 def per_sample_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

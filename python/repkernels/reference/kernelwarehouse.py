@@ -66,19 +66,22 @@ def per_sample_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         bias: (Cout,) shared by all samples, or None.
 
     Returns:
-        (B, Cout, OH, OW), computed as one grouped convolution with ``groups = B·groups``.
+        (B, Cout, OH, OW), computed as one grouped convolution with ``groups = B·groups``; channels_last when
+        ``input`` is (NHWC strides, as the CUDA and Triton ops return), else contiguous.
     """
     b, c, h, w = input.shape
     cout = weight.shape[1]
+    channels_last = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
     if b == 0:  # groups = 0 is not a convolution; weight.sum(0) is a zero kernel of the right shape
         out = F.conv2d(input, weight.sum(0), bias, stride, padding, dilation, groups)
-        return out
-    out = F.conv2d(input.reshape(1, b * c, h, w), weight.reshape(b * cout, *weight.shape[2:]), None,
-                   stride, padding, dilation, groups=b * groups)
-    out = out.view(b, cout, *out.shape[2:])
-    if bias is not None:
-        out = out + bias.view(1, -1, 1, 1)
-    return out
+    else:
+        # (1, B·C, H, W) of a channels_last input is a copy into NCHW: the grouped conv's output is NCHW.
+        out = F.conv2d(input.reshape(1, b * c, h, w), weight.reshape(b * cout, *weight.shape[2:]), None,
+                       stride, padding, dilation, groups=b * groups)
+        out = out.view(b, cout, *out.shape[2:])
+        if bias is not None:
+            out = out + bias.view(1, -1, 1, 1)
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def kw_conv2d(input: torch.Tensor, attention: torch.Tensor, warehouse: torch.Tensor, layout: Sequence[int],

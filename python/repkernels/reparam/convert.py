@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .protocol import is_reparameterizable
+from .protocol import deploy_method, is_reparameterizable
 from .registry import ReparamMethod, get_method
 
 Predicate = Callable[[str, nn.Conv2d], bool]
@@ -96,7 +96,7 @@ def _trace(model: nn.Module) -> tuple[dict[str, str], list[str]] | None:
 
     class Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return is_reparameterizable(m) or super().is_leaf_module(m, qualname)
+            return deploy_method(m) is not None or super().is_leaf_module(m, qualname)
 
     try:
         graph = Tracer().trace(model)
@@ -164,8 +164,8 @@ def _eligible_convs(model: nn.Module, report: ConversionReport) -> list[tuple[st
     def walk(module: nn.Module, prefix: str) -> None:
         for child_name, child in module.named_children():
             qual = f"{prefix}.{child_name}" if prefix else child_name
-            if is_reparameterizable(child):
-                continue
+            if deploy_method(child) is not None:
+                continue    # a block already (repkernels', timm's RepVGG/LeViT..., see reparam.protocol)
             if type(child) is nn.Conv2d:
                 found.append((qual, child))
             elif isinstance(child, nn.Conv2d):
@@ -197,7 +197,8 @@ def convert(model: nn.Module, method: str | ReparamMethod, *, include=None, excl
     Returns:
         ``(converted_model, report)``; ``print(report)`` lists what was swapped and what was skipped
         and why. Only exact ``nn.Conv2d`` instances are converted (subclasses may compute something
-        else); convs inside existing blocks are left alone. Blocks take the conv's ``training`` flag.
+        else); convs inside existing blocks (any module with a deploy method, e.g. timm's RepVGG blocks: see
+        :func:`repkernels.reparam.deploy_method`) are left alone. Blocks take the conv's ``training`` flag.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: `model` must be an nn.Module, got {type(model).__name__}")
