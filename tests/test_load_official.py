@@ -705,7 +705,7 @@ def test_bad_arguments():
 
 
 def test_registry_hook_for_other_block_types():
-    class Toy(nn.Module):                          # e.g. a KernelWarehouse layer, once it has a mapper
+    class Toy(nn.Module):                          # e.g. a method without a built-in mapper
         def __init__(self):
             super().__init__()
             self.cells = nn.Parameter(torch.zeros(2, 3, dtype=DT))

@@ -46,8 +46,45 @@ Built-in mappers (the official layouts, as released; shapes for ``C_in``, ``C_ou
 * :class:`~repkernels.nn.CoCConv2d`: routed to :meth:`~repkernels.nn.CoCConv2d.load_official` (the authors'
   ``Coc2d`` keys ``weight9``, ``bias``, ``conv_super.*``, ``norm_final.*``).
 
-KernelWarehouse has no mapper yet: add one with :func:`register_official_mapper` (a function
-``mapper(module, state) -> BlockMapping``, see :class:`BlockMapping`).
+* KernelWarehouse (github.com/OSVAI/KernelWarehouse ``modules/kernel_warehouse.py``, models in
+  ``models/kw_resnet.py``, ``models/kw_mobilenetv2.py``, ``models/kw1d2x_mobilenetv2.py``,
+  ``models/kw_convnext.py``):
+
+  - :class:`~repkernels.nn.WarehouseManager` <- ``Warehouse_Manager``: ``weights.<i>`` (an ``nn.ParameterList``,
+    ``(n, co, ci, *cell_kernel)``, the same cell layout as ours) -> ``warehouses.<name>``, ``i`` the order in
+    which the layers first reserved each warehouse (ours too, except KW-ConvNeXt: see below). A linear layer's
+    official cells carry the trailing 1s of its conv (``(n, co, ci, 1)``, ``(n, co, ci, 1, 1)``): reshaped.
+    The layers hold the manager in a list, so the warehouses appear once, under the model's
+    ``warehouse_manager.``.
+  - :class:`~repkernels.nn.KWConv1d` / ``KWConv2d`` / ``KWConv3d`` / :class:`~repkernels.nn.KWLinear` <-
+    ``KWconvNd`` (the official ``KWLinear`` wraps a ``KWConv1d``: its keys are under ``conv.``):
+    ``attention.fc1.weight (hidden, C_in)`` (+ ``.bias`` when the norm is not a BatchNorm1d),
+    ``attention.norm1`` (BatchNorm1d; ``nn.LayerNorm`` for ConvNeXt) -> ``attention.norm``,
+    ``attention.fc2.weight (m·(n+1), hidden)`` + ``.bias``, or with the non-local basis
+    (``nonlocal_basis_ratio < 1``) ``attention.fc2.weight (m·(L+nb+1), hidden)`` (no bias),
+    ``attention.fc3.weight (n−L, nb)`` and ``attention.basis_bias (m·(n+1),)`` -> ``(m, n+1)``; ``bias (C_out)``
+    if any. The fc2 rows and the basis bias come in blocks of one mixture each in the official mixture order
+    ``idx = (s·Go + o)·Gi + i`` (tap ``s``, output-cell row ``o``, input-cell column ``i``; their forward
+    reshapes the mixed cells to ``(B, S, Go, Gi, co, ci, *k)``); ours is ``(o·Gi + i)·S + s``: the blocks are
+    permuted (:func:`~repkernels.nn.official_mixture_order`; fc3 and the warehouse cells keep their order).
+    β and τ are not in official checkpoints (``temp_bias`` is a plain tensor that ``init_temperature``
+    rebuilds, ``temp_value`` a Python float): our ``attention.beta`` is kept (``beta_pattern='official'``,
+    the default, is the official pattern in our order; another pattern raises; an ``attention.temp_bias`` in
+    the checkpoint is loaded, permuted as the basis bias) and ``attention.temperature``
+    is set to 0, the official value after the temperature schedule and in a freshly built official model
+    (call :func:`~repkernels.nn.set_temperature` after loading to resume mid-schedule).
+  - :func:`~repkernels.models.kw_resnet18` / ``kw_resnet50``: every other key keeps its official name
+    (torchvision's ResNet has the official names). :func:`~repkernels.models.kw_mobilenetv2`: likewise, except
+    that ``KW_MobileNetV2`` (b >= 1) has a plain ``classifier`` ``nn.Linear`` -> ``classifier.1``
+    (``KW1d2x_MobileNetV2``, b = 1/2, has ``classifier.1.conv.*`` as ours). :func:`~repkernels.models.
+    kw_convnext_tiny` (torchvision names): ``downsample_layers.0.{0,1}`` -> ``features.0.{0,1}``,
+    ``downsample_layers.k.{0,1}`` -> ``features.{2k}.{0,1}``, ``stages.s.j.{dwconv,norm,pwconv1,pwconv2}``
+    -> ``features.{2s+1}.j.block.{0,2,3,5}``, ``stages.s.j.gamma (1, C, 1, 1)`` -> ``layer_scale (C, 1, 1)``,
+    ``norm`` -> ``classifier.0``, ``head`` -> ``classifier.2``; its warehouses are numbered stem, the three
+    downsampling layers, then per stage depth-wise and point-wise (official module order).
+
+Other methods: add a mapper with :func:`register_official_mapper` (a function
+``mapper(module, state) -> BlockMapping | None``, see :class:`BlockMapping`).
 
 Checkpoint wrappers: a dict with a ``"state_dict"`` (the official DBB/ACNet/timm training scripts) or
 ``"model"`` entry is unwrapped, and a ``"module."`` prefix on every key (DataParallel) is removed.
@@ -56,6 +93,7 @@ Checkpoint wrappers: a dict with a ``"state_dict"`` (the official DBB/ACNet/timm
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -109,7 +147,7 @@ class BlockMapping:
     consumes: tuple[str, ...] = ()
 
 
-OfficialMapper = Callable[[nn.Module, Mapping[str, torch.Tensor]], BlockMapping]
+OfficialMapper = Callable[[nn.Module, Mapping[str, torch.Tensor]], "BlockMapping | None"]
 
 
 @dataclass
@@ -193,9 +231,11 @@ _BUILTIN_DONE = False
 
 
 def register_official_mapper(module_type: type, mapper: OfficialMapper, *, overwrite: bool = False) -> None:
-    """Register ``mapper(module, state) -> BlockMapping`` for modules of ``module_type`` (and its subclasses,
-    unless they have their own). ``state`` holds the checkpoint keys under the module's qualified name, relative
-    to it. The hook for methods without a built-in mapper (e.g. KernelWarehouse)."""
+    """Register ``mapper(module, state) -> BlockMapping | None`` for modules of ``module_type`` (and its
+    subclasses, unless they have their own). ``state`` holds the checkpoint keys under the module's qualified
+    name, relative to it (those an enclosing module's mapper already consumed left out); returning None declines
+    the instance (it is then handled as a module without a mapper). The hook for methods without a built-in
+    mapper."""
     if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
         raise TypeError(f"register_official_mapper: `module_type` must be an nn.Module subclass, got {module_type!r}")
     if not callable(mapper):
@@ -416,11 +456,273 @@ def map_coc(block: nn.Module, state: Mapping[str, torch.Tensor]) -> BlockMapping
                         loader=lambda m, sd: m.load_official(sd), consumes=consumes)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# KernelWarehouse
+# --------------------------------------------------------------------------------------------------------------
+
+_KW_KIND = "KernelWarehouse layer (KWconvNd + Attention)"
+_KW_EPS = 1e-3                      # the official Attention's CAF guard (hard-coded)
+_KW_TAU_HOW = "not saved (official temp_value, a Python float): set to 0, its value after the schedule"
+_KW_BETA_HOW = ("not saved (official temp_bias, rebuilt by init_temperature): kept, beta_pattern='official' is "
+                "the same β")
+
+
+def _kw_grid(layer: nn.Module) -> tuple[int, int, int]:
+    """(Go, Gi, S): output-cell rows, input-cell columns and cells per kernel window of a built KW layer."""
+    co, ci = layer.warehouse.shape[1:3]
+    go, gi = layer.weight_shape[0] // co, layer.weight_shape[1] // ci
+    return go, gi, layer.attention.num_mixtures // (go * gi)
+
+
+def _kw_inverse_order(layer: nn.Module) -> torch.Tensor | None:
+    """``inv[j]``: the official mixture index of our mixture ``j`` (None when the two orders agree)."""
+    from .nn.kernelwarehouse import official_mixture_order
+
+    order = official_mixture_order(*_kw_grid(layer))
+    if order == list(range(len(order))):
+        return None
+    inv = torch.empty(len(order), dtype=torch.long)
+    inv[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return inv
+
+
+def _kw_rows(inv: torch.Tensor | None, m: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """fc2 weight / bias: the rows come in ``m`` blocks (one per mixture) in the official order -> ours."""
+    if inv is None:
+        return None
+
+    def transform(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0 or t.shape[0] % m:
+            return t                 # wrong size: the shape check names the key
+        return t.reshape(m, t.shape[0] // m, *t.shape[1:])[inv].reshape(t.shape)
+    return transform
+
+
+def _kw_basis_bias(inv: torch.Tensor | None, m: int, width: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """basis_bias: official ``(m·(n+1),)`` in the official mixture order -> ours ``(m, n+1)``."""
+    def transform(t: torch.Tensor) -> torch.Tensor:
+        if t.numel() != m * width:
+            return t
+        t = t.reshape(m, width)
+        return t if inv is None else t[inv]
+    return transform
+
+
+_KW_ROWS_HOW = "rows permuted: official mixture order (s·Go+o)·Gi+i -> ours (o·Gi+i)·S+s"
+
+
+def _kw_check_layer(layer: nn.Module, where: str | None = None) -> None:
+    if layer.attention is None:
+        at = f" at '{where}'" if where else ""
+        raise ValueError(f"load_official: {_KW_KIND}{at}: the warehouses are not built (call "
+                         "WarehouseManager.store() first)")
+
+
+def _kw_layer_keys(layer: nn.Module, state: Mapping[str, torch.Tensor], source: str = "",
+                   target: str = "") -> tuple[list[KeyMap], list[str]]:
+    """Keys of one KW layer (targets under ``target``, official keys under ``source``, both with a trailing dot
+    or empty). The official ``KWLinear`` wraps a ``KWConv1d`` as ``conv``: its keys are under ``source + "conv."``.
+    """
+    _kw_check_layer(layer, target[:-1] or None)
+    if f"{source}attention.fc2.weight" not in state and f"{source}conv.attention.fc2.weight" in state:
+        source = f"{source}conv."
+    if layer.manager.beta_pattern != "official" and f"{source}attention.temp_bias" not in state:
+        at = f" at '{target[:-1]}'" if target else ""
+        raise ValueError(f"load_official: {_KW_KIND}{at}: the model was built with beta_pattern="
+                         f"{layer.manager.beta_pattern!r}; the official attentions were trained with the official "
+                         "β (temp_bias, not in the checkpoint): build it with beta_pattern='official' (the default)")
+    att = layer.attention
+    m = att.num_mixtures
+    inv = _kw_inverse_order(layer)
+    rows_how = _KW_ROWS_HOW if inv is not None else ""
+    s, t = f"{source}attention.", f"{target}attention."
+    keys = [KeyMap(f"{t}fc1.weight", f"{s}fc1.weight")]
+    if att.fc1.bias is not None:
+        keys.append(KeyMap(f"{t}fc1.bias", f"{s}fc1.bias"))
+    if isinstance(att.norm, _BatchNorm):
+        keys += _bn(f"{t}norm", f"{s}norm1", att.norm, state, _KW_KIND)
+    elif isinstance(att.norm, nn.LayerNorm):
+        if att.norm.weight is not None:
+            keys.append(KeyMap(f"{t}norm.weight", f"{s}norm1.weight"))
+        if att.norm.bias is not None:
+            keys.append(KeyMap(f"{t}norm.bias", f"{s}norm1.bias"))
+    keys.append(KeyMap(f"{t}fc2.weight", f"{s}fc2.weight", _kw_rows(inv, m), rows_how))
+    if att.fc2.bias is not None:
+        keys.append(KeyMap(f"{t}fc2.bias", f"{s}fc2.bias", _kw_rows(inv, m), rows_how))
+    if att.fc3 is not None:
+        keys.append(KeyMap(f"{t}fc3.weight", f"{s}fc3.weight"))
+        keys.append(KeyMap(f"{t}basis_bias", f"{s}basis_bias", _kw_basis_bias(inv, m, att.num_cells + 1),
+                           "(m·(n+1),) -> (m, n+1)" + (", " + rows_how if rows_how else "")))
+    if layer.bias is not None:
+        keys.append(KeyMap(f"{target}bias", f"{source}bias"))
+    if f"{s}temp_bias" in state:   # not a buffer in the released code; a checkpoint that has it anyway
+        keys.append(KeyMap(f"{t}beta", f"{s}temp_bias", _kw_basis_bias(inv, m, att.num_cells + 1),
+                           "temp_bias (m·(n+1),) -> β (m, n+1)" + (", " + rows_how if rows_how else "")))
+    else:
+        keys.append(KeyMap(f"{t}beta", None, how=_KW_BETA_HOW, value=att.beta.detach().clone()))
+    keys.append(KeyMap(f"{t}temperature", None, how=_KW_TAU_HOW, value=torch.zeros((), dtype=torch.float64)))
+    notes = []
+    if att.eps != _KW_EPS:
+        notes.append(f"{_KW_KIND}: eps={att.eps}: the official CAF adds {_KW_EPS} to the normalization")
+    return keys, notes
+
+
+def map_kw_layer(layer: nn.Module, state: Mapping[str, torch.Tensor]) -> BlockMapping | None:
+    """KWConv1d/2d/3d, KWLinear <- the official ``KWconvNd`` / ``KWLinear`` (see the module docstring); None when
+    the checkpoint has nothing under the layer's name (a model-level mapper may have mapped it)."""
+    if not state:
+        return None
+    keys, notes = _kw_layer_keys(layer, state)
+    return BlockMapping(_KW_KIND, keys, notes)
+
+
+def _strip_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
+    shape = tuple(shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _kw_warehouse_keys(manager: nn.Module, state: Mapping[str, torch.Tensor], source: str = "",
+                       target: str = "", order: list[str] | None = None) -> list[KeyMap]:
+    """``<source>weights.<i>`` -> ``<target>warehouses.<name>`` with ``order[i]`` the warehouse names in the
+    official index order (default: ours)."""
+    if not manager.stored:
+        raise ValueError("load_official: KernelWarehouse: the WarehouseManager's warehouses are not built (call "
+                         "store() first)")
+    names = list(manager.warehouses.keys()) if order is None else list(order)
+    prefix = f"{source}weights."
+    found = sorted(int(k[len(prefix):]) for k in state if k.startswith(prefix) and k[len(prefix):].isdigit())
+    if found and len(found) != len(names):
+        raise ValueError(f"load_official: KernelWarehouse: the checkpoint has {len(found)} warehouses "
+                         f"({prefix}{found[0]} ... {prefix}{found[-1]}) but the model has {len(names)} "
+                         f"({', '.join(names)}); build the model with the configuration of the official one")
+    keys = []
+    for i, name in enumerate(names):
+        ours = tuple(manager.warehouses[name].shape)
+        value = state.get(f"{prefix}{i}")
+        if value is not None and tuple(value.shape) != ours and _strip_ones(value.shape) == _strip_ones(ours):
+            keys.append(KeyMap(f"{target}warehouses.{name}", f"{prefix}{i}", lambda v, s=ours: v.reshape(s),
+                               f"cells {tuple(value.shape)} -> {ours}"))
+        else:
+            keys.append(KeyMap(f"{target}warehouses.{name}", f"{prefix}{i}", how=f"warehouse {i} -> {name!r}"))
+    return keys
+
+
+def map_kw_manager(manager: nn.Module, state: Mapping[str, torch.Tensor]) -> BlockMapping | None:
+    """WarehouseManager <- the official ``Warehouse_Manager`` (``weights.<i>``; official index order = ours, the
+    order in which the layers first reserved each warehouse); None when the checkpoint has no warehouse under
+    the manager's name."""
+    if not any(k.startswith("weights.") for k in state):
+        return None
+    return BlockMapping("KernelWarehouse manager (Warehouse_Manager)", _kw_warehouse_keys(manager, state))
+
+
+def _kw_manager_of(model: nn.Module) -> nn.Module | None:
+    from .nn.kernelwarehouse import WarehouseManager
+
+    manager = getattr(model, "warehouse_manager", None)
+    return manager if isinstance(manager, WarehouseManager) else None
+
+
+def _is_kw(module: nn.Module) -> bool:
+    from .nn.kernelwarehouse import _KWLayer
+
+    return isinstance(module, _KWLayer)
+
+
+def map_kw_resnet(model: nn.Module, state: Mapping[str, torch.Tensor]) -> BlockMapping | None:
+    """:func:`~repkernels.models.kw_resnet18` / ``kw_resnet50`` <- the official ``KW_ResNet``: every name is the
+    official one (KW layers and warehouses by their mappers, the rest by name); only notes here. None for a
+    ResNet without KernelWarehouse layers."""
+    if _kw_manager_of(model) is None:
+        return None
+    return BlockMapping("KW-ResNet (KW_ResNet)", [], [
+        ("KW-ResNet: the official KW_ResNet applies Dropout before fc (p = 0.1 by default, 0 in the b < 1 configs) "
+         "and DropPath in its blocks (configs: 0-0.1); torchvision's ResNet has neither (no parameters: eval-mode "
+         "outputs are the same)")])
+
+
+def map_kw_mobilenetv2(model: nn.Module, state: Mapping[str, torch.Tensor]) -> BlockMapping | None:
+    """:func:`~repkernels.models.kw_mobilenetv2` <- the official ``KW_MobileNetV2`` (b >= 1: its classifier is a
+    plain ``classifier`` ``nn.Linear``, ours ``classifier.1``) or ``KW1d2x_MobileNetV2`` (b = 1/2: ``classifier``
+    = Dropout + KWLinear, as ours). None without KernelWarehouse layers."""
+    if _kw_manager_of(model) is None:
+        return None
+    keys = []
+    head = model.classifier[-1] if isinstance(model.classifier, nn.Sequential) else None
+    if isinstance(head, nn.Linear) and "classifier.weight" in state:
+        keys.append(KeyMap("classifier.1.weight", "classifier.weight"))
+        if head.bias is not None:
+            keys.append(KeyMap("classifier.1.bias", "classifier.bias"))
+    return BlockMapping("KW-MobileNetV2 (KW_MobileNetV2 / KW1d2x_MobileNetV2)", keys, [
+        ("KW-MobileNetV2: dropout before the classifier: official 0 (KW_MobileNetV2) / 0.1 (KW1d2x_MobileNetV2), "
+         "torchvision 0.2 by default (no parameters: eval-mode outputs are the same)")])
+
+
+def _convnext_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(our module name, official module name) of a torchvision ConvNeXt, in the official module order
+    (``downsample_layers`` 0-3, then ``stages``, ``norm``, ``head``)."""
+    feats = model.features
+    stages = [i for i in range(len(feats)) if i % 2 == 1]
+    pairs = [("features.0.0", "downsample_layers.0.0"), ("features.0.1", "downsample_layers.0.1")]
+    for k in range(1, len(stages)):
+        pairs += [(f"features.{2 * k}.0", f"downsample_layers.{k}.0"),
+                  (f"features.{2 * k}.1", f"downsample_layers.{k}.1")]
+    for s, f in enumerate(stages):
+        for j in range(len(feats[f])):
+            o, t = f"stages.{s}.{j}", f"features.{f}.{j}"
+            pairs += [(f"{t}.block.0", f"{o}.dwconv"), (f"{t}.block.2", f"{o}.norm"),
+                      (f"{t}.block.3", f"{o}.pwconv1"), (f"{t}.block.5", f"{o}.pwconv2")]
+    pairs += [("classifier.0", "norm"), ("classifier.2", "head")]
+    return pairs
+
+
+def map_kw_convnext(model: nn.Module, state: Mapping[str, torch.Tensor]) -> BlockMapping | None:
+    """:func:`~repkernels.models.kw_convnext_tiny` (torchvision names) <- the official ``KW_ConvNeXt`` (see the
+    module docstring). None without KernelWarehouse layers."""
+    manager = _kw_manager_of(model)
+    if manager is None:
+        return None
+    kind = "KW-ConvNeXt (KW_ConvNeXt)"
+    keys: list[KeyMap] = []
+    notes: list[str] = []
+    layers_in_order = []
+    for ours, official in _convnext_pairs(model):
+        module = model.get_submodule(ours)
+        if _is_kw(module):
+            sub, sub_notes = _kw_layer_keys(module, state, f"{official}.", f"{ours}.")
+            keys += sub
+            notes += [n for n in sub_notes if n not in notes]
+            layers_in_order.append(module)
+        else:
+            for p, _ in module.named_parameters(recurse=False):
+                keys.append(KeyMap(f"{ours}.{p}", f"{official}.{p}"))
+    for f in range(1, len(model.features), 2):
+        for j, block in enumerate(model.features[f]):
+            s = (f - 1) // 2
+            keys.append(KeyMap(f"features.{f}.{j}.layer_scale", f"stages.{s}.{j}.gamma",
+                               lambda v, shape=tuple(block.layer_scale.shape): v.reshape(shape)
+                               if v.numel() == math.prod(shape) else v, "gamma (1, C, 1, 1) -> (C, 1, 1)"))
+    order: list[str] = []
+    for layer in layers_in_order:               # official warehouse index = order of first reservation
+        if layer.warehouse_key not in order:
+            order.append(layer.warehouse_key)
+    order += [k for k in manager.warehouses if k not in order]
+    keys += _kw_warehouse_keys(manager, state, "warehouse_manager.", "warehouse_manager.", order)
+    notes.append("KW-ConvNeXt: the official pwconv1/pwconv2 are 1x1 KW convs on NCHW, ours KWLinear on NHWC "
+                 "(their cells' trailing 1x1 dropped): the same outputs; stochastic depth (official drop_path 0.3 "
+                 "in kw1x_convnext_tiny.json, torchvision stochastic_depth_prob 0.1 by default) is training-only")
+    return BlockMapping(kind, keys, notes)
+
+
 def _register_builtin() -> None:
-    from .nn import ACBConv2d, CoCConv2d, DBBConv2d, ParCV2Block, RefConv2d
+    from .nn import ACBConv2d, CoCConv2d, DBBConv2d, ParCV2Block, RefConv2d, WarehouseManager
+    from .nn.kernelwarehouse import _KWLayer
 
     for cls, mapper in ((ACBConv2d, map_acb), (DBBConv2d, map_dbb), (RefConv2d, map_refconv),
-                        (ParCV2Block, map_parcv2_block), (CoCConv2d, map_coc)):
+                        (ParCV2Block, map_parcv2_block), (CoCConv2d, map_coc), (_KWLayer, map_kw_layer),
+                        (WarehouseManager, map_kw_manager)):
         _MAPPERS.setdefault(cls, mapper)
 
 
@@ -434,6 +736,14 @@ def _register_lazy() -> None:
     mod = sys.modules.get("repkernels.models.parcnetv2")
     if mod is not None and getattr(mod, "ParCNetV2", None) is not None:
         _MAPPERS.setdefault(mod.ParCNetV2, map_parcnetv2)
+    # the KernelWarehouse converters build torchvision models (a torchvision instance implies it is loaded);
+    # these mappers return None for models without a WarehouseManager at `warehouse_manager`
+    for module_name, cls_name, mapper in (("torchvision.models.resnet", "ResNet", map_kw_resnet),
+                                          ("torchvision.models.mobilenetv2", "MobileNetV2", map_kw_mobilenetv2),
+                                          ("torchvision.models.convnext", "ConvNeXt", map_kw_convnext)):
+        cls = getattr(sys.modules.get(module_name), cls_name, None)
+        if isinstance(cls, type):
+            _MAPPERS.setdefault(cls, mapper)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -478,7 +788,10 @@ def load_official(model: nn.Module, state_dict: Mapping, *, strict: bool = True)
             :class:`~repkernels.nn.RefConv2d`, :class:`~repkernels.nn.ParCV2Block`, :class:`~repkernels.nn.CoCConv2d`,
             or any type with a mapper, see :func:`register_official_mapper`) given the block's own state dict, or
             a model (e.g. :func:`repkernels.models.parcnetv2_tiny`) given the model's, its blocks at the qualified
-            names they have in the official model. Entries without a mapper load by name.
+            names they have in the official model. Entries without a mapper load by name. KernelWarehouse:
+            :func:`~repkernels.models.kw_resnet18` / ``kw_resnet50`` / ``kw_mobilenetv2`` / ``kw_convnext_tiny``
+            built with the official model's budget take the official ``KW_ResNet`` / ``KW_MobileNetV2`` /
+            ``KW1d2x_MobileNetV2`` / ``KW_ConvNeXt`` state dict (KW τ is set to 0, see the module docstring).
         state_dict: the checkpoint (``{"state_dict": ...}`` / ``{"model": ...}`` wrappers and a ``"module."`` prefix
             are removed).
         strict: raise :class:`OfficialLoadError` (a ``ValueError``; nothing is copied) when a checkpoint key is
@@ -525,6 +838,8 @@ def load_official(model: nn.Module, state_dict: Mapping, *, strict: bool = True)
         prefix = f"{name}." if name else ""
         state = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and k not in consumed}
         mapping = mapper(module, state)
+        if mapping is None:                # the mapper declines this instance
+            continue
         report.blocks.append((name, mapping.kind))
         for note in mapping.notes:
             note_where.setdefault(note, []).append(name or "<root>")
