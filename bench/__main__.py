@@ -8,8 +8,34 @@ Exit status 1 means some implementation gave a wrong result.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
+
+# --- optional dependencies -------------------------------------------------------------------------------------
+# What a suite imports when it runs, beyond torch and repkernels. A missing one is named before any case runs (exit
+# status 2), instead of surfacing as an implementation that "disagrees with the reference".
+SUITE_DEPENDENCIES = {"kernelwarehouse": ("torchvision",), "multibranch_conv_bn": ("torchvision",)}
+
+
+def missing_dependency(ops: list[str]) -> str | None:
+    """A message naming the first optional dependency of the selected suites that cannot be imported, else None."""
+    for module in sorted({m for op in ops for m in SUITE_DEPENDENCIES.get(op, ())}):
+        users = ",".join(op for op in ops if module in SUITE_DEPENDENCIES.get(op, ()))
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - absent, or installed for another torch (fails to import)
+            install = f"pip install {module}"
+            if module == "torchvision":
+                import torch
+
+                minor = int(torch.__version__.split(".")[1])
+                install = f"pip install 'torchvision==0.{minor + 15}.*' (the release for torch {torch.__version__})"
+            what = (f"missing optional dependency {module}" if isinstance(exc, ModuleNotFoundError)
+                    and exc.name == module else f"optional dependency {module} fails to import ({exc})")
+            return f"{what}: {install} (or make bench); needed by --ops {users} (leave those out with --ops)"
+    return None
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [o for o in ops if o not in SUITES]
     if unknown:
         parser.error(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+    problem = missing_dependency(ops)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     try:
         dtypes = [harness.DTYPES[d.strip()] for d in args.dtype.split(",") if d.strip()]
     except KeyError as exc:
