@@ -490,6 +490,29 @@ def test_compile_dynamic_batch_does_not_recompile():
     torch._dynamo.reset()
 
 
+def test_inductor_dynamic_batch_on_the_reference_path():
+    """torch.compile(dynamic=True) with Inductor on the reference path (CPU, `auto`): the per-sample conv is traced
+    as a batched matmul, not as a conv with groups = B·groups (Inductor failed: "cannot determine truth value of
+    Relational"), so one graph serves every batch size, forward and backward (issue 12)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = SmallKWNet()
+    set_temperature(net, 0.5)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(net, dynamic=True, backend=counter)
+    frames = []
+    for batch in (2, 3, 5):
+        x = torch.randn(batch, 16, 5, 5)
+        out = compiled(x)
+        out.sum().backward()
+        frames.append(counter.frame_count)
+        assert_close(out, net(x).double(), torch.float32)
+    assert frames[0] >= 1 and frames == [frames[0]] * 3
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------- DistributedDataParallel (gloo, 2 processes)
 def _ddp_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
     import torch.distributed as dist

@@ -66,13 +66,20 @@ def per_sample_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         bias: (Cout,) shared by all samples, or None.
 
     Returns:
-        (B, Cout, OH, OW), computed as one grouped convolution with ``groups = B·groups``; channels_last when
-        ``input`` is (NHWC strides, as the CUDA and Triton ops return), else contiguous.
+        (B, Cout, OH, OW), computed as one grouped convolution with ``groups = B·groups`` (what public
+        implementations do), or, while ``torch.compile`` / ``torch.export`` trace it, as one batched matmul over
+        unfolded inputs (:func:`_per_sample_conv2d_matmul`: no batch-sized groups in the graph, so one compiled or
+        exported graph serves every batch size); channels_last when ``input`` is (NHWC strides, as the CUDA and
+        Triton ops return), else contiguous.
     """
     b, c, h, w = input.shape
     cout = weight.shape[1]
     channels_last = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
-    if b == 0:  # groups = 0 is not a convolution; weight.sum(0) is a zero kernel of the right shape
+    if torch.compiler.is_compiling():
+        out = _per_sample_conv2d_matmul(input, weight, stride, padding, dilation, groups)
+        if bias is not None:
+            out = out + bias.view(1, -1, 1, 1)
+    elif b == 0:  # groups = 0 is not a convolution; weight.sum(0) is a zero kernel of the right shape
         out = F.conv2d(input, weight.sum(0), bias, stride, padding, dilation, groups)
     else:
         # (1, B·C, H, W) of a channels_last input is a copy into NCHW: the grouped conv's output is NCHW.
@@ -82,6 +89,19 @@ def per_sample_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         if bias is not None:
             out = out + bias.view(1, -1, 1, 1)
     return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _per_sample_conv2d_matmul(input, weight, stride, padding, dilation, groups):
+    """The per-sample conv as one batched matmul over unfolded inputs: the graph has no ``groups = B·groups``
+    convolution, so it does not depend on the batch size (``torch.compile(dynamic=True)``, ``torch.export``)."""
+    b, c, h, w = input.shape
+    cout, kh, kw = weight.shape[1], weight.shape[3], weight.shape[4]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    cols = F.unfold(input, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C·kh·kw, L)
+    cols = cols.view(b, groups, (c // groups) * kh * kw, oh * ow)
+    out = weight.reshape(b, groups, cout // groups, (c // groups) * kh * kw) @ cols      # (B, g, Cout/g, L)
+    return out.reshape(b, cout, oh, ow)
 
 
 def kw_conv2d(input: torch.Tensor, attention: torch.Tensor, warehouse: torch.Tensor, layout: Sequence[int],
