@@ -86,3 +86,33 @@ def check_triton_op_call(op: str, args: tuple, error: type[Exception] | None, me
     if _extension.HAS_C:
         with pytest.raises(RuntimeError, match=message):
             c_op(*args)
+
+
+def coc_official_state(block) -> dict:
+    """A ``CoCConv2d``'s values in the authors' ``Coc2d`` layout (their key names), built with explicit indices:
+    their single parameter holds all D' kernels (basic + pad) as super images, image[c, q] tile (a, b) = kernel
+    q*sa^2 + a*sa + b of input channel c."""
+    _, cg, kh, kw = block.weight.shape
+    sa, co4 = block.sa, block.num_associations
+    kernels = block.weight.detach()
+    if block.num_pad_kernels:
+        pad = block.pad_weight.detach() if block.pad_weight is not None else kernels.new_zeros(
+            block.num_pad_kernels, cg, kh, kw)
+        kernels = torch.cat([kernels, pad])
+    w9 = kernels.new_zeros(cg, co4, sa * kh, sa * kw)
+    for q in range(co4):
+        for a in range(sa):
+            for b in range(sa):
+                w9[:, q, a * kh:(a + 1) * kh, b * kw:(b + 1) * kw] = kernels[q * sa * sa + a * sa + b]
+    sd = {"weight9": w9, "conv_super.conv.weight": block.super_weight.detach()[0].clone()}
+    if block.bias is not None:
+        sd["bias"] = block.bias.detach().clone()
+    if block.super_bias is not None:
+        sd["conv_super.conv.bias"] = block.super_bias.detach()[0].clone()
+    if block.super_norm_weight is not None:
+        sd["conv_super.ln.weight"] = block.super_norm_weight.detach()[0].clone()
+        sd["conv_super.ln.bias"] = block.super_norm_bias.detach()[0].clone()
+    if block.kernel_norm_weight is not None:
+        sd["norm_final.weight"] = block.kernel_norm_weight.detach().clone()
+        sd["norm_final.bias"] = block.kernel_norm_bias.detach().clone()
+    return sd

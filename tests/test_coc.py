@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from repkernels import reparam
 from repkernels.nn import CoCConv2d, RefConv2d, conv_orthogonality, orthogonality_loss, standardize_weight
 from repkernels.nn.coc import OFFICIAL_DILATED_TABLE, associate_kernels, super_kernel_geometry
+from helpers import coc_official_state
 from reparam_utils import RTOL_FP32, randomize_bn, single_thread  # noqa: F401 (fixture)
 from test_refconv import PretrainedLike
 
@@ -409,35 +410,6 @@ def authors_geometry(kernel_size, skp):
     return (th, tw), (dh, dw)
 
 
-def official_state_from_block(block: CoCConv2d) -> dict:
-    """The authors' parameter layout, built with explicit indices: their single parameter holds all D' kernels
-    (basic + pad) as super images, image[c, q] tile (a, b) = kernel q*sa^2 + a*sa + b of input channel c."""
-    _, cg, kh, kw = block.weight.shape
-    sa, co4 = block.sa, block.num_associations
-    kernels = block.weight.detach()
-    if block.num_pad_kernels:
-        pad = block.pad_weight.detach() if block.pad_weight is not None else kernels.new_zeros(
-            block.num_pad_kernels, cg, kh, kw)
-        kernels = torch.cat([kernels, pad])
-    w9 = kernels.new_zeros(cg, co4, sa * kh, sa * kw)
-    for q in range(co4):
-        for a in range(sa):
-            for b in range(sa):
-                w9[:, q, a * kh:(a + 1) * kh, b * kw:(b + 1) * kw] = kernels[q * sa * sa + a * sa + b]
-    sd = {"weight9": w9, "conv_super.conv.weight": block.super_weight.detach()[0]}
-    if block.bias is not None:
-        sd["bias"] = block.bias.detach()
-    if block.super_bias is not None:
-        sd["conv_super.conv.bias"] = block.super_bias.detach()[0]
-    if block.super_norm_weight is not None:
-        sd["conv_super.ln.weight"] = block.super_norm_weight.detach()[0]
-        sd["conv_super.ln.bias"] = block.super_norm_bias.detach()[0]
-    if block.kernel_norm_weight is not None:
-        sd["norm_final.weight"] = block.kernel_norm_weight.detach()
-        sd["norm_final.bias"] = block.kernel_norm_bias.detach()
-    return sd
-
-
 def official_forward(x, sd, *, out_channels, kernel_size, sa, skp, wsc, ws, stride=1, padding=0, dilation=1,
                      groups=1):
     """The authors' Coc2d forward (share='ci', skip=True, dilat=True), re-derived from their description:
@@ -512,7 +484,7 @@ def test_official_preset_matches_the_authors_forward(case):
     assert (block.super_kernel_size, block.super_dilation) == authors_geometry(kernel_size, skp)
     assert (block.super_bias is not None) == (extra.get("super_norm", "LN") is None)   # ConvModule's bias='auto'
     x = torch.randn(2, cin, 9, 11, dtype=torch.float64)
-    sd = official_state_from_block(block)
+    sd = coc_official_state(block)
     ref = official_forward(x, sd, out_channels=cout, kernel_size=kernel_size, sa=sa, skp=skp, wsc=wsc, ws=ws,
                            stride=stride, padding=padding, groups=groups)
     torch.testing.assert_close(block(x), ref, rtol=1e-10, atol=1e-10)
@@ -656,7 +628,7 @@ def test_identity_init_with_official_pieces(skip_layers):
 
 def test_load_official_errors():
     block = CoCConv2d(4, 6, 3, preset="official")
-    sd = official_state_from_block(randomize_official_(CoCConv2d(4, 6, 3, preset="official")))
+    sd = coc_official_state(randomize_official_(CoCConv2d(4, 6, 3, preset="official")))
     with pytest.raises(ValueError, match="missing.*norm_final.weight"):
         block.load_official({k: v for k, v in sd.items() if k != "norm_final.weight"})
     with pytest.raises(ValueError, match="unexpected.*conv_super.bn.weight"):

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import repkernels
+from helpers import coc_official_state
 from repkernels import load_official
 from repkernels.models import parcnetv2_tiny, parcnetv2_xt
 from repkernels.nn import ACBConv2d, CoCConv2d, DBBConv2d, ParCV2Block, RefConv2d
@@ -323,33 +324,6 @@ def test_refconv_matches_official(case):
 # CoC: routed to CoCConv2d.load_official
 # ---------------------------------------------------------------------------------------------------------
 
-def coc_official_sd(block: CoCConv2d) -> dict:
-    """The authors' Coc2d layout of ``block``'s values: one ``weight9 (C/g, co4, sa·kh, sa·kw)`` whose image q of
-    input channel c holds kernel q·sa² + a·sa + b at tile (a, b) (basic kernels, then pad kernels)."""
-    _, cg, kh, kw = block.weight.shape
-    sa, co4 = block.sa, block.num_associations
-    kernels = block.weight.detach()
-    if block.num_pad_kernels:
-        kernels = torch.cat([kernels, block.pad_weight.detach()])
-    w9 = kernels.new_zeros(cg, co4, sa * kh, sa * kw)
-    for q in range(co4):
-        for a in range(sa):
-            for b in range(sa):
-                w9[:, q, a * kh:(a + 1) * kh, b * kw:(b + 1) * kw] = kernels[q * sa * sa + a * sa + b]
-    sd = {"weight9": w9, "conv_super.conv.weight": block.super_weight.detach()[0]}
-    if block.bias is not None:
-        sd["bias"] = block.bias.detach().clone()
-    if block.super_bias is not None:
-        sd["conv_super.conv.bias"] = block.super_bias.detach()[0].clone()
-    if block.super_norm_weight is not None:
-        sd["conv_super.ln.weight"] = block.super_norm_weight.detach()[0].clone()
-        sd["conv_super.ln.bias"] = block.super_norm_bias.detach()[0].clone()
-    if block.kernel_norm_weight is not None:
-        sd["norm_final.weight"] = block.kernel_norm_weight.detach().clone()
-        sd["norm_final.bias"] = block.kernel_norm_bias.detach().clone()
-    return sd
-
-
 def test_coc_is_routed_to_its_own_loader():
     torch.manual_seed(3)
     src = nn.Sequential(CoCConv2d(4, 6, 3, 1, 1, preset="official", dtype=DT), nn.BatchNorm2d(6, dtype=DT)).eval()
@@ -357,7 +331,7 @@ def test_coc_is_routed_to_its_own_loader():
         for p in src.parameters():
             p.add_(torch.randn_like(p) * 0.1)
         src[1].running_mean.normal_()
-    sd = {f"0.{k}": v for k, v in coc_official_sd(src[0]).items()}
+    sd = {f"0.{k}": v for k, v in coc_official_state(src[0]).items()}
     sd.update({f"1.{k}": v.clone() for k, v in src[1].state_dict().items()})
     dst = nn.Sequential(CoCConv2d(4, 6, 3, 1, 1, preset="official", dtype=DT), nn.BatchNorm2d(6, dtype=DT)).eval()
     report = load_official(dst, sd)
@@ -369,7 +343,7 @@ def test_coc_is_routed_to_its_own_loader():
 
 def test_coc_errors_name_the_block_and_change_nothing():
     block = CoCConv2d(4, 6, 3, 1, 1, preset="official", dtype=DT)
-    sd = coc_official_sd(block)
+    sd = coc_official_state(block)
     sd["weight9"] = sd["weight9"][:, :1]
     model = nn.Sequential(copy.deepcopy(block))
     before = copy.deepcopy(model.state_dict())
