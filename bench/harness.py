@@ -22,6 +22,7 @@ import dataclasses
 import datetime as _dt
 import gc
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -54,15 +55,19 @@ class Skipped(Exception):
 class Case:
     """One benchmarked problem.
 
-    ``setup(device, small)`` returns ``(impls, reference)``: ``impls`` maps implementation names
-    ('torch_nchw', 'auto', 'cuda', 'triton', ...) to zero-argument callables over prebuilt inputs;
-    ``reference`` is a zero-argument callable computing the float64 result. ``small=True`` asks for a
-    shrunken problem that CPU backends (emulation, Triton interpreter) can check in seconds.
+    ``setup(device, small)`` returns ``(impls, reference)`` or ``(impls, reference, ran)``: ``impls`` maps
+    implementation names ('torch_nchw', 'auto', 'cuda', 'triton', ...) to zero-argument callables over prebuilt
+    inputs; ``reference`` is a zero-argument callable computing the float64 result; ``ran`` (optional) describes
+    the shape actually built (recorded as ``ran``; the name keeps the full shape for goals matching).
+    ``small=True`` asks for a shrunken problem that CPU backends (emulation, Triton interpreter) can check in
+    seconds.
 
     ``torch_impls`` names the implementations that are PyTorch options of the *same* computation (default:
     every name starting with ``torch_``); the fastest is ``best_torch``. ``baseline`` names a comparison row
     (``x_baseline``), e.g. the static conv a dynamic conv replaces, listed in ``unchecked`` when it computes
-    something else. ``family`` groups cases whose PyTorch kernels are reported once.
+    something else (check "baseline"). ``not_compared`` maps the other rows that are timed but not compared
+    with the reference to the reason (check "n/a", field ``reason``), e.g. another semantics or a half-precision
+    whole-network step. ``family`` groups cases whose PyTorch kernels are reported once (and the plot's panels).
     """
 
     op: str
@@ -73,13 +78,37 @@ class Case:
     bytes: float  # fewest bytes a kernel must move (inputs read once, outputs written once)
     baseline: str | None = None
     # Implementations timed for comparison but computing something else (e.g. the static conv a dynamic one
-    # replaces): run once, recorded with check "baseline", not compared with the reference.
+    # replaces): run once, not compared with the reference; recorded with check "baseline" for the row named by
+    # ``baseline``, "n/a" (reason "computes something else") for any other.
     unchecked: tuple[str, ...] = ()
+    # Implementations timed but not compared with the reference, with the reason: check "n/a", field "reason".
+    not_compared: dict[str, str] = dataclasses.field(default_factory=dict)
     torch_impls: tuple[str, ...] | None = None
     family: str | None = None
 
     def is_torch(self, impl: str) -> bool:
         return impl in self.torch_impls if self.torch_impls is not None else impl.startswith("torch_")
+
+    def not_compared_reason(self, impl: str) -> str | None:
+        """Why ``impl`` is run but not compared with the reference (None: it is compared, or is the baseline)."""
+        if impl in self.not_compared:
+            return self.not_compared[impl]
+        if impl in self.unchecked and impl != self.baseline:
+            return "computes something else"
+        return None
+
+
+def half_step_reason(dtype: torch.dtype) -> str:
+    """The reason a half-precision training step of a whole network is timed but not compared (check "n/a")."""
+    short = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace("torch.", ""))
+    return f"a {short} training step of a whole network is too ill-conditioned to compare with float64"
+
+
+# check values of rows that were run and are timed on a GPU; none of them is a failure by itself
+# ("unchecked" with an error is: the float64 reference could not be computed)
+TIMED_CHECKS = ("ok", "baseline", "n/a", "unchecked")
+# check values that are not failures
+PASSING_CHECKS = ("ok", "baseline", "n/a", "skipped")
 
 
 def device_peaks() -> tuple[str, dict[str, float] | None]:
@@ -276,9 +305,13 @@ def _run_cases(cases: list[Case], quick: bool, log: Callable[[str], None]) -> li
     families_seen: set[tuple[str, str]] = set()
     records = []
     for case in _progress(cases, "benchmarking" if gpu else "checking"):
-        base = {"op": case.op, "case": case.name, "dtype": str(case.dtype).replace("torch.", "")}
+        base = {"op": case.op, "case": case.name, "dtype": str(case.dtype).replace("torch.", ""),
+                "family": case.family or case.op}
         try:
-            impls, reference = case.setup(device, not gpu)
+            built = case.setup(device, not gpu)
+            impls, reference = built[0], built[1]
+            if len(built) > 2 and built[2]:
+                base["ran"] = str(built[2])
         except Exception as exc:  # noqa: BLE001 - reported, never hidden
             records.append({**base, "impl": "(setup)", "check": "ERROR", "error": f"{type(exc).__name__}: {exc}"})
             _free_memory()
@@ -292,7 +325,11 @@ def _run_cases(cases: list[Case], quick: bool, log: Callable[[str], None]) -> li
         for name, fn in impls.items():
             rec = {**base, "impl": name, "torch": case.is_torch(name)}
             try:
-                if name in case.unchecked:
+                reason = case.not_compared_reason(name)
+                if reason is not None:
+                    fn()
+                    rec.update(check="n/a", reason=reason)
+                elif name in case.unchecked:
                     fn()
                     rec.update(check="baseline")
                 elif ref is None:
@@ -306,7 +343,7 @@ def _run_cases(cases: list[Case], quick: bool, log: Callable[[str], None]) -> li
             except Exception as exc:  # noqa: BLE001 - reported, never hidden
                 rec.update(check="ERROR", error=f"{type(exc).__name__}: {exc}")
                 _free_memory()
-            if gpu and rec["check"] in ("ok", "baseline", "unchecked"):
+            if gpu and rec["check"] in TIMED_CHECKS:
                 _time_record(rec, fn, case, quick, ceilings)
             results[name] = rec
             records.append(rec)
@@ -314,14 +351,14 @@ def _run_cases(cases: list[Case], quick: bool, log: Callable[[str], None]) -> li
         if gpu and family not in families_seen:
             families_seen.add(family)
             for name, fn in impls.items():
-                if case.is_torch(name) and results[name]["check"] in ("ok", "baseline", "unchecked"):
+                if case.is_torch(name) and results[name]["check"] in TIMED_CHECKS:
                     try:
                         results[name]["kernels"] = kernel_names(fn)
                     except Exception as exc:  # noqa: BLE001
                         results[name]["kernels"] = [f"(profiler failed: {type(exc).__name__}: {exc})"]
                     log(f"kernels [{family[0]}, {family[1]}] {name}: {', '.join(results[name]['kernels'])}")
         _compare(case, results)
-        del impls, reference, ref, results
+        del impls, reference, ref, results, built
         _free_memory()
     return records
 
@@ -344,29 +381,47 @@ def _fmt(value, spec: str, width: int) -> str:
     return f"{value:{width}{spec}}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
 
 
+def check_label(rec: dict) -> str:
+    """The check column: the check value, with the reason for a row that is not compared ("n/a (...)")."""
+    return f"{rec['check']} ({rec['reason']})" if rec.get("reason") else rec["check"]
+
+
 def format_table(records: list[dict], peaks: dict[str, float] | None = None) -> str:
-    """The results as a text table (timed columns when any record was timed)."""
+    """The results as a text table (timed columns when any record was timed). The text columns are as wide as
+    their longest value, so every row's check column starts at the same offset. Without timings the ``ran``
+    column gives the (shrunken) shape each case actually ran."""
     gpu = any("ms" in r for r in records)
+    show_ran = not gpu and any(r.get("ran") for r in records)
+    text_cols = [("op", "op"), ("case", "case")] + ([("ran", "ran (CPU shape)")] if show_ran else []) + \
+        [("dtype", "dtype"), ("impl", "impl")]
+    widths = {key: max([len(title)] + [len(str(r.get(key) or "-")) for r in records]) for key, title in text_cols}
+
+    def text_prefix(values: dict) -> str:
+        return " ".join(f"{values.get(key) or '-'!s:<{widths[key]}}" for key, _ in text_cols)
+
+    titles = text_prefix({key: title for key, title in text_cols})
     if gpu:
-        head = (f"{'op':<20} {'case':<40} {'dtype':<9} {'impl':<22} {'ms':>9} {'p20-p80':>15} {'graph':>8} "
+        head = (f"{titles} {'ms':>9} {'p20-p80':>15} {'graph':>8} "
                 f"{'x best':>6} {'bound':>8} {'%roof':>6} {'x base':>6} check")
     else:
-        head = f"{'op':<20} {'case':<40} {'dtype':<9} {'impl':<22} {'rel.err':>9} check"
+        head = f"{titles} {'rel.err':>9} check"
     lines = [head, "-" * len(head)]
     for r in records:
-        prefix = f"{r['op']:<20} {r['case']:<40} {r['dtype']:<9} {r['impl']:<22}"
+        prefix = text_prefix(r)
         note = f" {r['error']}" if r.get("error") else ""
         if gpu:
             spread = f"{r['p20_ms']:.4f}-{r['p80_ms']:.4f}" if "p20_ms" in r else "-"
             lines.append(f"{prefix} {_fmt(r.get('ms'), '.4f', 9)} {spread:>15} {_fmt(r.get('graph_ms'), '.4f', 8)} "
                          f"{_fmt(r.get('x_best_torch'), '.2f', 6)} {_fmt(r.get('bound_ms'), '.4f', 8)} "
                          f"{_fmt(r.get('pct_roofline'), '.1f', 6)} {_fmt(r.get('x_baseline'), '.2f', 6)} "
-                         f"{r['check']}{note}".rstrip())
+                         f"{check_label(r)}{note}".rstrip())
         else:
-            lines.append(f"{prefix} {_fmt(r.get('rel_error'), '.1e', 9)} {r['check']}{note}".rstrip())
+            lines.append(f"{prefix} {_fmt(r.get('rel_error'), '.1e', 9)} {check_label(r)}{note}".rstrip())
     if gpu:
         lines.append("x best = the fastest PyTorch option of the same case (torch_* rows) / this row; bound = roofline "
                      "lower bound (ms); %roof = 100 * bound / ms; x base = the case's comparison row / this row")
+    lines.append("check: ok = agrees with the float64 reference within the dtype's tolerance; baseline = the "
+                 "comparison row (computes something else); n/a = run but not compared (reason given)")
     return "\n".join(lines)
 
 
@@ -408,9 +463,25 @@ def write_json(path: Path, env: dict, records: list[dict]) -> None:
     path.write_text(json.dumps({"environment": env, "results": records}, indent=2))
 
 
+def _wrap(text: str, width: int = 46) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, break_long_words=False)) or text
+
+
+def _plot_label(rec: dict, timed: bool) -> str:
+    if not timed and rec.get("ran"):  # the shape actually run (shrunken on CPU) under the case's name
+        return _wrap(rec["case"]) + "\n" + _wrap(f"[{rec['dtype']}] ran {rec['ran']}")
+    return _wrap(f"{rec['case']} [{rec['dtype']}]")
+
+
 def write_plot(path: Path, records: list[dict], device: str) -> bool:
-    """Speed-up over the best PyTorch option per case and implementation (PNG). False when matplotlib is missing
-    or nothing was timed."""
+    """The results as a PNG, one panel per case family (``family``, else ``op``).
+
+    With timings (GPU): the speed-up over the best PyTorch option per case and implementation. Without (CPU): each
+    implementation's error relative to the float64 reference (log scale) next to the dtype's tolerance
+    (:data:`CHECK_TOL`); rows not compared are left out, failures are drawn red at the right edge. False when
+    matplotlib is missing or there is nothing to plot."""
     try:
         import matplotlib
 
@@ -418,25 +489,81 @@ def write_plot(path: Path, records: list[dict], device: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    timed = [r for r in records if "x_best_torch" in r and not r.get("torch")]
-    if not timed:
+    timed = any("ms" in r for r in records)
+    if timed:
+        rows = [r for r in records if "x_best_torch" in r and not r.get("torch")]
+        def value(r): return r["x_best_torch"]
+    else:
+        rows = [r for r in records if isinstance(r.get("rel_error"), (int, float))]
+        def value(r): return r["rel_error"]
+    if not rows:
         return False
-    labels = sorted({f"{r['op']} {r['case']} {r['dtype']}" for r in timed}, key=str)
-    impls = sorted({r["impl"] for r in timed})
-    fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) * len(impls) + 1.5))
-    height = 0.8 / len(impls)
-    for j, impl in enumerate(impls):
-        vals = {f"{r['op']} {r['case']} {r['dtype']}": r["x_best_torch"] for r in timed if r["impl"] == impl}
-        ys = [i + j * height for i in range(len(labels))]
-        ax.barh(ys, [vals.get(lbl, 0.0) for lbl in labels], height=height, label=impl)
-    ax.axvline(1.0, color="k", linewidth=0.8)
-    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))])
-    ax.set_yticklabels(labels, fontsize=7)
-    ax.set_xlabel("speed-up over the best PyTorch option (NCHW, channels_last, torch.compile), higher is better")
-    ax.set_title(f"repkernels on {device}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    families: dict[str, list[dict]] = {}
+    for r in rows:
+        families.setdefault(f"{r['op']}" if r.get("family", r["op"]) == r["op"] else f"{r['op']}: {r['family']}",
+                            []).append(r)
+    panels = []
+    for family, recs in families.items():
+        labels = list(dict.fromkeys(_plot_label(r, timed) for r in recs))
+        impls = list(dict.fromkeys(r["impl"] for r in recs))
+        panels.append((family, recs, labels, impls))
+    heights = [max(1.2, 0.22 * len(labels) * len(impls) + 0.35 * sum(lbl.count("\n") for lbl in labels) + 0.9)
+               for _, _, labels, impls in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, sum(heights) + 0.8), squeeze=False,
+                             gridspec_kw={"height_ratios": heights}, layout="constrained")
+    cmap = plt.get_cmap("tab10")
+    all_impls = list(dict.fromkeys(r["impl"] for r in rows))
+    color = {impl: cmap(i % 10) for i, impl in enumerate(all_impls)}
+    finite = [value(r) for r in rows if math.isfinite(value(r))]
+    positive = [v for v in finite if v > 0]
+    floor = min([1e-9] + [v / 10 for v in positive])  # where an error of exactly 0 is drawn
+    top = max(finite + [max(CHECK_TOL.values())])
+    for ax, (family, recs, labels, impls) in zip(axes[:, 0], panels):
+        height = 0.8 / len(impls)
+        for j, impl in enumerate(impls):
+            vals = {_plot_label(r, timed): value(r) for r in recs if r["impl"] == impl}
+            ys, xs, bad = [], [], []
+            for i, lbl in enumerate(labels):
+                if lbl not in vals:
+                    continue
+                v = vals[lbl]
+                y = i + j * height
+                if not timed and not math.isfinite(v):
+                    bad.append(y)
+                    continue
+                ys.append(y)
+                xs.append(max(v, floor) if not timed else v)
+            if timed:
+                ax.barh(ys, xs, height=height, label=impl, color=color[impl])
+            else:
+                ax.scatter(xs, ys, label=impl, color=color[impl], s=18, zorder=3)
+                ax.hlines(ys, floor, xs, color=color[impl], linewidth=1.0)
+                if bad:
+                    ax.scatter([top * 10] * len(bad), bad, color="red", marker="x", s=30, zorder=4)
+        if timed:
+            ax.axvline(1.0, color="k", linewidth=0.8)
+        else:
+            ax.set_xscale("log")
+            ax.set_xlim(floor / 2, top * 30)
+            dtypes = sorted({r["dtype"] for r in recs})
+            for k, dt in enumerate(dtypes):
+                tol = CHECK_TOL.get(getattr(torch, dt, None), 1e-8)
+                ax.axvline(tol, color="k", linestyle=("--", ":", "-.")[k % 3], linewidth=1.0,
+                           label=f"{dt} tolerance {tol:g}")
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))])
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.set_ylim(-0.5, len(labels) - 0.1)
+        ax.invert_yaxis()
+        ax.set_title(family, fontsize=10, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    xlabel = ("speed-up over the best PyTorch option (NCHW, channels_last, torch.compile), higher is better"
+              if timed else "max |out - ref64| / max |ref64| (log scale; shrunken CPU shapes), lower is better; "
+              "red x: failed")
+    axes[-1, 0].set_xlabel(xlabel)
+    fig.suptitle(f"repkernels on {device}: " + ("speed-up" if timed else "error against the float64 reference "
+                                                 "(no timings without a GPU)"), fontsize=11)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 

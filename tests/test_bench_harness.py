@@ -3,6 +3,7 @@ float64 model of a large batch does not fit in GPU memory), an implementation or
 
 from __future__ import annotations
 
+import pytest
 import torch
 from repkernels.bench import harness
 
@@ -40,3 +41,95 @@ def test_harness_reports_failures_and_continues():
     assert by[("d", "reference")]["check"] == "ok"        # the cases after the failures still run
     table = harness.format_table(records, None)
     assert "float64 reference failed" in table and "bad kernel" in table
+
+
+def _labelled_case(name, dtype=torch.float32, ran="b2 c2 3x3"):
+    x = torch.arange(6.0, dtype=dtype)
+
+    def setup(device, small):
+        impls = {"static": lambda: x + 1, "reference": lambda: x * 2, "online": lambda: x * 3,
+                 "a rather long implementation name (CPU emulation)": lambda: x * 2}
+        return impls, lambda: (x * 2).double(), ran
+    return harness.Case("some op", name, dtype, setup, flops=1.0, bytes=1.0, baseline="static",
+                        unchecked=("static", "legacy"), not_compared={"online": "other semantics: bn_mode='online'"})
+
+
+def test_labels_baseline_only_for_the_baseline_row_and_n_a_is_not_a_failure():
+    records = harness.run_cases([_labelled_case("b64 c512 56x56")], quick=True)
+    by = {r["impl"]: r for r in records}
+    assert by["static"]["check"] == "baseline" and "reason" not in by["static"]
+    assert by["online"]["check"] == "n/a" and by["online"]["reason"] == "other semantics: bn_mode='online'"
+    assert by["reference"]["check"] == "ok"
+    assert all(r["check"] in harness.PASSING_CHECKS for r in records)
+    assert "n/a" in harness.TIMED_CHECKS      # timed on a GPU like the baseline
+    # a row listed in unchecked that is not the baseline is "n/a", not "baseline"
+    case = _labelled_case("x")
+    assert case.not_compared_reason("legacy") == "computes something else"
+    assert case.not_compared_reason("static") is None
+    table = harness.format_table(records)
+    assert "n/a (other semantics: bn_mode='online')" in table
+    # the summary of a GPU check does not list n/a rows as failures
+    from repkernels.bench import summary
+
+    assert summary._bench_failures({"suite": records}) == []
+
+
+def test_half_precision_whole_network_steps_are_not_compared():
+    from repkernels.bench.suites import kernelwarehouse, multibranch_conv_bn, parcnetv2
+
+    for suite, op in ((multibranch_conv_bn, "resnet50 pbconv"), (kernelwarehouse, "kw_resnet50"),
+                      (parcnetv2, "parcnetv2_tiny")):
+        for case in suite.cases([torch.bfloat16], quick=True):
+            if case.op == op and "train" in case.name:
+                assert case.not_compared, (op, case.name)
+                whys = [why for impl, why in case.not_compared.items() if impl != "online"]
+                assert whys and all("a bf16 training step of a whole network" in why for why in whys)
+                assert case.baseline is None or case.unchecked == (case.baseline,)
+    for case in multibranch_conv_bn.cases([torch.float32], quick=True):
+        assert case.not_compared == {"online": "other semantics: bn_mode='online'"}
+        assert case.unchecked == (case.baseline,)
+
+
+def test_table_columns_aligned_and_show_the_shape_run():
+    records = harness.run_cases([_labelled_case("short"), _labelled_case("a much longer case name b64 c512 56x56",
+                                                                          ran="b2 c2 9x10 k13x13")], quick=True)
+    lines = harness.format_table(records).splitlines()
+    head, rows = lines[0], [ln for ln in lines[2:] if ln.startswith("some op")]
+    assert len(rows) == len(records)
+    offset = head.index("check")
+    assert all(len(ln) > offset and ln[offset - 1] == " " and ln[offset:].split()[0] in harness.PASSING_CHECKS
+               for ln in rows), "\n".join(lines)
+    ran = head.index("ran")
+    assert all(ln[ran:].startswith(("b2 c2 3x3 ", "b2 c2 9x10 k13x13 ")) for ln in rows)
+    assert "b2 c2 9x10 k13x13" in records[-1]["ran"] and records[-1]["case"].endswith("56x56")  # the name is kept
+    # timed records (GPU): the same alignment, and no "ran" column
+    timed = [{**r, "ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1} for r in records]
+    tlines = harness.format_table(timed).splitlines()
+    toff = tlines[0].index("check")
+    assert "ran" not in tlines[0].split()
+    assert all(ln[toff:].split()[0] in harness.PASSING_CHECKS for ln in tlines[2:] if ln.startswith("some op"))
+
+
+def test_plot_written_on_cpu_and_gpu(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = harness.run_cases([_labelled_case("a"), _labelled_case("b", dtype=torch.bfloat16)], quick=True)
+    for r in records:
+        r["family"] = "fam"
+    records[1].update(check="FAIL", rel_error=float("inf"))
+    assert harness.write_plot(tmp_path / "cpu.png", records, "CPU")
+    assert (tmp_path / "cpu.png").stat().st_size > 1000
+    timed = [{**r, "ms": 1.0, "x_best_torch": 1.5, "torch": r["impl"] == "reference"} for r in records]
+    assert harness.write_plot(tmp_path / "gpu.png", timed, "GPU")
+    assert (tmp_path / "gpu.png").stat().st_size > 1000
+    assert not harness.write_plot(tmp_path / "none.png", [], "CPU")
+
+
+def test_cli_writes_png_on_cpu(tmp_path):
+    pytest.importorskip("matplotlib")
+    if torch.cuda.is_available():
+        pytest.skip("CPU behaviour")
+    from repkernels.bench.__main__ import main
+
+    assert main(["--ops", "kernel_transform", "--quick", "--dtype", "fp32", "--out", str(tmp_path),
+                 "--name", "t"]) == 0
+    assert (tmp_path / "t.png").stat().st_size > 1000 and (tmp_path / "t.json").exists()

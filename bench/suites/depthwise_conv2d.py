@@ -160,7 +160,7 @@ def _setup(n, c, h, w, kernel_spec, stride, mode, dtype, device, small):
         grads = torch.autograd.grad(out, args, grad.double())
         return torch.cat([out.flatten()] + [g.flatten() for g in grads])
 
-    return impls, ref64
+    return impls, ref64, f"b{n} c{c} {h}x{w} k{kh}x{kw}"
 
 
 def cases(dtypes: list[torch.dtype], quick: bool) -> list[Case]:

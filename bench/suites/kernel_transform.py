@@ -68,7 +68,7 @@ def _setup(method, n, cin, cout, h, w, k, g, dtype, device, small):
             b64 = copy.deepcopy(block).double()
             return F.conv2d(x.double(), b64.transformed_weight(), None, 1, k // 2, 1, g)
 
-    return {"plain conv": plain, method: transformed}, ref64
+    return {"plain conv": plain, method: transformed}, ref64, f"b{n} c{cin}->{cout} {h}x{w} k{k} g{g}"
 
 
 def cases(dtypes: list[torch.dtype], quick: bool) -> list[Case]:

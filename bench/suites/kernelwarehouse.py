@@ -32,7 +32,7 @@ import repkernels
 from repkernels import _backend, _extension
 from repkernels.reference import kernelwarehouse as ref
 
-from ..harness import Case
+from ..harness import Case, half_step_reason
 
 # ResNet-50 KW(1x) layers at 224x224: (label, C, H, W, Cout, k, stride, cell channels, n of the warehouse)
 LAYERS = [
@@ -62,8 +62,14 @@ def _layer_tensors(c, h, w, cout, k, cell, n, batch, dtype, device, small):
     return x, att, wh, [cout, c, k, k]
 
 
+def _layer_ran(x, att, wh, layout) -> str:
+    """The shape a layer case actually ran (shrunken on CPU)."""
+    b, c, h, w = x.shape
+    return f"b{b} c{c}->{layout[0]} {h}x{w} k{layout[2]} m{att.shape[1]} n{att.shape[2]} cell{wh.shape[1]}"
+
+
 def _assemble_setup(label, c, h, w, cout, k, stride, cell, n, batch, dtype, device, small):
-    _, att, wh, layout = _layer_tensors(c, h, w, cout, k, cell, n, batch, dtype, device, small)
+    xt, att, wh, layout = _layer_tensors(c, h, w, cout, k, cell, n, batch, dtype, device, small)
     gpu = device == "cuda"
 
     def reference():
@@ -77,12 +83,12 @@ def _assemble_setup(label, c, h, w, cout, k, stride, cell, n, batch, dtype, devi
     if _backend.HAS_TRITON and (gpu or _backend.TRITON_INTERPRET):
         impls["triton" if gpu else "triton (interpreter)"] = functools.partial(
             torch.ops.repkernels.kw_assemble_triton, att, wh, layout)
-    return impls, lambda: ref.kw_assemble(att.double(), wh.double(), layout)
+    return impls, lambda: ref.kw_assemble(att.double(), wh.double(), layout), _layer_ran(xt, att, wh, layout)
 
 
 def _assemble_backward_setup(label, c, h, w, cout, k, stride, cell, n, batch, dtype, device, small):
     """Gradients to the attentions and the warehouse from the kernels' gradient (the two backward ops)."""
-    _, att, wh, layout = _layer_tensors(c, h, w, cout, k, cell, n, batch, dtype, device, small)
+    xt, att, wh, layout = _layer_tensors(c, h, w, cout, k, cell, n, batch, dtype, device, small)
     grad = torch.randn(att.shape[0], *layout, device=device).to(dtype)
     gpu = device == "cuda"
 
@@ -102,7 +108,8 @@ def _assemble_backward_setup(label, c, h, w, cout, k, stride, cell, n, batch, dt
         impls["cuda" if gpu else "cuda (CPU emulation)"] = ops("")
     if _backend.HAS_TRITON and (gpu or _backend.TRITON_INTERPRET):
         impls["triton" if gpu else "triton (interpreter)"] = ops("_triton")
-    return impls, autograd_of(ref.kw_assemble, att.double(), wh.double(), grad.double())
+    return (impls, autograd_of(ref.kw_assemble, att.double(), wh.double(), grad.double()),
+            _layer_ran(xt, att, wh, layout))
 
 
 def _layer_setup(label, c, h, w, cout, k, stride, cell, n, batch, dtype, device, small):
@@ -153,7 +160,7 @@ def _layer_setup(label, c, h, w, cout, k, stride, cell, n, batch, dtype, device,
         grads = torch.autograd.grad(out, args, grad.double())
         return torch.cat([out.flatten()] + [g.flatten() for g in grads])
 
-    return impls, reference64
+    return impls, reference64, _layer_ran(x, att, wh, layout)
 
 
 def _model_setup(train, batch, dtype, device, small):
@@ -197,7 +204,8 @@ def _model_setup(train, batch, dtype, device, small):
              "reference": lambda: step(kw_model, x, "reference", grad_of)}
     if device == "cuda":
         impls["auto"] = lambda: step(kw_model, x, "auto", grad_of)
-    return impls, lambda: step(model64, x.double(), "reference", grad_of)
+    ran = f"KW-ResNet-{18 if small else 50} {size}x{size} b{batch}"
+    return impls, lambda: step(model64, x.double(), "reference", grad_of), ran
 
 
 def cases(dtypes: list[torch.dtype], quick: bool) -> list[Case]:
@@ -235,9 +243,11 @@ def cases(dtypes: list[torch.dtype], quick: bool) -> list[Case]:
                 # A half-precision training step of a whole network is too ill-conditioned to compare with
                 # float64 (the static torchvision ResNet's bf16 gradients differ from float64 by tens of per
                 # cent too): timed only; the layer cases check half-precision forward + backward.
-                unchecked = (("static resnet50", "reference", "auto") if train and dtype != torch.float32
-                             else ("static resnet50",))
+                half_step = train and dtype != torch.float32
+                reason = half_step_reason(dtype)
+                not_compared = {impl: reason for impl in ("reference", "auto")} if half_step else {}
                 out.append(Case("kw_resnet50", name, dtype, functools.partial(_model_setup, train, batch, dtype),
-                                flops=flops, bytes=float(elem * batch * 3 * 224 * 224), unchecked=unchecked,
+                                flops=flops, bytes=float(elem * batch * 3 * 224 * 224),
+                                unchecked=("static resnet50",), not_compared=not_compared,
                                 baseline="static resnet50", torch_impls=("reference",)))
     return out

@@ -34,7 +34,7 @@ from repkernels import _backend, _extension
 from repkernels.models.parcnetv2 import TINY, parcnetv2_tiny, stage_sizes
 from repkernels.nn.parcnetv2 import ParCV2Block, bgu_hidden_ratio, oversized_macs
 
-from ..harness import Case
+from ..harness import Case, half_step_reason
 
 BLOCKS = [("s1", 64, 56), ("s2", 128, 28), ("s3", 320, 14), ("s4", 512, 7)]
 QUICK_BLOCKS = ("s1", "s3")
@@ -115,7 +115,7 @@ def _block_setup(train, dim, size, batch, dtype, device, small):
         for name, be in _fast_impls(gpu, interpret_ok=True).items():
             impls[name] = _train_step(block, x, g, be, _block_grads)
         ref = _train_step(block64, x.double(), g.double(), "reference", _block_grads)
-        return impls, ref
+        return impls, ref, f"c{dim} {size}x{size} b{batch}"
     impls = {"torch_channels_last": _infer(block, x, "reference"), "torch_nchw": _infer(block, x_nchw, "reference")}
     impls["torch_deploy merged"] = _infer(block.reparameterize("merged"), x, "reference")
     fast = _fast_impls(gpu, interpret_ok=True)
@@ -123,7 +123,7 @@ def _block_setup(train, dim, size, batch, dtype, device, small):
         deployed = block.reparameterize(form)
         for name, be in fast.items():
             impls[f"{name} deploy {form}"] = _infer(deployed, x, be)
-    return impls, _infer(block64, x.double(), "reference")
+    return impls, _infer(block64, x.double(), "reference"), f"c{dim} {size}x{size} b{batch}"
 
 
 def _model_setup(train, batch, dtype, device, small):
@@ -149,12 +149,14 @@ def _model_setup(train, batch, dtype, device, small):
                 return torch.cat([out.detach().flatten()] + [p.grad.flatten() for p in grads_of(m)])
         return run
 
+    ran = (f"ParCNetV2 depths {kwargs['depths']} dims {kwargs['dims']} {img}x{img} b{batch}" if small
+           else f"ParCNetV2-T {img}x{img} b{batch}").replace(", ", ",")
     fast = _fast_impls(gpu, interpret_ok=False)
     if train:
         impls = {"torch_channels_last": step(model, x, "reference")}
         for name, be in fast.items():
             impls[name] = step(model, x, be)
-        return impls, step(model64, x.double(), "reference")
+        return impls, step(model64, x.double(), "reference"), ran
     impls = {"torch_channels_last": _infer(model, x, "reference"),
              "torch_deploy auto": _infer(model.reparameterize("auto"), x, "reference")}
     for form in FORMS:
@@ -164,7 +166,7 @@ def _model_setup(train, batch, dtype, device, small):
     if not fast:  # CPU without Triton: still check the deploy forms on the reference path
         for form in ("merged", "separable"):
             impls[f"reference deploy {form}"] = _infer(model.reparameterize(form), x, "reference")
-    return impls, _infer(model64, x.double(), "reference")
+    return impls, _infer(model64, x.double(), "reference"), ran
 
 
 def cases(dtypes: list[torch.dtype], quick: bool) -> list[Case]:
@@ -185,9 +187,11 @@ def cases(dtypes: list[torch.dtype], quick: bool) -> list[Case]:
             kind = "train step" if train else "inference"
             # A half-precision training step of a whole network is too ill-conditioned to compare with float64:
             # timed only there; the block cases check half-precision forward + backward.
-            unchecked = ("torch_channels_last", "auto", "triton", "cuda") if train and dtype != torch.float32 else ()
+            reason = half_step_reason(dtype)
+            not_compared = ({impl: reason for impl in ("torch_channels_last", "auto", "triton", "cuda")}
+                            if train and dtype != torch.float32 else {})
             out.append(Case("parcnetv2_tiny", f"ParCNetV2-T 224 b{BATCH} {kind}", dtype,
                             functools.partial(_model_setup, train, BATCH, dtype),
                             flops=(3 if train else 1) * 2.0 * BATCH * model_macs(),
-                            bytes=float(elem * BATCH * 3 * 224 * 224), unchecked=unchecked))
+                            bytes=float(elem * BATCH * 3 * 224 * 224), not_compared=not_compared))
     return out
