@@ -538,6 +538,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, result_file: str) -> None
             wh = net.warehouse_manager.warehouses["stage1"]
             torch.save({"max_diff": (gathered[0] - gathered[1]).abs().max().item(),
                         "warehouse_grad": wh.grad.abs().sum().item()}, result_file)
+        dist.barrier()  # tear down together: a rank that leaves while its peer still uses the pair aborts gloo
     finally:
         dist.destroy_process_group()
 
