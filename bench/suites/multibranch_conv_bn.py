@@ -183,9 +183,9 @@ def _time_and_peak(run, module, count_grads: bool) -> tuple[float, int]:
     ``count_grads``: the parameter gradients are allocated inside the measured step (else they already exist
     from the timing runs, and the peak is the step's activations and temporaries). Gradients are cleared at
     the end."""
-    from ..harness import time_ms
+    from ..harness import time_stats
 
-    ms = time_ms(run, False)
+    ms = time_stats(run, False)["ms"]
     if count_grads:
         for p in module.parameters():
             p.grad = None
