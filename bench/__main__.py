@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cases = [c for op in ops for c in SUITES[op](dtypes, args.quick)]
     records = harness.run_cases(cases, args.quick, log=lambda line: print(line, flush=True))
-    print(harness.format_table(records, env["peaks"]))
+    print(harness.format_table(records))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

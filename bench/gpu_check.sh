@@ -123,7 +123,8 @@ run_stage() {
     local t0=$(date +%s) rc log="$OUTDIR/$name.log"
     case $name in bench_*) log="$OUTDIR/$name.txt" ;; esac   # the bench table is a result, not a log
     # bash -c runs the stage functions too (exported below); timeout kills the whole stage at its budget
-    timeout -k 10 "$budget" bash -c '"$@"' _ "$@" 2>&1 | tee "$log"
+    # STAGE_BUDGET: the stage's own budget after the whole-run cap, for stages that split or pace themselves
+    STAGE_BUDGET=$budget timeout -k 10 "$budget" bash -c '"$@"' _ "$@" 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     record "$name" "$rc" "$(( $(date +%s) - t0 ))" "$budget"
     if [ "$rc" = 124 ]; then say "$name: TIMED OUT after ${budget} s"; else say "$name: done, exit $rc"; fi
@@ -171,7 +172,7 @@ stage_tests() {
     if "$PY" -c "import pytest_timeout" 2>/dev/null; then timeout_flag=(--timeout=60); fi
     # The tests that need a GPU (marked `gpu` by tests/conftest.py); on a CPU machine they are collected and skipped.
     # Tests not started 15 s before the stage's budget ends are skipped, so pytest still writes its report.
-    REPKERNELS_TEST_DEADLINE=$(( $(date +%s) + $1 - 15 )) \
+    REPKERNELS_TEST_DEADLINE=$(( $(date +%s) + STAGE_BUDGET - 15 )) \
     "$PY" -m pytest tests -m gpu "${timeout_flag[@]}" -q -rfE -p no:cacheprovider \
         --junitxml="$OUTDIR/pytest.xml" -o junit_family=xunit2
     local rc=$?
@@ -193,7 +194,7 @@ stage_sanitizer() {
         echo "sanitizer: compute-sanitizer is neither on PATH nor in the CUDA toolkit on this machine" | tee "$out"
         return 1
     fi
-    local half=$(( $1 / 2 )) rc=0
+    local half=$(( STAGE_BUDGET / 2 )) rc=0
     : > "$out"
     for tool in memcheck racecheck; do
         echo "sanitizer: === $tool ===" | tee -a "$out"
@@ -229,10 +230,8 @@ for stage in $STAGES; do
             fi
             case $stage in
                 canary) run_stage canary "$(budget_of canary)" "$PY" -m repkernels.bench.canary --json "$OUTDIR/canary.json" ;;
-                tests) b=$(budget_of tests); left=$(remaining); [ "$b" -le "$left" ] || b=$left
-                       run_stage tests "$b" stage_tests "$b" ;;
-                sanitizer) b=$(budget_of sanitizer); left=$(remaining); [ "$b" -le "$left" ] || b=$left
-                           run_stage sanitizer "$b" stage_sanitizer "$b" ;;
+                tests) run_stage tests "$(budget_of tests)" stage_tests ;;
+                sanitizer) run_stage sanitizer "$(budget_of sanitizer)" stage_sanitizer ;;
                 bench) for suite in $SUITES; do
                            run_stage "bench_$suite" "$(budget_of "$suite")" stage_bench_suite "$suite"
                        done ;;

@@ -386,7 +386,7 @@ def check_label(rec: dict) -> str:
     return f"{rec['check']} ({rec['reason']})" if rec.get("reason") else rec["check"]
 
 
-def format_table(records: list[dict], peaks: dict[str, float] | None = None) -> str:
+def format_table(records: list[dict]) -> str:
     """The results as a text table (timed columns when any record was timed). The text columns are as wide as
     their longest value, so every row's check column starts at the same offset. Without timings the ``ran``
     column gives the (shrunken) shape each case actually ran."""
