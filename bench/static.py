@@ -206,15 +206,14 @@ def cuda_report(arch: int = 90, sources: Iterable[Path] | None = None) -> list[K
 def _ptx_entries(ptx: str) -> tuple[dict[str, int], set[str]]:
     """({entry: max threads per block from .maxntid}, {entries using dynamic shared memory})."""
     threads, dynamic = {}, set()
-    for m in re.finditer(r"\.entry\s+(\S+?)\s*\((.*?)\n\s*\{(.*?)\n\}", ptx, re.DOTALL):
+    extern = re.findall(r"\.extern \.shared [^\n]*?(\w+)\[\];", ptx)
+    for m in re.finditer(r"\.entry\s+(\S+?)\s*\((.*?)\n\}", ptx, re.DOTALL):
         name, body = m.group(1), m.group(0)
         nt = re.search(r"\.maxntid\s+(\d+),\s*(\d+),\s*(\d+)", body)
         if nt:
             threads[name] = int(nt.group(1)) * int(nt.group(2)) * int(nt.group(3))
-    for m in re.finditer(r"\.extern \.shared [^\n]*?(\w+)\[\];", ptx):
-        for entry in re.finditer(r"\.entry\s+(\S+?)\s*\((.*?)\n\}", ptx, re.DOTALL):
-            if m.group(1) in entry.group(0):
-                dynamic.add(entry.group(1))
+        if any(var in body for var in extern):
+            dynamic.add(name)
     return threads, dynamic
 
 
