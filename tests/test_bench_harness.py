@@ -77,8 +77,9 @@ def test_labels_baseline_only_for_the_baseline_row_and_n_a_is_not_a_failure():
 def test_half_precision_whole_network_steps_are_not_compared():
     from repkernels.bench.suites import kernelwarehouse, multibranch_conv_bn, parcnetv2
 
-    for suite, op in ((multibranch_conv_bn, "resnet50 pbconv"), (kernelwarehouse, "kw_resnet50"),
-                      (parcnetv2, "parcnetv2_tiny")):
+    kw_networks = [(kernelwarehouse, net.op) for net in kernelwarehouse.NETWORKS]
+    assert {op for _, op in kw_networks} == {"kw_resnet50", "kw_mobilenetv2", "kw_convnext_tiny"}
+    for suite, op in [(multibranch_conv_bn, "resnet50 pbconv"), (parcnetv2, "parcnetv2_tiny")] + kw_networks:
         for case in suite.cases([torch.bfloat16], quick=True):
             if case.op == op and "train" in case.name:
                 assert case.not_compared, (op, case.name)

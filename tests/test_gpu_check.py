@@ -169,3 +169,15 @@ def test_test_deadline_skips_what_would_start_late(tmp_path):
     assert proc.returncode == 0 and "1 skipped" in proc.stdout, proc.stdout
     (tmp_path / "stages.tsv").write_text("tests\t0\t1\t1\n")
     assert "1 of the skipped not started: time budget spent" in summary.summarize(tmp_path)
+
+
+def test_every_goal_selects_rows_of_its_suite_in_a_quick_run():
+    """The GPU check runs the suites with --quick: each goal must find rows there (a renamed case or op would leave
+    a goal 'not measured' on the GPU)."""
+    from repkernels.bench import suites
+
+    for goal in goals.GOALS:
+        rows = [_record(case.name, impl, dtype, op=case.op)
+                for dtype in goal.dtypes for case in suites.SUITES[goal.suite]([getattr(torch, dtype)], quick=True)
+                for impl in goal.impls]
+        assert any(goal.select(r) for r in rows), goal.text

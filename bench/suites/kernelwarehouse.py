@@ -1,4 +1,4 @@
-"""KernelWarehouse: cell assembly, per-layer forward+backward, KW-ResNet-50 inference and training step.
+"""KernelWarehouse: cell assembly, per-layer forward+backward, whole KW networks' inference and training step.
 
 Cases (224x224 inputs, batch 64 and 256; ``--quick``: batch 64 only, fewer layers):
 
@@ -12,10 +12,10 @@ Cases (224x224 inputs, batch 64 and 256; ``--quick``: batch 64 only, fewer layer
   (F.conv2d, channels_last; timed, not checked: a different computation), ``reference`` the public approach
   (grouped conv over B·groups) and the PyTorch option of the same computation;
   ``auto`` what KWConv2d runs (fused where the routing rule picks it).
-* ``KW-ResNet-50`` inference (τ = 0) / training step (forward + loss + backward, τ = 1: see _model_setup) at
-  b = 1; ``static resnet50`` (the ``x_baseline`` row) is the
-  static torchvision ResNet-50 (channels_last, timed, not checked); ``reference`` the KW model on the reference
-  ops (the public approach); ``auto`` the KW model as users run it.
+* ``KW-ResNet-50``, ``KW-MobileNetV2``, ``KW-ConvNeXt-T`` inference (τ = 0) / training step (forward + loss +
+  backward, τ = 1: see _model_setup) at b = 1; ``static <network>`` (the ``x_baseline`` row) is the static
+  torchvision network (channels_last, timed, not checked); ``reference`` the KW model on the reference ops (the
+  public approach); ``auto`` the KW model as users run it.
 
 Without a GPU the harness shrinks every case (``small=True``) and checks each implementation against float64.
 """
@@ -23,6 +23,7 @@ Without a GPU the harness shrinks every case (``small=True``) and checks each im
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import torch
@@ -163,28 +164,70 @@ def _layer_setup(label, c, h, w, cout, k, stride, cell, n, batch, dtype, device,
     return impls, reference64, _layer_ran(x, att, wh, layout)
 
 
-def _model_setup(train, batch, dtype, device, small):
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """A whole-network row: the KW builder, the static torchvision network it replaces, and the CPU stand-in."""
+    op: str             # bench op name (``kw_resnet50``, ...)
+    label: str          # case-name prefix (``KW-ResNet-50``)
+    kw: str             # builder in repkernels.models
+    static: str         # torchvision builder (the x_baseline row)
+    gmacs: float        # multiply-adds per 224x224 image of the static network
+    small_kw: str       # CPU stand-ins (``small=True``): small_size² images, batch 4
+    small_static: str
+    kwargs: tuple[tuple[str, object], ...] = ()        # both builders, both sizes
+    small_kwargs: tuple[tuple[str, object], ...] = ()  # both builders, CPU size
+    small_size: int = 32
+    inference_unchecked: str = ""       # why its inference is not compared with float64 (in the dtypes below)
+    inference_unchecked_dtypes: tuple[torch.dtype, ...] = ()
+
+
+# GMACs per 224x224 image: ResNet-50 4.09, MobileNetV2 0.30, ConvNeXt-T 4.47 (the static networks; KW adds the
+# attentions and the assembly). On CPU, KW-ResNet-18 stands in for KW-ResNet-50 and a 0.25-wide MobileNetV2 for
+# the full one (on 64x64: at 32x32 its last maps are 1x1 and a training-mode BatchNorm over 4 values makes the step
+# ill-conditioned). MobileNetV2 runs without its classifier's dropout: the float64 check repeats the step, and two
+# dropout masks would make it compare different computations. Measured with the reference ops on CPU:
+# * a freshly initialized KW-MobileNetV2 in eval mode at τ = 0 outputs exact zeros (its activations shrink ~100x a
+#   block through BatchNorms that still hold their initial statistics), so there is nothing to compare;
+# * KW-ConvNeXt-T in bf16 at τ = 0 differs from float64 by 4-8 % (0.6 % at τ = 1; the static ConvNeXt-T by 0.7 %):
+#   random attentions alone make its kernels.
+NETWORKS = (
+    Network("kw_resnet50", "KW-ResNet-50", "kw_resnet50", "resnet50", R50_GMACS, "kw_resnet18", "resnet18"),
+    Network("kw_mobilenetv2", "KW-MobileNetV2", "kw_mobilenetv2", "mobilenet_v2", 0.30, "kw_mobilenetv2",
+            "mobilenet_v2", kwargs=(("dropout", 0.0),), small_kwargs=(("width_mult", 0.25),), small_size=64,
+            inference_unchecked="a freshly initialized KW-MobileNetV2 outputs exact zeros in eval mode at τ = 0",
+            inference_unchecked_dtypes=(torch.float32, torch.float16, torch.bfloat16)),
+    Network("kw_convnext_tiny", "KW-ConvNeXt-T", "kw_convnext_tiny", "convnext_tiny", 4.47, "kw_convnext_tiny",
+            "convnext_tiny", inference_unchecked="half-precision KW-ConvNeXt-T at τ = 0 with random attentions is "
+            "ill-conditioned (the reference ops differ from float64 by 4-8 %)",
+            inference_unchecked_dtypes=(torch.float16, torch.bfloat16)),
+)
+
+
+def _model_setup(net, train, batch, dtype, device, small):
     import torchvision
 
-    from repkernels.models import kw_resnet18, kw_resnet50
+    from repkernels import models
     from repkernels.nn import set_temperature
 
     size = 224
-    if small:  # a KW-ResNet-18 on 32x32 checks the same layer types in seconds
-        batch, size = 4, 32
+    kwargs = dict(net.kwargs)
+    if small:  # a small network on small images checks the same layer types in seconds
+        batch, size = 4, net.small_size
+        kwargs.update(net.small_kwargs)
+    classes = 100 if small else 1000
     torch.manual_seed(0)
-    kw_model = (kw_resnet18 if small else kw_resnet50)(b=1, num_classes=100 if small else 1000)
+    kw_model = getattr(models, net.small_kw if small else net.kw)(b=1, num_classes=classes, **kwargs)
     # Inference at τ = 0 (after the temperature phase). The training step runs at τ = 1: the same work (CAF and
     # its backward are computed for any τ), but a float64 check of a randomly initialized net at τ = 0 in
     # training mode is ill-conditioned (the attentions' BatchNorm divides by the tiny spread of pooled features
     # across a batch of random images and amplifies rounding by orders of magnitude).
     set_temperature(kw_model, 1.0 if train else 0.0)
-    static = (torchvision.models.resnet18 if small else torchvision.models.resnet50)(
-        num_classes=100 if small else 1000)
+    static = getattr(torchvision.models, net.small_static if small else net.static)(num_classes=classes, **kwargs)
+    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     kw_model.to(device=device, dtype=dtype).train(train)  # (its kernels are made per sample)
     static.to(device=device, dtype=dtype, memory_format=torch.channels_last).train(train)
     model64 = copy.deepcopy(kw_model).double()
-    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    x = x.to(dtype)
     target = torch.randint(0, 10, (batch,), device=device)
 
     def step(model, inputs, backend_name, grad_of=None):
@@ -199,12 +242,16 @@ def _model_setup(train, batch, dtype, device, small):
                 return out
             return torch.cat([out.flatten(), grad_of(model).grad.flatten()])
 
-    grad_of = lambda m: m.warehouse_manager.warehouses["stage4"]  # noqa: E731
-    impls = {"static resnet50": lambda: step(static, x, "auto"),
+    def grad_of(m):  # one warehouse's gradient is checked: the last by name
+        warehouses = m.warehouse_manager.warehouses
+        return warehouses[sorted(warehouses)[-1]]
+
+    impls = {f"static {net.static}": lambda: step(static, x, "auto"),
              "reference": lambda: step(kw_model, x, "reference", grad_of)}
     if device == "cuda":
         impls["auto"] = lambda: step(kw_model, x, "auto", grad_of)
-    ran = f"KW-ResNet-{18 if small else 50} {size}x{size} b{batch}"
+    name = net.small_kw if small else net.kw
+    ran = " ".join([name] + [f"{k}={v}" for k, v in kwargs.items()] + [f"{size}x{size} b{batch}"])
     return impls, lambda: step(model64, x.double(), "reference", grad_of), ran
 
 
@@ -237,17 +284,21 @@ def cases(dtypes: list[torch.dtype], quick: bool) -> list[Case]:
                                 flops=3 * conv_flops + 3 * 2.0 * batch * weights * n,
                                 bytes=float(elem * (2 * batch * c * h * w + 2 * batch * cout * oh * ow)),
                                 unchecked=("static cudnn",), baseline="static cudnn", torch_impls=("reference",)))
-            for train in (False, True):
-                name = f"KW-ResNet-50 {'train step' if train else 'inference'} b{batch}"
-                flops = (3 if train else 1) * 2.0 * R50_GMACS * 1e9 * batch
-                # A half-precision training step of a whole network is too ill-conditioned to compare with
-                # float64 (the static torchvision ResNet's bf16 gradients differ from float64 by tens of per
-                # cent too): timed only; the layer cases check half-precision forward + backward.
-                half_step = train and dtype != torch.float32
-                reason = half_step_reason(dtype)
-                not_compared = {impl: reason for impl in ("reference", "auto")} if half_step else {}
-                out.append(Case("kw_resnet50", name, dtype, functools.partial(_model_setup, train, batch, dtype),
-                                flops=flops, bytes=float(elem * batch * 3 * 224 * 224),
-                                unchecked=("static resnet50",), not_compared=not_compared,
-                                baseline="static resnet50", torch_impls=("reference",)))
+            for net in NETWORKS:
+                for train in (False, True):
+                    name = f"{net.label} {'train step' if train else 'inference'} b{batch}"
+                    flops = (3 if train else 1) * 2.0 * net.gmacs * 1e9 * batch
+                    # A half-precision training step of a whole network is too ill-conditioned to compare with
+                    # float64 (the static torchvision ResNet's bf16 gradients differ from float64 by tens of per
+                    # cent too): timed only; the layer cases check half-precision forward + backward.
+                    unchecked = train and dtype != torch.float32
+                    reason = half_step_reason(dtype)
+                    if not train and dtype in net.inference_unchecked_dtypes:
+                        unchecked, reason = True, net.inference_unchecked
+                    not_compared = {impl: reason for impl in ("reference", "auto")} if unchecked else {}
+                    baseline = f"static {net.static}"
+                    out.append(Case(net.op, name, dtype, functools.partial(_model_setup, net, train, batch, dtype),
+                                    flops=flops, bytes=float(elem * batch * 3 * 224 * 224),
+                                    unchecked=(baseline,), not_compared=not_compared,
+                                    baseline=baseline, torch_impls=("reference",)))
     return out
