@@ -35,7 +35,6 @@ def _paths(device: str) -> list[tuple[str, str, Callable[[], tuple[list, list]]]
     from repkernels.reference import kernelwarehouse as kw_ref
 
     R = torch.ops.repkernels
-    dw_module = sys.modules["repkernels.ops.depthwise_conv2d"]
     one = [1, 1]
 
     def grads(fn, tensors, g=None):
@@ -51,8 +50,9 @@ def _paths(device: str) -> list[tuple[str, str, Callable[[], tuple[list, list]]]
 
     @contextlib.contextmanager
     def depthwise_mode(direct: bool, deterministic: bool):
-        saved = dw_module.TRITON_TOEPLITZ, os.environ.get("REPKERNELS_DW_TOEPLITZ")
-        dw_module.TRITON_TOEPLITZ = not direct
+        """``direct``: the CUDA extension's direct tiles even where its Toeplitz rule applies (the Triton ops
+        have only the Toeplitz kernels, which serve every geometry)."""
+        saved = os.environ.get("REPKERNELS_DW_TOEPLITZ")
         os.environ["REPKERNELS_DW_TOEPLITZ"] = "0" if direct else "1"
         if deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -60,11 +60,10 @@ def _paths(device: str) -> list[tuple[str, str, Callable[[], tuple[list, list]]]
             yield
         finally:
             torch.use_deterministic_algorithms(False)
-            dw_module.TRITON_TOEPLITZ = saved[0]
-            if saved[1] is None:
+            if saved is None:
                 os.environ.pop("REPKERNELS_DW_TOEPLITZ", None)
             else:
-                os.environ["REPKERNELS_DW_TOEPLITZ"] = saved[1]
+                os.environ["REPKERNELS_DW_TOEPLITZ"] = saved
 
     def dw(sfx, n, c, h, w, k, stride, padding, direct=False, deterministic=False):
         op = getattr(R, "depthwise_conv2d" + sfx)
@@ -120,9 +119,11 @@ def _paths(device: str) -> list[tuple[str, str, Callable[[], tuple[list, list]]]
         return run
 
     def common(sfx):
+        # Triton ("_triton"): the "direct" shapes run the banded Toeplitz kernels on a plane the rule declines.
+        kind = "direct" if sfx == "" else "Toeplitz banded"
         return [
-            ("depthwise 3x3 direct", dw(sfx, 2, 3, 9, 10, (3, 3), 1, (1, 1), direct=True)),
-            ("depthwise 5x5 stride 2 direct (transposed dgrad)", dw(sfx, 2, 3, 9, 10, (5, 5), 2, (2, 2), True)),
+            (f"depthwise 3x3 {kind}", dw(sfx, 2, 3, 9, 10, (3, 3), 1, (1, 1), direct=True)),
+            (f"depthwise 5x5 stride 2 {kind} (transposed dgrad)", dw(sfx, 2, 3, 9, 10, (5, 5), 2, (2, 2), True)),
             ("depthwise 11x1 Toeplitz (vertical)", dw(sfx, 2, 3, 6, 7, (11, 1), 1, (5, 0))),
             ("depthwise 1x13 Toeplitz (horizontal)", dw(sfx, 2, 3, 6, 7, (1, 13), 1, (0, 6))),
             ("depthwise 11x11 Toeplitz (2-D plane)", dw(sfx, 2, 3, 6, 6, (11, 11), 1, (5, 5))),

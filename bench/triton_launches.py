@@ -114,7 +114,8 @@ def compile_launch(fn, signature, constexprs, options, cc: int):
 
 def _depthwise(torch, dtype):
     """The depthwise bench's shapes (batch and channels cut: tiles do not depend on channels) plus stride 2,
-    dilation and channels_last; forward and backward."""
+    dilation and channels_last; forward and backward. Under the Triton backend every shape runs the Toeplitz
+    kernels: the rule's planes, and banded planes for 7x7 on 56x56, 13x13 on 200x304 and the stride-2 case."""
     from repkernels.ops import depthwise_conv2d
 
     cases = [  # (N, C, H, W, KH, KW, stride, padding, dilation, channels_last)

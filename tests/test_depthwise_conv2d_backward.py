@@ -200,9 +200,8 @@ def test_cuda_backward_ops_reject_bad_grad():
 @requires_triton_cpu
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("toeplitz", [True, False], ids=["auto_path", "direct"])
-def test_triton_gradients_match_reference(case, channels_last, toeplitz, monkeypatch):
-    monkeypatch.setattr(dw_ops, "TRITON_TOEPLITZ", toeplitz)
+def test_triton_gradients_match_reference(case, channels_last):
+    """The Triton ops run the Toeplitz kernels on every geometry (banded where the rule declines)."""
     check_grads("triton", case, torch.float32, channels_last)
 
 
@@ -250,9 +249,9 @@ MULTI_TILE_CASES = [(2, 2, 70, 3, (71, 1), 1, (35, 0), 1), (1, 2, 9, 10, (9, 11)
 @pytest.mark.parametrize("case", TOEPLITZ_CASES + MULTI_TILE_CASES,
                          ids=TOEPLITZ_IDS + ["k71x1_h70_tiles", "k9x11_9x10_2d_tiles"])
 @pytest.mark.parametrize("plane", ["2d", "1d"])
-def test_triton_toeplitz_wgrad_deterministic_workspace(case, plane, monkeypatch):
-    """The Toeplitz weight gradient sums its diagonals in the kernel (atomics) by default; under
-    torch.use_deterministic_algorithms it goes through the workspace and a fixed-order sum. Both match."""
+def test_triton_toeplitz_wgrad_is_deterministic(case, plane, monkeypatch):
+    """The Toeplitz weight gradient has no atomics: split partial products summed in a fixed order, the same
+    bits with and without torch.use_deterministic_algorithms, and right."""
     from repkernels.triton_kernels import depthwise_conv2d_toeplitz as toeplitz
 
     monkeypatch.setattr(toeplitz, "TOEPLITZ_WASTE", 10 ** 6)
@@ -261,22 +260,15 @@ def test_triton_toeplitz_wgrad_deterministic_workspace(case, plane, monkeypatch)
     plan = toeplitz.plan(x.shape[2], x.shape[3], wt.shape[2], wt.shape[3], s, p, d)
     grad = torch.randn(F.conv2d(x, wt, None, s, p, d, x.shape[1]).shape)
     ref_w = reference_grads(x, wt, b, s, p, d, grad)[1]
-    atomic = toeplitz.backward_weight(x, grad, plan, torch.empty_like(wt))
+    first = toeplitz.backward_weight(x, grad, plan, torch.empty_like(wt))
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         fixed = toeplitz.backward_weight(x, grad, plan, torch.empty_like(wt))
     finally:
         torch.use_deterministic_algorithms(was)
-    assert_close(atomic, ref_w, torch.float32, what="grad weight (atomic diagonal sums)")
-    assert_close(fixed, ref_w, torch.float32, what="grad weight (deterministic workspace)")
-
-
-@requires_triton_cpu
-@pytest.mark.parametrize("case", [CASES[4], CASES[5], CASES[6]], ids=[IDS[4], IDS[5], IDS[6]])
-def test_triton_direct_path_on_oversized_kernels(case, monkeypatch):
-    monkeypatch.setattr(dw_ops, "TRITON_TOEPLITZ", False)
-    check_grads("triton", case, torch.float32, False)
+    assert_close(first, ref_w, torch.float32, what="grad weight")
+    assert torch.equal(first, fixed)
 
 
 def test_toeplitz_rule():
@@ -294,6 +286,14 @@ def test_toeplitz_rule():
     assert toeplitz.plan(56, 56, 7, 7, (1, 1), (3, 3), (1, 1)) is None        # plane >> taps: direct
     assert toeplitz.plan(56, 56, 3, 1, (1, 1), (1, 0), (1, 1)) is None        # small 1-D kernel: direct
     assert toeplitz.plan(9, 9, 1, 1, (1, 1), (0, 0), (1, 1)) is None          # 1x1: direct
+    # force (the Triton ops): a plan for every geometry, the 1-D plane with the smaller size/taps ratio
+    p = toeplitz.plan(56, 56, 7, 7, (1, 1), (3, 3), (1, 1), force=True)
+    assert p is not None and not p.two_d and not p.swap and p.kf == 7
+    p = toeplitz.plan(200, 304, 13, 13, (1, 1), (6, 6), (1, 1), force=True)
+    assert not p.two_d and not p.swap and p.in_plane == (200, 1)
+    p = toeplitz.plan(9, 40, 1, 1, (1, 1), (0, 0), (1, 1), force=True)
+    assert p.swap is False and p.kh == 1 and p.kf == 1
+    assert toeplitz.plan(7, 7, 13, 13, (1, 1), (6, 6), (1, 1), force=True).two_d   # the rule's choice is kept
 
 
 @requires_triton_cpu

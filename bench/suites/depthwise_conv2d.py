@@ -20,7 +20,6 @@ profiler's kernel names for each are recorded once per family.
 from __future__ import annotations
 
 import functools
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -78,26 +77,6 @@ def useful_macs(n, c, h, w, kernel, stride) -> int:
     return n * c * axis(h, kernel[0], stride) * axis(w, kernel[1], stride)
 
 
-def _toeplitz_applies(h, w, kh, kw, stride, padding) -> bool:
-    from repkernels.triton_kernels import depthwise_conv2d_toeplitz as toeplitz
-
-    return toeplitz.plan(h, w, kh, kw, (stride, stride), padding, (1, 1)) is not None
-
-
-def _without_toeplitz(fn):
-    """``fn`` (forward and backward) with Triton's Toeplitz path off: its direct kernels, for comparison."""
-    ops_module = sys.modules["repkernels.ops.depthwise_conv2d"]
-
-    def call(*args):
-        old = ops_module.TRITON_TOEPLITZ
-        ops_module.TRITON_TOEPLITZ = False
-        try:
-            return fn(*args)
-        finally:
-            ops_module.TRITON_TOEPLITZ = old
-    return call
-
-
 def _setup(n, c, h, w, kernel_spec, stride, mode, dtype, device, small):
     if small:  # CPU check: the emulation and the Triton interpreter are slow
         n, c, h, w = min(n, 2), 2, min(h, 9), min(w, 10)
@@ -148,9 +127,6 @@ def _setup(n, c, h, w, kernel_spec, stride, mode, dtype, device, small):
             lambda xx, ww, bb: torch.ops.repkernels.depthwise_conv2d_triton(xx, ww, bb, s2, p2, [1, 1]))
     if gpu:
         impls["auto"] = wrap(with_backend("auto"))
-        if _backend.HAS_TRITON and _toeplitz_applies(h, w, kh, kw, stride, padding):
-            impls["triton direct"] = _without_toeplitz(wrap(
-                lambda xx, ww, bb: torch.ops.repkernels.depthwise_conv2d_triton(xx, ww, bb, s2, p2, [1, 1])))
 
     def ref64():
         args = [t.detach().double().requires_grad_() for t in (x, wt, b)]

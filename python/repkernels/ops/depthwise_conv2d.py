@@ -7,14 +7,26 @@ Registered operators (``torch.ops.repkernels``):
   block, for the tests);
 * ``depthwise_conv2d_triton``, ``depthwise_conv2d_backward_input_triton``,
   ``depthwise_conv2d_backward_weight_triton`` — Triton kernels; they check their arguments as the C++ ops do
-  (:mod:`repkernels.ops._op_checks`), raising ``ValueError`` / ``TypeError``.
+  (:mod:`repkernels.ops._op_checks`), raising ``ValueError`` / ``TypeError``. They run the Toeplitz GEMMs of
+  ``triton_kernels/depthwise_conv2d_toeplitz.py`` on every geometry (banded where the plane is large: only
+  the tiles of the Toeplitz band are multiplied); the Triton direct kernels were deleted (issue 16: no bench
+  row had them faster than cuDNN, 0.04-0.23x on an H100).
 
 Every op has a fake (meta) implementation; the forward ops have autograd whose backward runs the
 backward ops of the same backend (bias gradient: a sum), and the backward ops have autograd made of the
-family's ops (double backward; ``ops/_registration.register_conv_double_backward``). Each backend computes large kernels as
-per-channel Toeplitz GEMMs (Triton: tensor cores; CUDA: the tile engine of kw_gemm_tile.h) and other
-kernels directly (dgrad: transposed direct conv; wgrad: per-channel reduction over batch and positions),
-always with fp32 accumulation.
+family's ops (double backward; ``ops/_registration.register_conv_double_backward``). The CUDA extension computes
+large kernels as per-channel Toeplitz GEMMs (the tile engine of kw_gemm_tile.h) and other kernels directly
+(dgrad: transposed direct conv; wgrad: per-channel reduction over batch and positions); Triton computes
+every kernel as Toeplitz GEMMs (tensor cores); always with fp32 accumulation.
+
+Non-finite values: ``F.conv2d``'s direct algorithms (the reference; cuDNN's direct and implicit-GEMM ones)
+and the CUDA direct tiles keep a NaN/Inf of the input to the outputs whose receptive field holds it. The
+Toeplitz GEMMs (Triton on every geometry; CUDA on the shapes of the Toeplitz rule) multiply it by the zeros
+of the banded matrix too (0·NaN = NaN, 0·Inf = NaN): it reaches every output of its (sample, channel) plane
+line — a 1-D plane: the output rows of the plane axis (within the band of the tile rows) at the free-axis
+positions that read it; a 2-D plane: the whole map — and, in the backward, the same for the gradients.
+Keeping locality would cost a masked copy of each operand tile per product, so it is not kept; cuDNN's FFT
+and Winograd algorithms do not keep it either. Other samples and channels are never touched.
 
 Routing under ``auto``: CPU tensors and float64 go to the reference. On a GPU, by default, the first call
 of each problem (shapes, dtype, memory format, stride/padding/dilation, and whether gradients are needed)
@@ -25,7 +37,8 @@ kernel with both sides <= ``CUDNN_MAX_KERNEL`` (7) goes to cuDNN (``F.conv2d``: 
 memory bound and cuDNN's depthwise kernels are at the bandwidth limit); kernels large relative to
 the map (the Toeplitz rule of ``triton_kernels/depthwise_conv2d_toeplitz.py``: ParCNetV2's 2H − 1,
 RepLKNet's K = 31 on 56×56 and K = 13 on 14×14 / 7×7, ...) go to Triton's Toeplitz GEMMs (tensor
-cores), falling back to CUDA; other kernels go to the CUDA kernels, falling back to Triton. A kernel
+cores), falling back to CUDA, then cuDNN; other kernels go to the CUDA kernels, falling back to cuDNN (not
+to Triton, whose Toeplitz GEMMs serve them only when asked for; :func:`static_choice`). A kernel
 side larger than ``MAX_KERNEL_SIZE`` is served by the reference with a one-time warning, whatever the
 backend asked for. Inside ``torch.func`` transforms (and for ``C = 0``) ``auto`` uses the reference: the
 registered ops cannot be differentiated by ``torch.func``/forward-mode AD (PyTorch's limitation, see
@@ -109,18 +122,13 @@ def _make_backward(bwd_input, bwd_weight):
     return backward
 
 
-#: Whether the Triton ops may use the Toeplitz-GEMM kernels (oversized kernels; see
-#: triton_kernels/depthwise_conv2d_toeplitz.py for the rule). Set False to force the direct kernels.
-TRITON_TOEPLITZ = True
-
-
-def _toeplitz_plan(input, weight, stride, padding, dilation):
-    if not TRITON_TOEPLITZ:
-        return None
+def _toeplitz_plan(input, weight, stride, padding, dilation, force: bool = False):
+    """The Toeplitz plan of this conv (triton_kernels/depthwise_conv2d_toeplitz.py): where its rule prefers the
+    Toeplitz GEMMs, or always with ``force`` (the Triton ops serve every geometry with them)."""
     from ..triton_kernels import depthwise_conv2d_toeplitz as toeplitz
 
     return toeplitz.plan(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3], tuple(stride),
-                         tuple(padding), tuple(dilation))
+                         tuple(padding), tuple(dilation), force=force)
 
 
 if _backend.HAS_TRITON:
@@ -129,45 +137,36 @@ if _backend.HAS_TRITON:
                                  stride: Sequence[int], padding: Sequence[int],
                                  dilation: Sequence[int]) -> torch.Tensor:
         from ..triton_kernels import depthwise_conv2d_toeplitz as toeplitz
-        from ..triton_kernels.depthwise_conv2d_fwd import depthwise_conv2d_fwd
 
         stride, padding, dilation = _op_checks.depthwise_conv2d("depthwise_conv2d_triton", input, weight, bias,
                                                                 stride, padding, dilation)
         out = _empty_output(input, weight, stride, padding, dilation)
-        plan = _toeplitz_plan(input, weight, stride, padding, dilation)
-        if plan is not None:
-            return toeplitz.forward(input, weight, bias, plan, out)
-        return depthwise_conv2d_fwd(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), out)
+        plan = _toeplitz_plan(input, weight, stride, padding, dilation, force=True)
+        return toeplitz.forward(input, weight, bias, plan, out)
 
     @torch.library.custom_op("repkernels::depthwise_conv2d_backward_input_triton", mutates_args=())
     def _depthwise_conv2d_backward_input_triton(grad: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
                                                 stride: Sequence[int], padding: Sequence[int],
                                                 dilation: Sequence[int]) -> torch.Tensor:
         from ..triton_kernels import depthwise_conv2d_toeplitz as toeplitz
-        from ..triton_kernels.depthwise_conv2d_bwd_input import depthwise_conv2d_bwd_input
 
         stride, padding, dilation = _op_checks.depthwise_conv2d_backward(
             "depthwise_conv2d_backward_input_triton", grad, input, weight, stride, padding, dilation)
         out = _fake_bwd_input(grad, input, weight, stride, padding, dilation)
-        plan = _toeplitz_plan(input, weight, stride, padding, dilation)
-        if plan is not None:
-            return toeplitz.backward_input(grad, weight, plan, out)
-        return depthwise_conv2d_bwd_input(grad, weight, tuple(stride), tuple(padding), tuple(dilation), out)
+        plan = _toeplitz_plan(input, weight, stride, padding, dilation, force=True)
+        return toeplitz.backward_input(grad, weight, plan, out)
 
     @torch.library.custom_op("repkernels::depthwise_conv2d_backward_weight_triton", mutates_args=())
     def _depthwise_conv2d_backward_weight_triton(grad: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
                                                  stride: Sequence[int], padding: Sequence[int],
                                                  dilation: Sequence[int]) -> torch.Tensor:
         from ..triton_kernels import depthwise_conv2d_toeplitz as toeplitz
-        from ..triton_kernels.depthwise_conv2d_bwd_weight import depthwise_conv2d_bwd_weight
 
         stride, padding, dilation = _op_checks.depthwise_conv2d_backward(
             "depthwise_conv2d_backward_weight_triton", grad, input, weight, stride, padding, dilation)
         out = _fake_bwd_weight(grad, input, weight, stride, padding, dilation)
-        plan = _toeplitz_plan(input, weight, stride, padding, dilation)
-        if plan is not None:
-            return toeplitz.backward_weight(input, grad, plan, out)
-        return depthwise_conv2d_bwd_weight(input, grad, tuple(stride), tuple(padding), tuple(dilation), out)
+        plan = _toeplitz_plan(input, weight, stride, padding, dilation, force=True)
+        return toeplitz.backward_weight(input, grad, plan, out)
 
     register_op_family("depthwise_conv2d_triton", ("depthwise_conv2d_backward_input_triton",
                                                    "depthwise_conv2d_backward_weight_triton"),
@@ -292,19 +291,34 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         which = _measured_choice(input, weight, bias, stride, padding, dilation, tensors)
         if which is not None:
             return _run(which, input, weight, bias, stride, padding, dilation)
-    if (_backend.get_backend() == "auto" and input.is_cuda and max(kh, kw) <= CUDNN_MAX_KERNEL):
-        return _reference_forward(input, weight, bias, stride, padding, dilation)  # cuDNN
+    return _run(static_choice(input, weight, bias, stride, padding, dilation), input, weight, bias, stride, padding,
+                dilation)
+
+
+def static_choice(input, weight, bias, stride, padding, dilation, on_gpu: bool | None = None) -> str:
+    """The backend of the static rule ('cuda', 'triton' or 'reference' = ``F.conv2d``, cuDNN on a GPU) for the
+    requested backend (:func:`repkernels.backend`) and these normalized arguments; ``on_gpu`` defaults to
+    ``input.is_cuda`` (tests simulate a GPU with it).
+
+    Under ``auto`` on a GPU: both kernel sides <= CUDNN_MAX_KERNEL -> cuDNN; shapes the Toeplitz rule accepts ->
+    Triton's Toeplitz GEMMs, else CUDA, else cuDNN; other shapes -> CUDA, else cuDNN (the Triton kernels serve
+    them only when asked for: no bench row has them faster than cuDNN)."""
+    on_gpu = input.is_cuda if on_gpu is None else on_gpu
+    kh, kw = weight.shape[2], weight.shape[3]
+    tensors = (input, weight) if bias is None else (input, weight, bias)
+    auto = _backend.get_backend() == "auto"
+    if auto and on_gpu and max(kh, kw) <= CUDNN_MAX_KERNEL:
+        return "reference"  # cuDNN
     # Oversized kernels: Triton's Toeplitz GEMMs run on tensor cores, the CUDA kernels are direct.
-    toeplitz = input.is_cuda and _backend.HAS_TRITON and _toeplitz_plan(input, weight, stride, padding,
-                                                                       dilation) is not None
-    which = _backend.select(
+    toeplitz = on_gpu and _backend.HAS_TRITON and _toeplitz_plan(input, weight, stride, padding,
+                                                                 dilation) is not None
+    return _backend.select(
         OP,
         {"cuda": lambda: _backend.cuda_unavailable_reason(*tensors) or autodiff_unsupported_reason(*tensors),
          "triton": lambda: _backend.triton_unavailable_reason(*tensors) or autodiff_unsupported_reason(*tensors)},
-        on_gpu=input.is_cuda,
-        prefer=("triton", "cuda") if toeplitz else ("cuda", "triton"),
+        on_gpu=on_gpu,
+        prefer=("triton", "cuda") if toeplitz else ("cuda",),
     )
-    return _run(which, input, weight, bias, stride, padding, dilation)
 
 
 def _run(which: str, input, weight, bias, stride, padding, dilation) -> torch.Tensor:

@@ -11,6 +11,10 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """Depthwise conv: ``input`` (N, C, H, W), ``weight`` (C, 1, kh, kw), ``bias`` (C,) or None → (N, C, OH, OW).
 
     OH = (H + 2·padding[0] − dilation[0]·(kh − 1) − 1) // stride[0] + 1, likewise OW.
+
+    A NaN/Inf of ``input`` reaches exactly the outputs whose receptive field holds it (the direct algorithms
+    ``F.conv2d`` runs on CPU and, on a GPU, cuDNN's direct/implicit-GEMM ones; its FFT and Winograd algorithms,
+    like the Toeplitz GEMMs of the fast backends, spread it further: see ``repkernels.ops.depthwise_conv2d``).
     """
     if input.shape[1] == 0:  # F.conv2d rejects groups=0; every backend returns the empty output
         oh = (input.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
