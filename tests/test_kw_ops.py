@@ -302,7 +302,8 @@ FUSED_CASES = [
     (3, 32, 5, 5, 32, (3, 3), (1, 1), (1, 1), (1, 1), (16, 16, 1, 1), 7),    # one cell per tap, 2 x 2 cells
     (2, 16, 6, 5, 32, (3, 3), (2, 2), (1, 1), (1, 1), (32, 16, 3, 3), 3),    # whole-kernel cells, stride 2
     (17, 16, 3, 3, 16, (3, 3), (1, 2), (2, 1), (2, 1), (16, 16, 1, 1), 5),   # batch over two sample groups, dilation
-    (2, 32, 4, 4, 64, (1, 1), (1, 1), (0, 0), (1, 1), (32, 32, 1, 1), 20),   # 1x1, 32-wide tiles, n > BLOCK_N
+    (2, 32, 4, 4, 64, (1, 1), (1, 1), (0, 0), (1, 1), (32, 32, 1, 1), 20),   # 1x1, 32-wide cells, n > BLOCK_N
+    (17, 32, 9, 9, 32, (3, 3), (1, 1), (1, 1), (1, 1), (16, 16, 1, 1), 20),  # partial sample group and pixel tile
 ]
 
 
@@ -331,9 +332,10 @@ def test_triton_fused_matches_reference(case):
 
 
 @requires_triton_cpu
+@pytest.mark.parametrize("case", [FUSED_CASES[3], FUSED_CASES[4]], ids=["fused3", "fused4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_fused_half_precision(dtype):
-    x, att, wh, layout, bias, s, p, d = make_fused(FUSED_CASES[3], dtype)
+def test_triton_fused_half_precision(case, dtype):
+    x, att, wh, layout, bias, s, p, d = make_fused(case, dtype)
     out = R.kw_conv2d_fused_triton(x, att, wh, layout, bias, s, p, d)
     # the fused kernel rounds each assembled tile to `dtype`, as the unfused path stores its kernels
     kernels = ref.kw_assemble(att.double(), wh.double(), layout).to(dtype).double()
