@@ -58,6 +58,13 @@ def kw_assemble_bwd_attention_kernel(
              mask=r_ok[:, None] & n_ok[None, :])
 
 
+def warps(itemsize: int, block_r: int, block_n: int) -> int:
+    """8 warps for fp32 and for 32 x 64 output tiles. With 4, sm_90 code spilled 8 B (fp32 16 x 16 at 80
+    registers, fp32 32 x 64 at 255) and bf16 32 x 64 took 255 registers; fp32 with 8 warps and 32-element
+    chunks of the cell spilled 8 B at 64 registers, hence chunks of 64 (``python -m repkernels.bench --static``)."""
+    return 8 if itemsize >= 4 or block_r * block_n >= 32 * 64 else 4
+
+
 def kw_assemble_bwd_attention(grad_out: torch.Tensor, warehouse: torch.Tensor,
                               grid: tuple[int, int, int, int, int, int, int], out: torch.Tensor) -> torch.Tensor:
     """``grad_out`` (B, Cout, Cin_g, *kernel), ``warehouse`` (n, co, ci, *cell_kernel) into ``out`` (B, m, n),
@@ -69,7 +76,7 @@ def kw_assemble_bwd_attention(grad_out: torch.Tensor, warehouse: torch.Tensor,
         return out
     grad_out = grad_out.contiguous()
     warehouse = warehouse.contiguous()
-    block_r, block_t, block_n = pow2_clamp(m, 16, 64), pow2_clamp(t, 16, 64), pow2_clamp(n, 16, 64)
+    block_r, block_t, block_n = pow2_clamp(m, 16, 64), 64, pow2_clamp(n, 16, 64)
     launch = (triton.cdiv(rows, block_r), triton.cdiv(n, block_n))
     kw_assemble_bwd_attention_kernel[launch](
         grad_out, warehouse, out,
@@ -77,6 +84,6 @@ def kw_assemble_bwd_attention(grad_out: torch.Tensor, warehouse: torch.Tensor,
         gi, ns, co, ci, ce, gi * ci, ks, grad_out[0].numel(),
         BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_N=block_n,
         DOT_FP32=dot_in_fp32(warehouse.dtype), PRECISION=matmul_precision(warehouse.dtype),
-        num_warps=4,
+        num_warps=warps(warehouse.element_size(), block_r, block_n),
     )
     return out
