@@ -90,9 +90,11 @@ def kw_assemble_fwd_kernel(
         val = acc.to(out_ptr.dtype.element_ty)
         if ROWS_FAST:
             tl.store(out_ptr + col_off[:, None] + row_off[None, :], tl.trans(val), mask=t_ok[:, None] & r_ok[None, :])
+        elif VEC > 1:  # T is a multiple of VEC: the column mask is constant over each run of VEC columns
+            row_off = tl.multiple_of(row_off, VEC)
+            tv_ok = (t // VEC) < (T // VEC)
+            tl.store(out_ptr + row_off[:, None] + col_off[None, :], val, mask=r_ok[:, None] & tv_ok[None, :])
         else:
-            if VEC > 1:
-                row_off = tl.multiple_of(row_off, VEC)
             tl.store(out_ptr + row_off[:, None] + col_off[None, :], val, mask=r_ok[:, None] & t_ok[None, :])
 
 
