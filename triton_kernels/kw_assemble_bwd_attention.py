@@ -20,7 +20,7 @@ def kw_assemble_bwd_attention_kernel(
     g_ptr, wh_ptr, out_ptr,
     R, N, T, M_MIX,
     GI, NS, CO, CI, CE, CIN_G, KS, W_SAMPLE,
-    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_FAST: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -46,7 +46,11 @@ def kw_assemble_bwd_attention_kernel(
         e = t % CE
         ac = t // CE
         col_off = (ac // CI).to(tl.int64) * CIN_G * KS + (ac % CI) * KS + e
-        g = tl.load(g_ptr + row_off[:, None] + col_off[None, :], mask=r_ok[:, None] & t_ok[None, :], other=0.0)
+        if ROWS_FAST:  # spatial partition: consecutive rows (taps) are consecutive addresses, columns KS apart
+            g = tl.trans(tl.load(g_ptr + col_off[:, None] + row_off[None, :], mask=t_ok[:, None] & r_ok[None, :],
+                                 other=0.0))
+        else:
+            g = tl.load(g_ptr + row_off[:, None] + col_off[None, :], mask=r_ok[:, None] & t_ok[None, :], other=0.0)
         w = tl.load(wh_ptr + nn[None, :].to(tl.int64) * T + t[:, None], mask=t_ok[:, None] & n_ok[None, :],
                     other=0.0)
         if DOT_FP32:
@@ -82,7 +86,7 @@ def kw_assemble_bwd_attention(grad_out: torch.Tensor, warehouse: torch.Tensor,
         grad_out, warehouse, out,
         rows, n, t, m,
         gi, ns, co, ci, ce, gi * ci, ks, grad_out[0].numel(),
-        BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_N=block_n,
+        BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_N=block_n, ROWS_FAST=ce == 1 and ns > 1,
         DOT_FP32=dot_in_fp32(warehouse.dtype), PRECISION=matmul_precision(warehouse.dtype),
         num_warps=warps(warehouse.element_size(), block_r, block_n),
     )
