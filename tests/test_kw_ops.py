@@ -316,10 +316,17 @@ def test_triton_conv_matches_reference(case, channels_last):
                  "grad weight")
 
 
+# several 64 x 128 output tiles (the last pixel tile partial) and reduction chunks (the last partial)
+CONV_BIG_TILES = (2, 16, 20, 20, 64, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+
+
 @requires_triton_cpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_conv_half_precision(dtype):
-    x, wt, bias, s, p, d, g = make_conv(CONV_CASES[1], dtype)
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_BIG_TILES], ids=["stride2", "big_tiles"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_conv_dtypes_and_big_tiles(case, dtype):
+    if dtype == torch.float32 and case is CONV_CASES[1]:
+        pytest.skip("test_triton_conv_matches_reference covers it")
+    x, wt, bias, s, p, d, g = make_conv(case, dtype)
     out = R.per_sample_conv2d_triton(x, wt, bias, s, p, d, g)
     grad = torch.randn(out.shape, dtype=dtype)
     ref_out, ref_gx, ref_gw = conv_ref64(x, wt, bias, s, p, d, g, grad)
