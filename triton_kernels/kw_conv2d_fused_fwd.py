@@ -116,8 +116,8 @@ def tiles(co: int, ci: int, n: int, p: int, itemsize: int = 2) -> tuple[int, int
     16 x 16 weight tiles and chunks of 16 warehouse cells: the accumulator is GB x BLOCK_O x BLOCK_P (GB = 16
     samples, the least ``tl.dot`` takes as M) and the assembled tiles GB x BLOCK_O·BLOCK_C, both in registers
     with the batched dot's operands. Compiled for sm_90 (``python -m repkernels.bench --static``): 32 x 32 bf16
-    tiles with 32-cell chunks took 255 registers and spilled 352-408 B; 16 x 16 tiles with 32-cell chunks 255
-    (1x1) / 186 (3x3) registers, fp32 254-255; with 16-cell chunks 206 (bf16 1x1) and 214 (fp32), no spill."""
+    tiles with 32-cell chunks took 255 registers and spilled 352-408 B, fp32 16 x 16 254-255 registers; with
+    16 x 16 tiles and 16-cell chunks bf16 takes 206 (1x1) / 230 (3x3) registers, fp32 214, no spill."""
     if co % 16 or ci % 16:
         return None
     return 16, 16, pow2_clamp(p, 16, 64), 16
