@@ -264,6 +264,38 @@ def test_triton_assemble_half_precision(dtype):
     assert_close(R.kw_assemble_backward_warehouse_triton(grad, att, wh, layout), ref_gw, dtype, "grad warehouse")
 
 
+# The forward assembly kernel's paths (triton_kernels/kw_assemble_fwd.py), each on several column tiles and row
+# tiles in several row ranges, partial ones included: (case, rows stored fastest, 16-byte vectors in fp32/2-byte)
+ASM_TILE_CASES = [
+    ((50, (64, 32, 1, 1), (32, 16, 1, 1), 40), False, (4, 8)),  # 1x1: columns contiguous; 8 column, 4 row tiles
+    ((5, (24, 16, 3, 3), (12, 8, 3, 3), 6), False, (4, 8)),     # whole-kernel cells: 13.5 column tiles
+    ((30, (16, 8, 3, 3), (8, 8, 1, 1), 20), True, (1, 1)),      # spatial partition: 9 row tiles in 2 ranges
+]
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case, rows_fast, vec", ASM_TILE_CASES, ids=["1x1", "whole", "spatial"])
+def test_triton_assemble_kernel_paths(case, rows_fast, vec, dtype, resident, monkeypatch):
+    from repkernels.triton_kernels import kw_assemble_fwd as fwd
+
+    if dtype == torch.float32 and resident:
+        pytest.skip("fp32 always reduces in chunks")
+    if not resident:
+        monkeypatch.setattr(fwd, "RESIDENT_BYTES", 0)
+    att, wh, layout = make_asm(case, dtype)
+    grid = ref.layout_grid(wh.shape, layout)
+    cfg = fwd.plan(att.shape[1], att.shape[2], grid[1] * grid[3] * grid[5], grid, wh.element_size())
+    assert (cfg["RESIDENT"], cfg["ROWS_FAST"], cfg["VEC"]) == (resident, rows_fast, vec[dtype != torch.float32])
+    out = R.kw_assemble_triton(att, wh, layout)
+    grad = torch.randn(out.shape, dtype=dtype)
+    ref_out, ref_ga, ref_gw = asm_ref64(att, wh, layout, grad)
+    assert_close(out, ref_out, dtype)
+    assert_close(R.kw_assemble_backward_attention_triton(grad, wh, layout), ref_ga, dtype, "grad attention")
+    assert_close(R.kw_assemble_backward_warehouse_triton(grad, att, wh, layout), ref_gw, dtype, "grad warehouse")
+
+
 @requires_triton_cpu
 @pytest.mark.parametrize("case", [CONV_CASES[i] for i in TRITON_CONV], ids=[CONV_IDS[i] for i in TRITON_CONV])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -284,10 +316,17 @@ def test_triton_conv_matches_reference(case, channels_last):
                  "grad weight")
 
 
+# several 64 x 128 output tiles (the last pixel tile partial) and reduction chunks (the last partial)
+CONV_BIG_TILES = (2, 16, 20, 20, 64, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+
+
 @requires_triton_cpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_conv_half_precision(dtype):
-    x, wt, bias, s, p, d, g = make_conv(CONV_CASES[1], dtype)
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_BIG_TILES], ids=["stride2", "big_tiles"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_conv_dtypes_and_big_tiles(case, dtype):
+    if dtype == torch.float32 and case is CONV_CASES[1]:
+        pytest.skip("test_triton_conv_matches_reference covers it")
+    x, wt, bias, s, p, d, g = make_conv(case, dtype)
     out = R.per_sample_conv2d_triton(x, wt, bias, s, p, d, g)
     grad = torch.randn(out.shape, dtype=dtype)
     ref_out, ref_gx, ref_gw = conv_ref64(x, wt, bias, s, p, d, g, grad)
@@ -302,7 +341,8 @@ FUSED_CASES = [
     (3, 32, 5, 5, 32, (3, 3), (1, 1), (1, 1), (1, 1), (16, 16, 1, 1), 7),    # one cell per tap, 2 x 2 cells
     (2, 16, 6, 5, 32, (3, 3), (2, 2), (1, 1), (1, 1), (32, 16, 3, 3), 3),    # whole-kernel cells, stride 2
     (17, 16, 3, 3, 16, (3, 3), (1, 2), (2, 1), (2, 1), (16, 16, 1, 1), 5),   # batch over two sample groups, dilation
-    (2, 32, 4, 4, 64, (1, 1), (1, 1), (0, 0), (1, 1), (32, 32, 1, 1), 20),   # 1x1, 32-wide tiles, n > BLOCK_N
+    (2, 32, 4, 4, 64, (1, 1), (1, 1), (0, 0), (1, 1), (32, 32, 1, 1), 20),   # 1x1, 32-wide cells, n > BLOCK_N
+    (17, 32, 9, 9, 32, (3, 3), (1, 1), (1, 1), (1, 1), (16, 16, 1, 1), 20),  # partial sample group and pixel tile
 ]
 
 
@@ -331,9 +371,10 @@ def test_triton_fused_matches_reference(case):
 
 
 @requires_triton_cpu
+@pytest.mark.parametrize("case", [FUSED_CASES[3], FUSED_CASES[4]], ids=["fused3", "fused4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_fused_half_precision(dtype):
-    x, att, wh, layout, bias, s, p, d = make_fused(FUSED_CASES[3], dtype)
+def test_triton_fused_half_precision(case, dtype):
+    x, att, wh, layout, bias, s, p, d = make_fused(case, dtype)
     out = R.kw_conv2d_fused_triton(x, att, wh, layout, bias, s, p, d)
     # the fused kernel rounds each assembled tile to `dtype`, as the unfused path stores its kernels
     kernels = ref.kw_assemble(att.double(), wh.double(), layout).to(dtype).double()

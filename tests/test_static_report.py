@@ -103,3 +103,32 @@ def test_blocks_per_sm_from_registers_threads_and_shared_memory():
     assert static.blocks_per_sm(255, 128, 0) == 2                 # registers: 256 per thread -> 32768 per block
     assert static.blocks_per_sm(32, 128, 100 * 1024) == 2         # shared memory: 228 KB / (100 KB + 1 KB)
     assert static.blocks_per_sm(32, None, 0) is None
+
+
+@pytest.fixture(scope="module")
+def kw_report():
+    """The KernelWarehouse kernels only: the CUDA GEMMs of csrc/kernelwarehouse/kw_kernels.cu and the Triton launches
+    of the KW workload (KW-ResNet-50 with its fused stage, KW-MobileNetV2; fp32 and bf16), compiled for sm_90."""
+    if static.tool("nvcc") is None or static.tool("cuobjdump") is None or not _backend.HAS_TRITON:
+        pytest.skip("needs nvcc and Triton (whose package carries cuobjdump)")
+    code = ("import json, sys; from repkernels.bench import static; "
+            "r = static.cuda_report(90, [static.source_root() / 'csrc' / 'kernelwarehouse' / 'kw_kernels.cu']) "
+            "+ static.triton_report(90, ['kernelwarehouse']); json.dump([k.row() for k in r], sys.stdout)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_kernelwarehouse_kernels_do_not_spill(kw_report):
+    """Issue 12: no KW hot kernel spills (the fused assembly-in-conv kernel spilled 352-408 B, the conv wgrad GEMM
+    16 B, the per-sample dgrad 24-48 B, the assembly backward 8 B) and the assembly forward uses 64-row tiles."""
+    cuda = [k for k in kw_report if k["source"] == "cuda" and "rk::kw::gemm_kernel<rk::kw::" in k["kernel"]]
+    triton = [k for k in kw_report if k["source"] == "triton" and k["kernel"].startswith(("kw_", "per_sample_"))]
+    assert len(cuda) == 36, [k["kernel"] for k in cuda]           # 6 problems x 3 dtypes x 2 tile shapes
+    assert {k["kernel"].split()[0] for k in triton} >= {
+        "kw_assemble_fwd_kernel", "kw_assemble_bwd_attention_kernel", "kw_assemble_bwd_warehouse_kernel",
+        "kw_conv2d_fused_fwd_kernel", "per_sample_conv2d_fwd_kernel", "per_sample_conv2d_bwd_input_kernel",
+        "per_sample_conv2d_bwd_weight_kernel"}
+    assert not [k["kernel"] for k in cuda + triton if k["spill_bytes"]]
+    assert all("BLOCK_R=64" in k["kernel"] for k in triton if k["kernel"].startswith("kw_assemble_fwd_kernel"))

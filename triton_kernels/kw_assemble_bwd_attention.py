@@ -20,7 +20,7 @@ def kw_assemble_bwd_attention_kernel(
     g_ptr, wh_ptr, out_ptr,
     R, N, T, M_MIX,
     GI, NS, CO, CI, CE, CIN_G, KS, W_SAMPLE,
-    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_FAST: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -46,7 +46,11 @@ def kw_assemble_bwd_attention_kernel(
         e = t % CE
         ac = t // CE
         col_off = (ac // CI).to(tl.int64) * CIN_G * KS + (ac % CI) * KS + e
-        g = tl.load(g_ptr + row_off[:, None] + col_off[None, :], mask=r_ok[:, None] & t_ok[None, :], other=0.0)
+        if ROWS_FAST:  # spatial partition: consecutive rows (taps) are consecutive addresses, columns KS apart
+            g = tl.trans(tl.load(g_ptr + col_off[:, None] + row_off[None, :], mask=t_ok[:, None] & r_ok[None, :],
+                                 other=0.0))
+        else:
+            g = tl.load(g_ptr + row_off[:, None] + col_off[None, :], mask=r_ok[:, None] & t_ok[None, :], other=0.0)
         w = tl.load(wh_ptr + nn[None, :].to(tl.int64) * T + t[:, None], mask=t_ok[:, None] & n_ok[None, :],
                     other=0.0)
         if DOT_FP32:
@@ -56,6 +60,13 @@ def kw_assemble_bwd_attention_kernel(
 
     tl.store(out_ptr + r64[:, None] * N + nn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=r_ok[:, None] & n_ok[None, :])
+
+
+def warps(itemsize: int, block_r: int, block_n: int) -> int:
+    """8 warps for fp32 and for 32 x 64 output tiles. With 4, sm_90 code spilled 8 B (fp32 16 x 16 at 80
+    registers, fp32 32 x 64 at 255) and bf16 32 x 64 took 255 registers; fp32 with 8 warps and 32-element
+    chunks of the cell spilled 8 B at 64 registers, hence chunks of 64 (``python -m repkernels.bench --static``)."""
+    return 8 if itemsize >= 4 or block_r * block_n >= 32 * 64 else 4
 
 
 def kw_assemble_bwd_attention(grad_out: torch.Tensor, warehouse: torch.Tensor,
@@ -69,14 +80,14 @@ def kw_assemble_bwd_attention(grad_out: torch.Tensor, warehouse: torch.Tensor,
         return out
     grad_out = grad_out.contiguous()
     warehouse = warehouse.contiguous()
-    block_r, block_t, block_n = pow2_clamp(m, 16, 64), pow2_clamp(t, 16, 64), pow2_clamp(n, 16, 64)
+    block_r, block_t, block_n = pow2_clamp(m, 16, 64), 64, pow2_clamp(n, 16, 64)
     launch = (triton.cdiv(rows, block_r), triton.cdiv(n, block_n))
     kw_assemble_bwd_attention_kernel[launch](
         grad_out, warehouse, out,
         rows, n, t, m,
         gi, ns, co, ci, ce, gi * ci, ks, grad_out[0].numel(),
-        BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_N=block_n,
+        BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_N=block_n, ROWS_FAST=ce == 1 and ns > 1,
         DOT_FP32=dot_in_fp32(warehouse.dtype), PRECISION=matmul_precision(warehouse.dtype),
-        num_warps=4,
+        num_warps=warps(warehouse.element_size(), block_r, block_n),
     )
     return out

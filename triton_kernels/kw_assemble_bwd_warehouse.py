@@ -22,7 +22,7 @@ def kw_assemble_bwd_warehouse_kernel(
     att_ptr, g_ptr, part_ptr,
     R, N, T, M_MIX, ROWS_PER_SPLIT,
     GI, NS, CO, CI, CE, CIN_G, KS, W_SAMPLE,
-    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_FAST: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -49,7 +49,11 @@ def kw_assemble_bwd_warehouse_kernel(
         oi = j // NS
         row_off = b * W_SAMPLE + (oi // GI) * CO * CIN_G * KS + (oi % GI) * CI * KS + s * CE
         a = tl.load(att_ptr + r64[None, :] * N + nn[:, None], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        g = tl.load(g_ptr + row_off[:, None] + col_off[None, :], mask=r_ok[:, None] & t_ok[None, :], other=0.0)
+        if ROWS_FAST:  # spatial partition: consecutive rows (taps) are consecutive addresses, columns KS apart
+            g = tl.trans(tl.load(g_ptr + col_off[:, None] + row_off[None, :], mask=t_ok[:, None] & r_ok[None, :],
+                                 other=0.0))
+        else:
+            g = tl.load(g_ptr + row_off[:, None] + col_off[None, :], mask=r_ok[:, None] & t_ok[None, :], other=0.0)
         if DOT_FP32:
             a = a.to(tl.float32)
             g = g.to(tl.float32)
@@ -91,7 +95,7 @@ def kw_assemble_bwd_warehouse(attention: torch.Tensor, grad_out: torch.Tensor,
         attention, grad_out, partial,
         rows, n, t, m, rows_per_split,
         gi, ns, co, ci, ce, gi * ci, ks, grad_out[0].numel(),
-        BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_N=block_n,
+        BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_N=block_n, ROWS_FAST=ce == 1 and ns > 1,
         DOT_FP32=dot_in_fp32(attention.dtype), PRECISION=matmul_precision(attention.dtype),
         num_warps=4,
     )

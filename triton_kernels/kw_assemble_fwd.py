@@ -1,13 +1,26 @@
 """KernelWarehouse cell assembly, forward: per-sample kernels written straight into the conv weight layout.
 
 GEMM view: rows ``r = b·m + j`` (sample, mixture), columns ``t`` (element of a cell, ``t = (a·ci + c)·E + e``),
-reduction over the ``n`` warehouse cells: ``cells[r, t] = Σ_n attention[r, n] · warehouse[n, t]``. Each program
-computes a BLOCK_R x BLOCK_T tile with ``tl.dot`` (fp32 accumulation) and scatters it to its place in
-``out (B, Cout, Cin_g, KS)``: row ``r`` → ``b·W + o·co·Cin_g·KS + i·ci·KS + s·E``, column ``t`` →
-``a·Cin_g·KS + c·KS + e`` (layout in :mod:`repkernels.reference.kernelwarehouse`). No intermediate
-``(B·m, cell)`` buffer and no permute copy: the only memory traffic is the output, the attentions and the
-warehouse (re-read per row tile, from L2 on a GPU). The row count (which grows with the batch) is not
-specialized on, so one compiled kernel serves every batch size.
+reduction over the ``n`` warehouse cells: ``cells[r, t] = Σ_n attention[r, n] · warehouse[n, t]``. Row ``r`` lands
+at ``b·W + o·co·Cin_g·KS + i·ci·KS + s·E`` and column ``t`` at ``a·Cin_g·KS + c·KS + e`` of
+``out (B, Cout, Cin_g, KS)`` (layout in :mod:`repkernels.reference.kernelwarehouse`). No intermediate
+``(B·m, cell)`` buffer and no permute copy.
+
+Work split: a program owns a column slice of BLOCK_T cell elements and a range of rows (grid axis 1 splits the
+rows so that about two waves of programs fill the GPU; the split count comes from the SM count and the layer,
+the rows per split are a run-time argument, so the compiled kernel never depends on the batch size). It walks
+its rows in tiles of BLOCK_R (64: several samples x mixtures) with ``tl.dot``:
+
+* resident warehouse (2-byte dtypes, up to RESIDENT_CELLS cells): the program loads its ``n x BLOCK_T``
+  warehouse slice once, before the row loop, and each row tile is one dot over all cells;
+* otherwise the cells are reduced in chunks of BLOCK_N per row tile (the slice is re-read from L1/L2).
+
+Stores: the tile goes to memory along whichever axis is contiguous in the conv layout (Triton moves it from
+the dot's register layout through shared memory): with spatial partition (cells of one tap, ``E = 1``,
+``S = KS > 1``) consecutive mixtures ``s`` are consecutive addresses while consecutive columns are KS apart, so
+the tile is stored transposed, rows fastest (ROWS_FAST); otherwise consecutive columns are consecutive
+addresses in runs of ``ci·E`` and, when those runs and every row offset are multiples of VEC elements (16 bytes),
+the store is declared VEC-contiguous and aligned, so each thread writes 16-byte vectors.
 """
 
 from __future__ import annotations
@@ -19,54 +32,104 @@ import triton.language as tl
 from .kw_common import dot_in_fp32, matmul_precision, pow2_clamp
 
 
-@triton.jit(do_not_specialize=["R"])
+@triton.jit(do_not_specialize=["R", "ROWS_PER_SPLIT"])
 def kw_assemble_fwd_kernel(
     att_ptr, wh_ptr, out_ptr,
-    R, N, T, M_MIX,
+    R, N, T, M_MIX, ROWS_PER_SPLIT,
     GI, NS, CO, CI, CE, CIN_G, KS, W_SAMPLE,
-    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, RESIDENT: tl.constexpr,
+    ROWS_FAST: tl.constexpr, VEC: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    pid_t = tl.program_id(0)
+    split = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    r_ok = r < R
     t_ok = t < T
-    r64 = r.to(tl.int64)
-
-    acc = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        nn = n0 + tl.arange(0, BLOCK_N)
-        n_ok = nn < N
-        a = tl.load(att_ptr + r64[:, None] * N + nn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        w = tl.load(wh_ptr + nn[:, None].to(tl.int64) * T + t[None, :], mask=n_ok[:, None] & t_ok[None, :],
-                    other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
-
-    b = r64 // M_MIX
-    j = r64 % M_MIX
-    s = j % NS
-    oi = j // NS
-    i = oi % GI
-    o = oi // GI
-    row_off = b * W_SAMPLE + o * CO * CIN_G * KS + i * CI * KS + s * CE
     e = t % CE
     ac = t // CE
-    c = ac % CI
-    a_idx = ac // CI
-    col_off = a_idx.to(tl.int64) * CIN_G * KS + c * KS + e
-    tl.store(out_ptr + row_off[:, None] + col_off[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=r_ok[:, None] & t_ok[None, :])
+    col_off = (ac // CI).to(tl.int64) * CIN_G * KS + (ac % CI) * KS + e
+    if VEC > 1:
+        col_off = tl.max_contiguous(tl.multiple_of(col_off, VEC), VEC)
+
+    nn = tl.arange(0, BLOCK_N)
+    if RESIDENT:  # BLOCK_N >= N: the whole warehouse slice, read once
+        wh = tl.load(wh_ptr + nn[:, None].to(tl.int64) * T + t[None, :], mask=(nn < N)[:, None] & t_ok[None, :],
+                     other=0.0)
+        if DOT_FP32:
+            wh = wh.to(tl.float32)
+
+    r_begin = split * ROWS_PER_SPLIT
+    r_end = tl.minimum(r_begin + ROWS_PER_SPLIT, R)
+    for r0 in range(r_begin, r_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = r < r_end
+        r64 = r.to(tl.int64)
+        acc = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
+        if RESIDENT:
+            a = tl.load(att_ptr + r64[:, None] * N + nn[None, :], mask=r_ok[:, None] & (nn < N)[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+            acc = tl.dot(a, wh, acc, input_precision=PRECISION)
+        else:
+            for n0 in range(0, N, BLOCK_N):
+                nc = n0 + nn
+                n_ok = nc < N
+                a = tl.load(att_ptr + r64[:, None] * N + nc[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                w = tl.load(wh_ptr + nc[:, None].to(tl.int64) * T + t[None, :], mask=n_ok[:, None] & t_ok[None, :],
+                            other=0.0)
+                if DOT_FP32:
+                    a = a.to(tl.float32)
+                    w = w.to(tl.float32)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+
+        b = r64 // M_MIX
+        j = r64 % M_MIX
+        s = j % NS
+        oi = j // NS
+        row_off = b * W_SAMPLE + (oi // GI) * CO * CIN_G * KS + (oi % GI) * CI * KS + s * CE
+        val = acc.to(out_ptr.dtype.element_ty)
+        if ROWS_FAST:
+            tl.store(out_ptr + col_off[:, None] + row_off[None, :], tl.trans(val), mask=t_ok[:, None] & r_ok[None, :])
+        elif VEC > 1:  # T is a multiple of VEC: the column mask is constant over each run of VEC columns
+            row_off = tl.multiple_of(row_off, VEC)
+            tv_ok = (t // VEC) < (T // VEC)
+            tl.store(out_ptr + row_off[:, None] + col_off[None, :], val, mask=r_ok[:, None] & tv_ok[None, :])
+        else:
+            tl.store(out_ptr + row_off[:, None] + col_off[None, :], val, mask=r_ok[:, None] & t_ok[None, :])
 
 
-def block_sizes(m: int, n: int, t: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_T, BLOCK_N): tiles of at most 64 x 64, the reduction over n in chunks of <= 64.
-    Chosen from the layer (m, n, cell size), never from the batch size."""
-    return pow2_clamp(m, 16, 64), pow2_clamp(t, 16, 64), pow2_clamp(n, 16, 64)
+BLOCK_R = 64                # rows (samples x mixtures) per dot: tensor-core tiles of >= 64 rows
+RESIDENT_BYTES = 32 * 1024  # the largest warehouse slice a program keeps on chip (shared memory) across its rows
+RESIDENT_CELLS = 256        # and the most cells (the 64 x cells attention tile goes through registers)
+NUM_WARPS = 8
+
+
+def plan(m: int, n: int, t: int, grid: tuple[int, ...], itemsize: int) -> dict:
+    """Constexprs of the kernel (BLOCK_T, BLOCK_N, RESIDENT, ROWS_FAST, VEC) for a layer. From the layer and
+    dtype only, never the batch size.
+
+    Sizes from the sm_90 code (``python -m repkernels.bench --static``), 8 warps: 64 x 64 bf16 tiles with a
+    resident slice of up to 256 cells take <= 174 registers and no spill (with 4 warps: 255 and 96-288 B of
+    spills); fp32 (FMA dots) uses 64 x 32 tiles in chunks of 32 cells (64 x 64: 236-255 registers)."""
+    go, co, gi, ci, ns, ce, ks = grid
+    n_pad = pow2_clamp(n, 16, 1 << 30)
+    block_t = pow2_clamp(t, 16, 64 if itemsize == 2 else 32)
+    resident = itemsize == 2 and n_pad <= RESIDENT_CELLS and n_pad * block_t * itemsize <= RESIDENT_BYTES
+    rows_fast = ce == 1 and ns > 1
+    vec = 16 // itemsize
+    if rows_fast or (ci * ce) % vec or block_t % vec:
+        vec = 1
+    return dict(BLOCK_T=block_t, BLOCK_N=n_pad if resident else pow2_clamp(n, 16, 32), RESIDENT=resident,
+                ROWS_FAST=rows_fast, VEC=vec)
+
+
+def num_splits(row_tiles: int, col_tiles: int, device: torch.device) -> int:
+    """Row ranges (grid axis 1): about two waves of programs on a GPU; on the interpreter at most 2 (so that the
+    tests run programs with several row tiles and a partial last range)."""
+    if device.type != "cuda":
+        return max(1, min(2, row_tiles))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(row_tiles, triton.cdiv(2 * sms, max(col_tiles, 1))))
 
 
 def kw_assemble_fwd(attention: torch.Tensor, warehouse: torch.Tensor, grid: tuple[int, int, int, int, int, int, int],
@@ -81,14 +144,20 @@ def kw_assemble_fwd(attention: torch.Tensor, warehouse: torch.Tensor, grid: tupl
         return out
     attention = attention.contiguous()
     warehouse = warehouse.contiguous()
-    block_r, block_t, block_n = block_sizes(m, n, t)
-    launch = (triton.cdiv(rows, block_r), triton.cdiv(t, block_t))
+    cfg = plan(m, n, t, grid, out.element_size())
+    if out.data_ptr() % 16:
+        cfg["VEC"] = 1
+    col_tiles = triton.cdiv(t, cfg["BLOCK_T"])
+    row_tiles = triton.cdiv(rows, BLOCK_R)
+    splits = num_splits(row_tiles, col_tiles, out.device)
+    rows_per_split = triton.cdiv(row_tiles, splits) * BLOCK_R
+    launch = (col_tiles, triton.cdiv(rows, rows_per_split))
     kw_assemble_fwd_kernel[launch](
         attention, warehouse, out,
-        rows, n, t, m,
+        rows, n, t, m, rows_per_split,
         gi, ns, co, ci, ce, gi * ci, ks, out[0].numel(),
-        BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_N=block_n,
+        BLOCK_R=BLOCK_R, **cfg,
         DOT_FP32=dot_in_fp32(attention.dtype), PRECISION=matmul_precision(attention.dtype),
-        num_warps=4,
+        num_warps=NUM_WARPS, num_stages=2,
     )
     return out

@@ -85,6 +85,12 @@ def tiles(cig: int, cog: int, p: int) -> tuple[bool, int, int, int]:
     return False, pow2_clamp(cig, 1, 16), pow2_clamp(p, 16, 32), pow2_clamp(cog, 1, 16)
 
 
+def warps(use_dot: bool, block_c: int, block_p: int) -> int:
+    """8 warps for 64 x 64 tiles: with 4, the fp32 3x3 kernels took 255 registers and spilled 24-48 B (sm_90,
+    ``python -m repkernels.bench --static``); with 8, 209 and no spill."""
+    return 8 if use_dot and block_c * block_p >= 64 * 64 else 4
+
+
 def per_sample_conv2d_bwd_input(grad_out: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int],
                                 padding: tuple[int, int], dilation: tuple[int, int], groups: int,
                                 out: torch.Tensor) -> torch.Tensor:
@@ -106,6 +112,6 @@ def per_sample_conv2d_bwd_input(grad_out: torch.Tensor, weight: torch.Tensor, st
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
         USE_DOT=use_dot, DOT_FP32=dot_in_fp32(weight.dtype), PRECISION=conv_precision(weight.dtype),
         BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_O=block_o,
-        num_warps=4,
+        num_warps=warps(use_dot, block_c, block_p),
     )
     return out

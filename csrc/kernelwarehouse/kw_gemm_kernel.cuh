@@ -6,13 +6,23 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernelwarehouse/kw_gemm_tile.h"
 
 namespace rk::kw {
 
+// Resident blocks per SM a problem asks ptxas to plan registers for (`Prob::kMinBlocksPerSm`, optional; 0: no
+// request, ptxas's own heuristic). ptxas's heuristic may cap a kernel at 64 registers (4 blocks of 256 threads)
+// and spill to get there; a problem whose kernels spilled that way asks for 3 blocks (85 registers) instead.
+template <typename Prob, typename = void>
+struct GemmMinBlocks : std::integral_constant<int, 0> {};
+template <typename Prob>
+struct GemmMinBlocks<Prob, std::void_t<decltype(Prob::kMinBlocksPerSm)>>
+    : std::integral_constant<int, Prob::kMinBlocksPerSm> {};
+
 template <typename Prob, typename Shape>
-__global__ void __launch_bounds__(Shape::kThreads) gemm_kernel(const Prob pr) {
+__global__ void __launch_bounds__(Shape::kThreads, GemmMinBlocks<Prob>::value) gemm_kernel(const Prob pr) {
   using Acc = typename Prob::Acc;
   using Tile = GemmTile<Prob, Shape>;
   __shared__ Acc s_a[Shape::kSmemA];
