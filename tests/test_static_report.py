@@ -25,8 +25,9 @@ def report(tmp_path_factory):
         pytest.skip("needs nvcc and Triton (whose package carries cuobjdump)")
     out = tmp_path_factory.mktemp("static") / "static.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "repkernels.bench", "--static", "--triton-workloads", "depthwise",
-                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "repkernels.bench", "--static", "--triton-workloads",
+                           "depthwise,kernelwarehouse", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())["kernels"]
 
@@ -63,8 +64,7 @@ def _hot(report, source):
     return [k for k in report if k["source"] == source and ("toeplitz" in k["kernel"] or "_kernel<" in k["kernel"])]
 
 
-@pytest.mark.xfail(strict=True, reason="issues 16 and 12: the staged depthwise forward (8-24 B) and the KernelWarehouse "
-                                       "conv wgrad GEMM (16 B) spill")
+@pytest.mark.xfail(strict=True, reason="issue 16: the staged depthwise forward spills 8-24 B")
 def test_issue16_hot_cuda_kernels_do_not_spill(report):
     hot = _hot(report, "cuda")
     assert hot and all(k["spill_bytes"] == 0 for k in hot), [k["kernel"] for k in hot if k["spill_bytes"]]
@@ -105,26 +105,11 @@ def test_blocks_per_sm_from_registers_threads_and_shared_memory():
     assert static.blocks_per_sm(32, None, 0) is None
 
 
-@pytest.fixture(scope="module")
-def kw_report():
-    """The KernelWarehouse kernels only: the CUDA GEMMs of csrc/kernelwarehouse/kw_kernels.cu and the Triton launches
-    of the KW workload (KW-ResNet-50 with its fused stage, KW-MobileNetV2; fp32 and bf16), compiled for sm_90."""
-    if static.tool("nvcc") is None or static.tool("cuobjdump") is None or not _backend.HAS_TRITON:
-        pytest.skip("needs nvcc and Triton (whose package carries cuobjdump)")
-    code = ("import json, sys; from repkernels.bench import static; "
-            "r = static.cuda_report(90, [static.source_root() / 'csrc' / 'kernelwarehouse' / 'kw_kernels.cu']) "
-            "+ static.triton_report(90, ['kernelwarehouse']); json.dump([k.row() for k in r], sys.stdout)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout)
-
-
-def test_kernelwarehouse_kernels_do_not_spill(kw_report):
+def test_kernelwarehouse_kernels_do_not_spill(report):
     """Issue 12: no KW hot kernel spills (the fused assembly-in-conv kernel spilled 352-408 B, the conv wgrad GEMM
     16 B, the per-sample dgrad 24-48 B, the assembly backward 8 B) and the assembly forward uses 64-row tiles."""
-    cuda = [k for k in kw_report if k["source"] == "cuda" and "rk::kw::gemm_kernel<rk::kw::" in k["kernel"]]
-    triton = [k for k in kw_report if k["source"] == "triton" and k["kernel"].startswith(("kw_", "per_sample_"))]
+    cuda = [k for k in report if k["source"] == "cuda" and "rk::kw::gemm_kernel<rk::kw::" in k["kernel"]]
+    triton = [k for k in report if k["source"] == "triton" and k["kernel"].startswith(("kw_", "per_sample_"))]
     assert len(cuda) == 36, [k["kernel"] for k in cuda]           # 6 problems x 3 dtypes x 2 tile shapes
     assert {k["kernel"].split()[0] for k in triton} >= {
         "kw_assemble_fwd_kernel", "kw_assemble_bwd_attention_kernel", "kw_assemble_bwd_warehouse_kernel",
