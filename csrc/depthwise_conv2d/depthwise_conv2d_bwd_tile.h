@@ -1,11 +1,8 @@
 // Depthwise conv2d backward, written once for the CUDA kernels (depthwise_conv2d_kernel.cu) and their
 // CPU emulation (depthwise_conv2d.cpp).
 //
-// Input gradient (dgrad). With stride 1 along both axes the input gradient is a forward depthwise
-// conv of grad_out with the spatially flipped filter and padding (k − 1)·d − p (possibly negative),
-// so the host runs FwdTile (staged tiles) on it. Other strides use DgradTile below: a transposed
-// direct conv, each thread owning kRows grad-input values of one column and summing the taps whose
-// source output position (ih + p − i·d) / s is a whole number inside grad_out; nothing is upsampled.
+// Input gradient (dgrad): the host splits it into forward problems run by the register tiles (see
+// dgrad_classes() in depthwise_conv2d.cpp).
 //
 // Weight gradient (wgrad), WgradTile: dW[c, i, j] = Σ_{n, oh, ow} go[n, c, oh, ow] ·
 // x[n, c, oh·s − p + i·d, ow·s − p + j·d]. Block (c, split) owns channel c and a contiguous slice
@@ -28,57 +25,8 @@
 
 namespace rk::dw {
 
-// In DgradTile and WgradTile, `Params` describes the forward problem: in_stride are the strides of
-// the tensors shaped like the input (grad_input for dgrad, input for wgrad), out_stride those of
-// grad_out.
-
-template <typename T, typename Acc, typename Shape>
-struct DgradTile {
-  // Grad-input tile of block `block`: coordinates as in FwdTile, over the (h, w) plane.
-  RK_HD static BlockCoord coord(const Params& p, int64_t block) { return FwdTile<T, Acc, Shape>::coord(p, block); }
-
-  RK_HD static void direct(const Params& p, const BlockCoord& b, int tid, const T* __restrict__ grad_out,
-                           const T* __restrict__ weight, Acc* acc /* [Shape::kRows] */) {
-    const int tx = tid % Shape::kThreadsW;
-    const int ty = tid / Shape::kThreadsW;
-    const int64_t iw = b.ow0 + tx;
-    if (iw >= p.w) return;
-    const T* plane = grad_out + b.n * p.out_stride[0] + b.c * p.out_stride[1];
-    const T* w = weight + b.c * p.kh * p.kw;
-    for (int r = 0; r < Shape::kRows; ++r) {
-      const int64_t ih = b.oh0 + ty * Shape::kRows + r;
-      if (ih >= p.h) break;
-      for (int64_t i = 0; i < p.kh; ++i) {
-        const int64_t num_h = ih + p.ph - i * p.dh;
-        if (num_h < 0) break;  // decreasing in i
-        if (num_h % p.sh != 0) continue;
-        const int64_t oh = num_h / p.sh;
-        if (oh >= p.oh) continue;
-        for (int64_t j = 0; j < p.kw; ++j) {
-          const int64_t num_w = iw + p.pw - j * p.dw;
-          if (num_w < 0) break;
-          if (num_w % p.sw != 0) continue;
-          const int64_t ow = num_w / p.sw;
-          if (ow >= p.ow) continue;
-          acc[r] += Cvt<T, Acc>::load(plane[oh * p.out_stride[2] + ow * p.out_stride[3]]) *
-                    Cvt<T, Acc>::load(w[i * p.kw + j]);
-        }
-      }
-    }
-  }
-
-  RK_HD static void store(const Params& p, const BlockCoord& b, int tid, const Acc* acc, T* __restrict__ grad_in) {
-    const int tx = tid % Shape::kThreadsW;
-    const int ty = tid / Shape::kThreadsW;
-    const int64_t iw = b.ow0 + tx;
-    if (iw >= p.w) return;
-    T* plane = grad_in + b.n * p.in_stride[0] + b.c * p.in_stride[1];
-    for (int r = 0; r < Shape::kRows; ++r) {
-      const int64_t ih = b.oh0 + ty * Shape::kRows + r;
-      if (ih < p.h) plane[ih * p.in_stride[2] + iw * p.in_stride[3]] = Cvt<T, Acc>::store(acc[r]);
-    }
-  }
-};
+// In WgradTile, `Params` describes the forward problem: in_stride are the strides of the input,
+// out_stride those of grad_out.
 
 template <typename T, typename Acc>
 struct WgradTile {
