@@ -27,7 +27,7 @@ GENERIC_CASES = [
     (1, 2, 40, 150, (3, 5), 1, (1, 4), (1, 2), "generic"),     # W dilation 2: 2 output phases
     (1, 2, 40, 150, (3, 7), (3, 2), (2, 5), (2, 3), "generic"),  # stride 2, dilation 3 along W: 2 x 3 phases
     (1, 1, 9, 420, (3, 401), 1, (1, 200), 1, "generic"),       # taps row in several chunks of 4-tap steps
-    (1, 1, 20, 70, (63, 63), 1, 62, 2, "generic"),             # tap rows in several chunks
+    (1, 1, 70, 70, (63, 63), 1, 31, 1, "generic"),             # tap rows in 2 chunks, each reaching the image
     (1, 2, 9, 50, (3, 3), 40, 1, 1, "direct"),                 # huge stride: kDirect
     (1, 2, 40, 70, (5, 5), 1, 2, 1, "direct"),                 # kDirect forced
 ]
