@@ -1,7 +1,9 @@
 """Each CUDA depthwise forward kernel reached directly (``REPKERNELS_DW_TILE``) through its CPU emulation, in fp32,
 fp16 and bf16, on planes of several tiles with partial tiles: the compile-time register tiles (one per tap count),
 the generic register tile (W stride/dilation phases, tap chunks) and kDirect; the input gradient through the same
-kernels (stride 1: the flipped filter; stride > 1: one forward problem per class of input positions)."""
+kernels (stride 1: the flipped filter; stride > 1: one forward problem per class of input positions); the weight
+gradient's register tile (any value of REPKERNELS_DW_TILE but "direct", which asks for its kDirect kernel) on
+several tiles per split and several splits (the emulation plans 8 blocks: 4 to 8 splits here)."""
 
 from __future__ import annotations
 
@@ -56,8 +58,12 @@ def _run(case, dtype, monkeypatch, channels_last=False, backward=True):
         return
     go = torch.randn(ref.shape, dtype=dtype)
     gi = torch.ops.repkernels.depthwise_conv2d_backward_input(go, x, wt, stride, padding, dilation)
+    gw = torch.ops.repkernels.depthwise_conv2d_backward_weight(go, x, wt, stride, padding, dilation)
+    w64 = wt.double().requires_grad_(True)
+    ref = F.conv2d(x64, w64, None, stride, padding, dilation, groups=c)
     ref.backward(go.double())
     assert_close(gi, x64.grad, dtype, what="grad input")
+    assert_close(gw, w64.grad, dtype, what="grad weight")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -24,6 +24,7 @@
 #include "depthwise_conv2d/depthwise_conv2d_fwd_tile.h"
 #include "depthwise_conv2d/depthwise_conv2d_launch.h"
 #include "depthwise_conv2d/depthwise_conv2d_regtile.h"
+#include "depthwise_conv2d/depthwise_conv2d_regtile_wgrad.h"
 
 namespace rk {
 namespace dw {
@@ -392,10 +393,7 @@ template <typename T, typename Acc>
 void emulate_backward_weight(const Params& p, const T* input, const T* grad, Acc* ws) {
   using Tile = WgradTile<T, Acc>;
   using S = WgradShape;
-  const bool staged = p.config != TileConfig::kDirect;
-  const int64_t smem_elems = staged ? S::smem_elems(p, p.kh_chunk, p.kw_chunk) : 0;
   at::parallel_for(0, num_wgrad_blocks(p), 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> smem(smem_elems);
     std::vector<Acc> acc(S::kThreads * S::kTaps);
     for (int64_t block = begin; block < end; ++block) {
       const auto b = Tile::coord(p, block);
@@ -404,21 +402,66 @@ void emulate_backward_weight(const Params& p, const T* input, const T* grad, Acc
         for (int64_t kw0 = 0; kw0 < p.kw; kw0 += p.kw_chunk) {
           std::fill(acc.begin(), acc.end(), Acc(0));
           for (int64_t tile = t0; tile < t1; ++tile) {
-            if (staged) {
-              // Poison shared memory so that a read of anything the stage phase did not write shows.
-              std::fill(smem.begin(), smem.end(), std::numeric_limits<Acc>::quiet_NaN());
-              for (int tid = 0; tid < S::kThreads; ++tid) Tile::stage(p, b, tile, kh0, kw0, tid, input, grad, smem.data());
-              for (int tid = 0; tid < S::kThreads; ++tid) Tile::compute(p, kh0, kw0, tid, smem.data(), acc.data() + tid * S::kTaps);
-            } else {
-              for (int tid = 0; tid < S::kThreads; ++tid)
-                Tile::direct(p, b, tile, kh0, kw0, tid, input, grad, acc.data() + tid * S::kTaps);
-            }
+            for (int tid = 0; tid < S::kThreads; ++tid)
+              Tile::direct(p, b, tile, kh0, kw0, tid, input, grad, acc.data() + tid * S::kTaps);
           }
           for (int tid = 0; tid < S::kThreads; ++tid) Tile::write(p, b, kh0, kw0, tid, acc.data() + tid * S::kTaps, ws);
         }
       }
     }
   });
+}
+
+template <typename T, typename Acc>
+void emulate_rt_backward_weight(const Params& p, const RtWgradParams& w, const T* input, const T* grad, Acc* ws) {
+  using Tile = RtWgradTile<T, Acc>;
+  using S = RtWgradShape;
+  const RtParams& q = w.g;
+  const int64_t smem_elems = S::smem_elems(q.sh, q.dh, q.kc, q.mc);
+  at::parallel_for(0, num_rt_wgrad_blocks(p, w), 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> buf(smem_elems + 64 / sizeof(Acc));
+    Acc* smem = buf.data();  // 64-byte aligned, as the kernel's 16-byte loads need
+    while (reinterpret_cast<uintptr_t>(smem) % 64 != 0) ++smem;
+    std::vector<Acc> acc(S::kThreads * S::kAcc);
+    for (int64_t block = begin; block < end; ++block) {
+      const auto b = Tile::coord(w, block);
+      const int t0 = Tile::first_tile(w, b), t1 = Tile::end_tile(w, b);
+      for (int sigma = 0; sigma < q.S; ++sigma) {
+        const int taps = Tile::phase_taps(q, sigma);
+        for (int i0 = 0; i0 < q.kh; i0 += q.kc) {
+          const int kc = std::min(q.kc, q.kh - i0);
+          for (int m0 = 0; m0 < taps; m0 += q.mc) {
+            const int mt = std::min(q.mc, taps - m0);
+            std::fill(acc.begin(), acc.end(), Acc(0));
+            for (int tile = t0; tile < t1; ++tile) {
+              // Poison shared memory so that a read of anything the stage phase did not write shows.
+              std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
+              for (int tid = 0; tid < S::kThreads; ++tid)
+                Tile::stage(w, b, tile, sigma, i0, kc, m0, mt, tid, input, grad, smem);
+              for (int tid = 0; tid < S::kThreads; ++tid) Tile::compute(q, kc, mt, tid, smem, acc.data() + tid * S::kAcc);
+            }
+            std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
+            for (int tid = 0; tid < S::kThreads; ++tid) Tile::spill(tid, acc.data() + tid * S::kAcc, smem);
+            for (int tid = 0; tid < S::kThreads; ++tid) Tile::reduce(w, b, sigma, i0, kc, m0, mt, tid, smem, ws);
+          }
+        }
+      }
+    }
+  });
+}
+
+// The weight-gradient plan: the register tile (true, `w` filled) unless REPKERNELS_DW_TILE=direct or no
+// chunk of it fits (then kDirect, `p` planned by plan_wgrad()).
+bool plan_wgrad_checked(Params& p, RtWgradParams& w, int64_t target_blocks) {
+  const int want = requested_kernel();
+  const bool rt = want != -1 && plan_rt_wgrad(p, w, target_blocks);
+  RK_CHECK(rt || want == kAnyKernel || want == -1, "depthwise_conv2d: REPKERNELS_DW_TILE asks for a register tile ",
+           "but the weight gradient (", p.kh, "x", p.kw, " taps) plans kDirect");
+  if (!rt) {
+    plan_wgrad(p, target_blocks);
+    p.config = TileConfig::kDirect;
+  }
+  return rt;
 }
 
 // Blocks the CPU emulation plans the weight gradient for: few, so that the tests see several splits.
@@ -466,12 +509,18 @@ at::Tensor depthwise_conv2d_backward_weight_cpu(const at::Tensor& grad, const at
     return gw;
   }
   for (int i = 0; i < 4; ++i) p.out_stride[i] = grad.stride(i);
-  plan_wgrad(p, kEmulationWgradBlocks);
-  at::Tensor ws = at::empty({p.c, p.splits, p.kh * p.kw}, input.options().dtype(acc_type));
+  RtWgradParams w{};
+  const bool rt = plan_wgrad_checked(p, w, kEmulationWgradBlocks);
+  at::Tensor ws = at::empty({p.c, rt ? w.splits : p.splits, p.kh * p.kw}, input.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_conv2d_bwd_weight_cpu", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    emulate_backward_weight<scalar_t, Acc>(p, input.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-                                           ws.mutable_data_ptr<Acc>());
+    if (rt) {
+      emulate_rt_backward_weight<scalar_t, Acc>(p, w, input.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+                                                ws.mutable_data_ptr<Acc>());
+    } else {
+      emulate_backward_weight<scalar_t, Acc>(p, input.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+                                             ws.mutable_data_ptr<Acc>());
+    }
   });
   return ws.sum(1).view({p.c, 1, p.kh, p.kw}).to(input.scalar_type());
 }
@@ -529,9 +578,10 @@ at::Tensor depthwise_conv2d_backward_weight_cuda(const at::Tensor& grad, const a
   for (int i = 0; i < 4; ++i) p.out_stride[i] = grad.stride(i);
   int sms = 0;
   RK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, input.device().index()));
-  plan_wgrad(p, 4 * int64_t(sms));
-  at::Tensor ws = at::empty({p.c, p.splits, p.kh * p.kw}, input.options().dtype(at::kFloat));
-  RK_CUDA_CHECK(launch_backward_weight(p, dtype, input.const_data_ptr(), grad.const_data_ptr(),
+  RtWgradParams w{};
+  const bool rt = plan_wgrad_checked(p, w, 4 * int64_t(sms));
+  at::Tensor ws = at::empty({p.c, rt ? w.splits : p.splits, p.kh * p.kw}, input.options().dtype(at::kFloat));
+  RK_CUDA_CHECK(launch_backward_weight(p, rt ? &w : nullptr, dtype, input.const_data_ptr(), grad.const_data_ptr(),
                                         ws.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
   return ws.sum(1).view({p.c, 1, p.kh, p.kw}).to(input.scalar_type());
 }

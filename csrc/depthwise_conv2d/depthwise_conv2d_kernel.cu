@@ -6,6 +6,7 @@
 #include "depthwise_conv2d/depthwise_conv2d_fwd_tile.h"
 #include "depthwise_conv2d/depthwise_conv2d_launch.h"
 #include "depthwise_conv2d/depthwise_conv2d_regtile.h"
+#include "depthwise_conv2d/depthwise_conv2d_regtile_wgrad.h"
 #include "kernelwarehouse/kw_gemm_kernel.cuh"
 
 namespace rk::dw {
@@ -83,11 +84,11 @@ cudaError_t launch_typed(const Params& p, const RtParams& q, int kernel, const v
   return cudaErrorInvalidValue;
 }
 
-template <typename T, bool kStaged>
+// kDirect weight gradient (no staging: huge strides or dilations).
+template <typename T>
 __global__ void __launch_bounds__(WgradShape::kThreads)
     backward_weight_kernel(const Params p, const T* __restrict__ input, const T* __restrict__ grad_output,
                            float* __restrict__ ws) {
-  extern __shared__ float smem[];
   using Tile = WgradTile<T, float>;
   const auto b = Tile::coord(p, blockIdx.x);
   const int tid = threadIdx.x;
@@ -97,17 +98,43 @@ __global__ void __launch_bounds__(WgradShape::kThreads)
       float acc[WgradShape::kTaps];
 #pragma unroll
       for (int k = 0; k < WgradShape::kTaps; ++k) acc[k] = 0.f;
-      for (int64_t tile = t0; tile < t1; ++tile) {
-        if constexpr (kStaged) {
-          Tile::stage(p, b, tile, kh0, kw0, tid, input, grad_output, smem);
-          __syncthreads();
-          Tile::compute(p, kh0, kw0, tid, smem, acc);
-          __syncthreads();
-        } else {
-          Tile::direct(p, b, tile, kh0, kw0, tid, input, grad_output, acc);
-        }
-      }
+      for (int64_t tile = t0; tile < t1; ++tile) Tile::direct(p, b, tile, kh0, kw0, tid, input, grad_output, acc);
       Tile::write(p, b, kh0, kw0, tid, acc, ws);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(RtWgradShape::kThreads, RtWgradShape::kMinBlocks)
+    backward_weight_rt_kernel(const RtWgradParams w, const T* __restrict__ input, const T* __restrict__ grad_output,
+                              float* __restrict__ ws) {
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  using Tile = RtWgradTile<T, float>;
+  const RtParams& q = w.g;
+  const auto b = Tile::coord(w, blockIdx.x);
+  const int tid = threadIdx.x;
+  const int t0 = Tile::first_tile(w, b), t1 = Tile::end_tile(w, b);
+  for (int sigma = 0; sigma < q.S; ++sigma) {
+    const int taps = Tile::phase_taps(q, sigma);
+    for (int i0 = 0; i0 < q.kh; i0 += q.kc) {
+      const int kc = min(q.kc, q.kh - i0);
+      for (int m0 = 0; m0 < taps; m0 += q.mc) {
+        const int mt = min(q.mc, taps - m0);
+        float acc[RtWgradShape::kAcc];
+#pragma unroll
+        for (int k = 0; k < RtWgradShape::kAcc; ++k) acc[k] = 0.f;
+        for (int tile = t0; tile < t1; ++tile) {
+          Tile::stage(w, b, tile, sigma, i0, kc, m0, mt, tid, input, grad_output, smem);
+          __syncthreads();
+          Tile::compute(q, kc, mt, tid, smem, acc);
+          __syncthreads();
+        }
+        Tile::spill(tid, acc, smem);
+        __syncthreads();
+        Tile::reduce(w, b, sigma, i0, kc, m0, mt, tid, smem, ws);
+        __syncthreads();
+      }
     }
   }
 }
@@ -131,14 +158,14 @@ cudaError_t toeplitz_wgrad_typed(const ToeplitzParams& t, const void* grad, cons
 }
 
 template <typename T>
-cudaError_t launch_backward_weight_typed(const Params& p, const void* input, const void* grad_output, float* ws,
-                                         cudaStream_t stream) {
-  if (p.config == TileConfig::kDirect) {
-    backward_weight_kernel<T, false><<<num_wgrad_blocks(p), WgradShape::kThreads, 0, stream>>>(
-        p, static_cast<const T*>(input), static_cast<const T*>(grad_output), ws);
+cudaError_t launch_backward_weight_typed(const Params& p, const RtWgradParams* w, const void* input,
+                                         const void* grad_output, float* ws, cudaStream_t stream) {
+  if (w != nullptr) {
+    const size_t smem = sizeof(float) * RtWgradShape::smem_elems(w->g.sh, w->g.dh, w->g.kc, w->g.mc);
+    backward_weight_rt_kernel<T><<<num_rt_wgrad_blocks(p, *w), RtWgradShape::kThreads, smem, stream>>>(
+        *w, static_cast<const T*>(input), static_cast<const T*>(grad_output), ws);
   } else {
-    const size_t smem = sizeof(float) * WgradShape::smem_elems(p, p.kh_chunk, p.kw_chunk);
-    backward_weight_kernel<T, true><<<num_wgrad_blocks(p), WgradShape::kThreads, smem, stream>>>(
+    backward_weight_kernel<T><<<num_wgrad_blocks(p), WgradShape::kThreads, 0, stream>>>(
         p, static_cast<const T*>(input), static_cast<const T*>(grad_output), ws);
   }
   return cudaGetLastError();
@@ -146,13 +173,14 @@ cudaError_t launch_backward_weight_typed(const Params& p, const void* input, con
 
 }  // namespace
 
-cudaError_t launch_backward_weight(const Params& p, DType dtype, const void* input, const void* grad_output,
-                                   float* ws, cudaStream_t stream) {
-  if (num_wgrad_blocks(p) == 0) return cudaSuccess;
+cudaError_t launch_backward_weight(const Params& p, const RtWgradParams* w, DType dtype, const void* input,
+                                   const void* grad_output, float* ws, cudaStream_t stream) {
+  if ((w != nullptr ? num_rt_wgrad_blocks(p, *w) : num_wgrad_blocks(p)) == 0) return cudaSuccess;
   switch (dtype) {
-    case DType::kFloat32: return launch_backward_weight_typed<float>(p, input, grad_output, ws, stream);
-    case DType::kFloat16: return launch_backward_weight_typed<__half>(p, input, grad_output, ws, stream);
-    case DType::kBFloat16: return launch_backward_weight_typed<__nv_bfloat16>(p, input, grad_output, ws, stream);
+    case DType::kFloat32: return launch_backward_weight_typed<float>(p, w, input, grad_output, ws, stream);
+    case DType::kFloat16: return launch_backward_weight_typed<__half>(p, w, input, grad_output, ws, stream);
+    case DType::kBFloat16:
+      return launch_backward_weight_typed<__nv_bfloat16>(p, w, input, grad_output, ws, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -5,6 +5,7 @@
 
 #include "depthwise_conv2d/depthwise_conv2d_params.h"
 #include "depthwise_conv2d/depthwise_conv2d_regtile.h"
+#include "depthwise_conv2d/depthwise_conv2d_regtile_wgrad.h"
 #include "depthwise_conv2d/depthwise_conv2d_toeplitz.h"
 
 namespace rk::dw {
@@ -15,10 +16,11 @@ namespace rk::dw {
 cudaError_t launch_forward(const Params& p, const RtParams& q, int kernel, DType dtype, const void* input,
                            const void* weight, const void* bias, void* output, cudaStream_t stream);
 
-// Weight gradient (WgradTile), planned by plan_wgrad(): writes the per-split tap sums into the fp32
-// workspace `ws` (C, splits, KH * KW); the caller sums over the splits.
-cudaError_t launch_backward_weight(const Params& p, DType dtype, const void* input, const void* grad_output,
-                                   float* ws, cudaStream_t stream);
+// Weight gradient: RtWgradTile planned by plan_rt_wgrad() (`w`), or the kDirect WgradTile planned by
+// plan_wgrad() (`w` null). Writes the per-split tap sums into the fp32 workspace `ws`
+// (C, splits, KH * KW); the caller sums over the splits.
+cudaError_t launch_backward_weight(const Params& p, const RtWgradParams* w, DType dtype, const void* input,
+                                   const void* grad_output, float* ws, cudaStream_t stream);
 
 // Toeplitz GEMMs (depthwise_conv2d_toeplitz.h), planned by plan_toeplitz(): forward (trans = false:
 // src = input, dst = output, bias may be null) or input gradient (trans = true: src = grad_output,
