@@ -23,6 +23,8 @@
 #include "depthwise_conv2d/depthwise_conv2d_bwd_tile.h"
 #include "depthwise_conv2d/depthwise_conv2d_fwd_tile.h"
 #include "depthwise_conv2d/depthwise_conv2d_launch.h"
+#include "depthwise_conv2d/depthwise_conv2d_regtile.h"
+#include "depthwise_conv2d/depthwise_conv2d_regtile_wgrad.h"
 
 namespace rk {
 namespace dw {
@@ -151,51 +153,105 @@ void emulate_toeplitz_wgrad(const ToeplitzParams& t, const T* grad, const T* inp
   emulate_gemm(ToeplitzDiagonal<T, Acc>{t, ws, grad_weight});
 }
 
-template <typename T, typename Acc, typename Shape>
-void emulate_forward(const Params& p, const T* input, const T* weight, const T* bias, T* output) {
+// REPKERNELS_DW_TILE (the tests use it to reach each forward kernel): "generic" (the generic register tile),
+// "direct" (kDirect) or a tap count ("7": the compile-time register tile for 7 taps) — an error when the problem
+// cannot run that kernel. Unset: the planner's choice.
+constexpr int kAnyKernel = -2;
+
+int requested_kernel() {
+  const char* v = std::getenv("REPKERNELS_DW_TILE");
+  if (v == nullptr || *v == 0) return kAnyKernel;
+  if (std::strcmp(v, "generic") == 0) return 0;
+  if (std::strcmp(v, "direct") == 0) return -1;
+  return std::atoi(v);
+}
+
+// plan_forward() honouring REPKERNELS_DW_TILE; returns the kernel (see plan_forward).
+int plan_forward_checked(Params& p, RtParams& q) {
+  const int want = requested_kernel();
+  const FwdChoice choice = want == 0 ? FwdChoice::kGeneric : want == -1 ? FwdChoice::kDirect : FwdChoice::kAuto;
+  const int kernel = plan_forward(p, q, choice);
+  RK_CHECK(want == kAnyKernel || kernel == want, "depthwise_conv2d: REPKERNELS_DW_TILE asks for forward kernel ",
+           want, " but the problem (", p.kh, "x", p.kw, " taps) plans kernel ", kernel);
+  return kernel;
+}
+
+template <typename T, typename Acc>
+void emulate_direct_forward(const Params& p, const T* input, const T* weight, const T* bias, T* output) {
+  using Shape = WideTile;
   using Tile = FwdTile<T, Acc, Shape>;
-  if (p.config == TileConfig::kDirect) {
-    at::parallel_for(0, num_blocks(p), 1, [&](int64_t begin, int64_t end) {
-      std::vector<Acc> acc(Shape::kThreads * Shape::kRows);
-      for (int64_t block = begin; block < end; ++block) {
-        const BlockCoord b = Tile::coord(p, block);
-        std::fill(acc.begin(), acc.end(), Acc(0));
-        for (int tid = 0; tid < Shape::kThreads; ++tid) {
-          Tile::direct(p, b, tid, input, weight, acc.data() + tid * Shape::kRows);
-          Tile::store(p, b, tid, acc.data() + tid * Shape::kRows, bias, output);
-        }
-      }
-    });
-    return;
-  }
-  const int64_t smem_elems = Shape::smem_elems(p, p.kh_chunk, p.kw_chunk);
   at::parallel_for(0, num_blocks(p), 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> smem(smem_elems);
     std::vector<Acc> acc(Shape::kThreads * Shape::kRows);
     for (int64_t block = begin; block < end; ++block) {
       const BlockCoord b = Tile::coord(p, block);
       std::fill(acc.begin(), acc.end(), Acc(0));
-      for (int64_t kh0 = 0; kh0 < p.kh; kh0 += p.kh_chunk) {
-        for (int64_t kw0 = 0; kw0 < p.kw; kw0 += p.kw_chunk) {
-          // Poison shared memory so that a read of anything the stage phase did not write shows.
-          std::fill(smem.begin(), smem.end(), std::numeric_limits<Acc>::quiet_NaN());
-          for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::stage(p, b, kh0, kw0, tid, input, weight, smem.data());
-          for (int tid = 0; tid < Shape::kThreads; ++tid)
-            Tile::compute(p, kh0, kw0, tid, smem.data(), acc.data() + tid * Shape::kRows);
-        }
-      }
-      for (int tid = 0; tid < Shape::kThreads; ++tid)
+      for (int tid = 0; tid < Shape::kThreads; ++tid) {
+        Tile::direct(p, b, tid, input, weight, acc.data() + tid * Shape::kRows);
         Tile::store(p, b, tid, acc.data() + tid * Shape::kRows, bias, output);
+      }
     }
   });
+}
+
+template <typename T, typename Acc, int KW>
+void emulate_rt_forward(const Params& p, const RtParams& q, const T* input, const T* weight, const T* bias,
+                        T* output) {
+  using Tile = RtTile<T, Acc, KW>;
+  using Shape = typename Tile::Shape;
+  constexpr int kAcc = Tile::kRH * Tile::kRW;
+  const int64_t smem_elems = rt_smem_elems<Shape>(q);
+  at::parallel_for(0, num_rt_blocks(p, q), 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> buf(smem_elems + 64 / sizeof(Acc));
+    Acc* smem = buf.data();  // 64-byte aligned, as the kernel's 16-byte loads need
+    while (reinterpret_cast<uintptr_t>(smem) % 64 != 0) ++smem;
+    std::vector<Acc> acc(Shape::kThreads * kAcc);
+    for (int64_t block = begin; block < end; ++block) {
+      const RtCoord b = Tile::coord(q, block);
+      std::fill(acc.begin(), acc.end(), Acc(0));
+      for (int sigma = 0; sigma < q.S; ++sigma) {
+        const int taps = Tile::phase_taps(q, sigma);
+        for (int i0 = 0; i0 < q.kh; i0 += q.kc) {
+          const int kc = std::min(q.kc, q.kh - i0);
+          for (int m0 = 0; m0 < taps; m0 += q.mc) {
+            const int mt = std::min(q.mc, taps - m0);
+            // Poison shared memory so that a read of anything the stage phase did not write shows.
+            std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
+            for (int tid = 0; tid < Shape::kThreads; ++tid)
+              Tile::stage(q, b, sigma, i0, kc, m0, mt, tid, input, weight, smem);
+            for (int tid = 0; tid < Shape::kThreads; ++tid)
+              Tile::compute(q, kc, mt, tid, smem, acc.data() + tid * kAcc);
+          }
+        }
+      }
+      for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::store(q, b, tid, acc.data() + tid * kAcc, bias, output);
+    }
+  });
+}
+
+// CPU emulation of launch_forward (depthwise_conv2d_kernel.cu).
+template <typename T, typename Acc>
+void emulate_forward(const Params& p, const RtParams& q, int kernel, const T* input, const T* weight, const T* bias,
+                     T* output) {
+  switch (kernel) {
+    case -1: return emulate_direct_forward<T, Acc>(p, input, weight, bias, output);
+    case 0: return emulate_rt_forward<T, Acc, 0>(p, q, input, weight, bias, output);
+    case 3: return emulate_rt_forward<T, Acc, 3>(p, q, input, weight, bias, output);
+    case 5: return emulate_rt_forward<T, Acc, 5>(p, q, input, weight, bias, output);
+    case 7: return emulate_rt_forward<T, Acc, 7>(p, q, input, weight, bias, output);
+    case 13: return emulate_rt_forward<T, Acc, 13>(p, q, input, weight, bias, output);
+    case 27: return emulate_rt_forward<T, Acc, 27>(p, q, input, weight, bias, output);
+    case 31: return emulate_rt_forward<T, Acc, 31>(p, q, input, weight, bias, output);
+  }
+  RK_CHECK(false, "depthwise_conv2d: no forward kernel ", kernel);
 }
 
 at::Tensor depthwise_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
                                 c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   Params p = make_params(input, weight, bias, stride, padding, dilation);
-  plan(p);
   at::Tensor out = make_output(input, p);
+  RtParams q{};
+  const int kernel = plan_forward_checked(p, q);
   at::Tensor w = weight.contiguous();
   std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   ToeplitzParams t;
@@ -206,12 +262,9 @@ at::Tensor depthwise_conv2d_cpu(const at::Tensor& input, const at::Tensor& weigh
     if (toeplitz) {
       emulate_toeplitz_conv<scalar_t, Acc>(t, false, input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                                            bias_ptr, out.mutable_data_ptr<scalar_t>());
-    } else if (p.config == TileConfig::kNarrow) {
-      emulate_forward<scalar_t, Acc, NarrowTile>(p, input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                                 bias_ptr, out.mutable_data_ptr<scalar_t>());
     } else {
-      emulate_forward<scalar_t, Acc, WideTile>(p, input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                               bias_ptr, out.mutable_data_ptr<scalar_t>());
+      emulate_forward<scalar_t, Acc>(p, q, kernel, input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                     bias_ptr, out.mutable_data_ptr<scalar_t>());
     }
   });
   return out;
@@ -229,7 +282,6 @@ at::Tensor depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weig
     default: RK_CHECK(false, "depthwise_conv2d (cuda): `input` dtype must be float32, float16 or bfloat16, got ",
                       input.scalar_type());
   }
-  plan(p);
   c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = make_output(input, p);
   at::Tensor w = weight.contiguous();
@@ -242,7 +294,9 @@ at::Tensor depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weig
                                           c10::cuda::getCurrentCUDAStream()));
     return out;
   }
-  RK_CUDA_CHECK(launch_forward(p, dtype, input.const_data_ptr(), w.const_data_ptr(),
+  RtParams q{};
+  const int kernel = plan_forward_checked(p, q);
+  RK_CUDA_CHECK(launch_forward(p, q, kernel, dtype, input.const_data_ptr(), w.const_data_ptr(),
                                 b.has_value() ? b->const_data_ptr() : nullptr, out.mutable_data_ptr(),
                                 c10::cuda::getCurrentCUDAStream()));
   return out;
@@ -272,48 +326,74 @@ at::Tensor make_grad_input(const at::Tensor& input) {
                                                                               : at::MemoryFormat::Contiguous));
 }
 
-// Stride 1: the input gradient is the forward conv of grad_output with the flipped filter and
-// padding (k - 1)·d - p. Returns that forward problem (planned).
-Params flipped_forward_params(const Params& p, const at::Tensor& grad, const at::Tensor& grad_input) {
-  Params f = p;
-  f.h = p.oh;
-  f.w = p.ow;
-  f.oh = p.h;
-  f.ow = p.w;
-  f.ph = (p.kh - 1) * p.dh - p.ph;
-  f.pw = (p.kw - 1) * p.dw - p.pw;
-  for (int i = 0; i < 4; ++i) {
-    f.in_stride[i] = grad.stride(i);
-    f.out_stride[i] = grad_input.stride(i);
+// Input gradient along one axis (stride s, dilation d, padding p, k taps, x_size input positions):
+// grad_input position x = ξ + s·t receives the taps j with x + p − j·d = o·s, i.e. j = j0 + s'·m
+// (g = gcd(s, d), s' = s / g, j0 the first such tap), reading grad_output o = t + β − m·d'
+// (d' = d / g, β = (ξ + p − j0·d) / s): over t, a stride-1 conv of grad_output with dilation d',
+// the flipped sub-kernel w[j0 + s'·(M − 1 − m')] and padding (M − 1)·d' − β.
+struct AxisClass {
+  int64_t j0, step, taps, dil, pad, out;  // taps = 0: no tap reaches the class
+};
+
+AxisClass axis_class(int64_t s, int64_t d, int64_t p, int64_t k, int64_t x_size, int64_t xi) {
+  AxisClass a{};
+  const int64_t g = gcd64(s, d);
+  a.step = s / g;
+  a.dil = d / g;
+  a.out = (x_size - xi + s - 1) / s;
+  for (int64_t j = 0; j < std::min(k, a.step); ++j) {
+    if (((xi + p - j * d) % s + s) % s != 0) continue;
+    a.j0 = j;
+    a.taps = (k - 1 - j) / a.step + 1;
+    a.pad = (a.taps - 1) * a.dil - (xi + p - j * d) / s;
+    return a;
   }
-  plan(f);
-  return f;
+  return a;
 }
 
-template <typename T, typename Acc, typename Shape>
-void emulate_backward_input(const Params& p, const T* grad, const T* weight, T* grad_input) {
-  using Tile = DgradTile<T, Acc, Shape>;
-  at::parallel_for(0, num_dgrad_blocks(p), 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> acc(Shape::kThreads * Shape::kRows);
-    for (int64_t block = begin; block < end; ++block) {
-      const BlockCoord b = Tile::coord(p, block);
-      std::fill(acc.begin(), acc.end(), Acc(0));
-      for (int tid = 0; tid < Shape::kThreads; ++tid) {
-        Tile::direct(p, b, tid, grad, weight, acc.data() + tid * Shape::kRows);
-        Tile::store(p, b, tid, acc.data() + tid * Shape::kRows, grad_input);
+// The input gradient of forward problem `p` as sh·sw forward problems (one per class of grad_input
+// positions ξ + s·t along each axis; stride 1: one class, the flipped filter). For each class calls
+// run(f, sub_weight, grad_input_view) with f planned by the caller from the returned Params (in_stride =
+// grad's, out_stride = the view's); classes no tap reaches are zeroed.
+template <typename Run>
+void for_each_dgrad_class(const Params& p, const at::Tensor& grad, const at::Tensor& weight, at::Tensor& grad_input,
+                          Run run) {
+  for (int64_t xh = 0; xh < std::min(p.sh, p.h); ++xh) {
+    const AxisClass ah = axis_class(p.sh, p.dh, p.ph, p.kh, p.h, xh);
+    for (int64_t xw = 0; xw < std::min(p.sw, p.w); ++xw) {
+      const AxisClass aw = axis_class(p.sw, p.dw, p.pw, p.kw, p.w, xw);
+      at::Tensor view = grad_input.slice(2, xh, p.h, p.sh).slice(3, xw, p.w, p.sw);
+      if (ah.taps == 0 || aw.taps == 0) {
+        view.zero_();
+        continue;
       }
+      Params f = p;
+      f.h = p.oh;
+      f.w = p.ow;
+      f.kh = ah.taps;
+      f.kw = aw.taps;
+      f.sh = f.sw = 1;
+      f.dh = ah.dil;
+      f.dw = aw.dil;
+      f.ph = ah.pad;
+      f.pw = aw.pad;
+      f.oh = ah.out;
+      f.ow = aw.out;
+      for (int i = 0; i < 4; ++i) {
+        f.in_stride[i] = grad.stride(i);
+        f.out_stride[i] = view.stride(i);
+      }
+      at::Tensor sub = weight.slice(2, ah.j0, p.kh, ah.step).slice(3, aw.j0, p.kw, aw.step).flip({2, 3}).contiguous();
+      run(f, sub, view);
     }
-  });
+  }
 }
 
 template <typename T, typename Acc>
 void emulate_backward_weight(const Params& p, const T* input, const T* grad, Acc* ws) {
   using Tile = WgradTile<T, Acc>;
   using S = WgradShape;
-  const bool staged = p.config != TileConfig::kDirect;
-  const int64_t smem_elems = staged ? S::smem_elems(p, p.kh_chunk, p.kw_chunk) : 0;
   at::parallel_for(0, num_wgrad_blocks(p), 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> smem(smem_elems);
     std::vector<Acc> acc(S::kThreads * S::kTaps);
     for (int64_t block = begin; block < end; ++block) {
       const auto b = Tile::coord(p, block);
@@ -322,21 +402,66 @@ void emulate_backward_weight(const Params& p, const T* input, const T* grad, Acc
         for (int64_t kw0 = 0; kw0 < p.kw; kw0 += p.kw_chunk) {
           std::fill(acc.begin(), acc.end(), Acc(0));
           for (int64_t tile = t0; tile < t1; ++tile) {
-            if (staged) {
-              // Poison shared memory so that a read of anything the stage phase did not write shows.
-              std::fill(smem.begin(), smem.end(), std::numeric_limits<Acc>::quiet_NaN());
-              for (int tid = 0; tid < S::kThreads; ++tid) Tile::stage(p, b, tile, kh0, kw0, tid, input, grad, smem.data());
-              for (int tid = 0; tid < S::kThreads; ++tid) Tile::compute(p, kh0, kw0, tid, smem.data(), acc.data() + tid * S::kTaps);
-            } else {
-              for (int tid = 0; tid < S::kThreads; ++tid)
-                Tile::direct(p, b, tile, kh0, kw0, tid, input, grad, acc.data() + tid * S::kTaps);
-            }
+            for (int tid = 0; tid < S::kThreads; ++tid)
+              Tile::direct(p, b, tile, kh0, kw0, tid, input, grad, acc.data() + tid * S::kTaps);
           }
           for (int tid = 0; tid < S::kThreads; ++tid) Tile::write(p, b, kh0, kw0, tid, acc.data() + tid * S::kTaps, ws);
         }
       }
     }
   });
+}
+
+template <typename T, typename Acc>
+void emulate_rt_backward_weight(const Params& p, const RtWgradParams& w, const T* input, const T* grad, Acc* ws) {
+  using Tile = RtWgradTile<T, Acc>;
+  using S = RtWgradShape;
+  const RtParams& q = w.g;
+  const int64_t smem_elems = S::smem_elems(q.sh, q.dh, q.kc, q.mc);
+  at::parallel_for(0, num_rt_wgrad_blocks(p, w), 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> buf(smem_elems + 64 / sizeof(Acc));
+    Acc* smem = buf.data();  // 64-byte aligned, as the kernel's 16-byte loads need
+    while (reinterpret_cast<uintptr_t>(smem) % 64 != 0) ++smem;
+    std::vector<Acc> acc(S::kThreads * S::kAcc);
+    for (int64_t block = begin; block < end; ++block) {
+      const auto b = Tile::coord(w, block);
+      const int t0 = Tile::first_tile(w, b), t1 = Tile::end_tile(w, b);
+      for (int sigma = 0; sigma < q.S; ++sigma) {
+        const int taps = Tile::phase_taps(q, sigma);
+        for (int i0 = 0; i0 < q.kh; i0 += q.kc) {
+          const int kc = std::min(q.kc, q.kh - i0);
+          for (int m0 = 0; m0 < taps; m0 += q.mc) {
+            const int mt = std::min(q.mc, taps - m0);
+            std::fill(acc.begin(), acc.end(), Acc(0));
+            for (int tile = t0; tile < t1; ++tile) {
+              // Poison shared memory so that a read of anything the stage phase did not write shows.
+              std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
+              for (int tid = 0; tid < S::kThreads; ++tid)
+                Tile::stage(w, b, tile, sigma, i0, kc, m0, mt, tid, input, grad, smem);
+              for (int tid = 0; tid < S::kThreads; ++tid) Tile::compute(q, kc, mt, tid, smem, acc.data() + tid * S::kAcc);
+            }
+            std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
+            for (int tid = 0; tid < S::kThreads; ++tid) Tile::spill(tid, acc.data() + tid * S::kAcc, smem);
+            for (int tid = 0; tid < S::kThreads; ++tid) Tile::reduce(w, b, sigma, i0, kc, m0, mt, tid, smem, ws);
+          }
+        }
+      }
+    }
+  });
+}
+
+// The weight-gradient plan: the register tile (true, `w` filled) unless REPKERNELS_DW_TILE=direct or no
+// chunk of it fits (then kDirect, `p` planned by plan_wgrad()).
+bool plan_wgrad_checked(Params& p, RtWgradParams& w, int64_t target_blocks) {
+  const int want = requested_kernel();
+  const bool rt = want != -1 && plan_rt_wgrad(p, w, target_blocks);
+  RK_CHECK(rt || want == kAnyKernel || want == -1, "depthwise_conv2d: REPKERNELS_DW_TILE asks for a register tile ",
+           "but the weight gradient (", p.kh, "x", p.kw, " taps) plans kDirect");
+  if (!rt) {
+    plan_wgrad(p, target_blocks);
+    p.config = TileConfig::kDirect;
+  }
+  return rt;
 }
 
 // Blocks the CPU emulation plans the weight gradient for: few, so that the tests see several splits.
@@ -355,25 +480,13 @@ at::Tensor depthwise_conv2d_backward_input_cpu(const at::Tensor& grad, const at:
       at::Tensor w = weight.contiguous();
       emulate_toeplitz_conv<scalar_t, Acc>(t, true, grad.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                                            nullptr, grad_input.mutable_data_ptr<scalar_t>());
-    } else if (p.sh == 1 && p.sw == 1) {
-      const Params f = flipped_forward_params(p, grad, grad_input);
-      at::Tensor wf = weight.flip({2, 3}).contiguous();
-      if (f.config == TileConfig::kNarrow) {
-        emulate_forward<scalar_t, Acc, NarrowTile>(f, grad.const_data_ptr<scalar_t>(), wf.const_data_ptr<scalar_t>(),
-                                                   nullptr, grad_input.mutable_data_ptr<scalar_t>());
-      } else {
-        emulate_forward<scalar_t, Acc, WideTile>(f, grad.const_data_ptr<scalar_t>(), wf.const_data_ptr<scalar_t>(),
-                                                 nullptr, grad_input.mutable_data_ptr<scalar_t>());
-      }
     } else {
-      for (int i = 0; i < 4; ++i) {
-        p.in_stride[i] = grad_input.stride(i);
-        p.out_stride[i] = grad.stride(i);
-      }
-      plan_dgrad(p);
-      at::Tensor w = weight.contiguous();
-      emulate_backward_input<scalar_t, Acc, WideTile>(p, grad.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                                     grad_input.mutable_data_ptr<scalar_t>());
+      for_each_dgrad_class(p, grad, weight, grad_input, [&](Params& f, const at::Tensor& sub, at::Tensor& view) {
+        RtParams q{};
+        const int kernel = plan_forward_checked(f, q);
+        emulate_forward<scalar_t, Acc>(f, q, kernel, grad.const_data_ptr<scalar_t>(), sub.const_data_ptr<scalar_t>(),
+                                       nullptr, view.mutable_data_ptr<scalar_t>());
+      });
     }
   });
   return grad_input;
@@ -396,12 +509,18 @@ at::Tensor depthwise_conv2d_backward_weight_cpu(const at::Tensor& grad, const at
     return gw;
   }
   for (int i = 0; i < 4; ++i) p.out_stride[i] = grad.stride(i);
-  plan_wgrad(p, kEmulationWgradBlocks);
-  at::Tensor ws = at::empty({p.c, p.splits, p.kh * p.kw}, input.options().dtype(acc_type));
+  RtWgradParams w{};
+  const bool rt = plan_wgrad_checked(p, w, kEmulationWgradBlocks);
+  at::Tensor ws = at::empty({p.c, rt ? w.splits : p.splits, p.kh * p.kw}, input.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_conv2d_bwd_weight_cpu", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    emulate_backward_weight<scalar_t, Acc>(p, input.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-                                           ws.mutable_data_ptr<Acc>());
+    if (rt) {
+      emulate_rt_backward_weight<scalar_t, Acc>(p, w, input.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+                                                ws.mutable_data_ptr<Acc>());
+    } else {
+      emulate_backward_weight<scalar_t, Acc>(p, input.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+                                             ws.mutable_data_ptr<Acc>());
+    }
   });
   return ws.sum(1).view({p.c, 1, p.kh, p.kw}).to(input.scalar_type());
 }
@@ -432,21 +551,12 @@ at::Tensor depthwise_conv2d_backward_input_cuda(const at::Tensor& grad, const at
                                           grad_input.mutable_data_ptr(), stream));
     return grad_input;
   }
-  if (p.sh == 1 && p.sw == 1) {
-    const Params f = flipped_forward_params(p, grad, grad_input);
-    at::Tensor wf = weight.flip({2, 3}).contiguous();
-    RK_CUDA_CHECK(launch_forward(f, dtype, grad.const_data_ptr(), wf.const_data_ptr(), nullptr,
-                                  grad_input.mutable_data_ptr(), stream));
-  } else {
-    for (int i = 0; i < 4; ++i) {
-      p.in_stride[i] = grad_input.stride(i);
-      p.out_stride[i] = grad.stride(i);
-    }
-    plan_dgrad(p);
-    at::Tensor w = weight.contiguous();
-    RK_CUDA_CHECK(launch_backward_input(p, dtype, grad.const_data_ptr(), w.const_data_ptr(),
-                                         grad_input.mutable_data_ptr(), stream));
-  }
+  for_each_dgrad_class(p, grad, weight, grad_input, [&](Params& f, const at::Tensor& sub, at::Tensor& view) {
+    RtParams q{};
+    const int kernel = plan_forward_checked(f, q);
+    RK_CUDA_CHECK(launch_forward(f, q, kernel, dtype, grad.const_data_ptr(), sub.const_data_ptr(), nullptr,
+                                  view.mutable_data_ptr(), stream));
+  });
   return grad_input;
 }
 
@@ -468,9 +578,10 @@ at::Tensor depthwise_conv2d_backward_weight_cuda(const at::Tensor& grad, const a
   for (int i = 0; i < 4; ++i) p.out_stride[i] = grad.stride(i);
   int sms = 0;
   RK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, input.device().index()));
-  plan_wgrad(p, 4 * int64_t(sms));
-  at::Tensor ws = at::empty({p.c, p.splits, p.kh * p.kw}, input.options().dtype(at::kFloat));
-  RK_CUDA_CHECK(launch_backward_weight(p, dtype, input.const_data_ptr(), grad.const_data_ptr(),
+  RtWgradParams w{};
+  const bool rt = plan_wgrad_checked(p, w, 4 * int64_t(sms));
+  at::Tensor ws = at::empty({p.c, rt ? w.splits : p.splits, p.kh * p.kw}, input.options().dtype(at::kFloat));
+  RK_CUDA_CHECK(launch_backward_weight(p, rt ? &w : nullptr, dtype, input.const_data_ptr(), grad.const_data_ptr(),
                                         ws.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
   return ws.sum(1).view({p.c, 1, p.kh, p.kw}).to(input.scalar_type());
 }

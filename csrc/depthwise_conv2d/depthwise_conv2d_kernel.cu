@@ -1,34 +1,43 @@
-// CUDA kernels of the depthwise conv2d op. The per-tile work lives in depthwise_conv2d_fwd_tile.h,
-// shared with the CPU emulation that the test suite runs.
+// CUDA kernels of the depthwise conv2d op. The per-tile work lives in depthwise_conv2d_regtile.h,
+// depthwise_conv2d_fwd_tile.h and depthwise_conv2d_bwd_tile.h, shared with the CPU emulation that the
+// test suite runs.
 #include "common/cuda_types.cuh"
 #include "depthwise_conv2d/depthwise_conv2d_bwd_tile.h"
 #include "depthwise_conv2d/depthwise_conv2d_fwd_tile.h"
 #include "depthwise_conv2d/depthwise_conv2d_launch.h"
+#include "depthwise_conv2d/depthwise_conv2d_regtile.h"
+#include "depthwise_conv2d/depthwise_conv2d_regtile_wgrad.h"
 #include "kernelwarehouse/kw_gemm_kernel.cuh"
 
 namespace rk::dw {
 namespace {
 
-template <typename T, typename Shape>
-__global__ void __launch_bounds__(Shape::kThreads)
-    forward_kernel(const Params p, const T* __restrict__ input, const T* __restrict__ weight,
+template <typename T, int KW>
+__global__ void __launch_bounds__(RtShapeFor<KW>::type::kThreads, RtShapeFor<KW>::type::kMinBlocks)
+    forward_kernel(const RtParams q, const T* __restrict__ input, const T* __restrict__ weight,
                    const T* __restrict__ bias, T* __restrict__ output) {
-  extern __shared__ float smem[];
-  using Tile = FwdTile<T, float, Shape>;
-  const BlockCoord b = Tile::coord(p, blockIdx.x);
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  using Tile = RtTile<T, float, KW>;
+  const RtCoord b = Tile::coord(q, blockIdx.x);
   const int tid = threadIdx.x;
-  float acc[Shape::kRows];
+  float acc[Tile::kRH * Tile::kRW];
 #pragma unroll
-  for (int r = 0; r < Shape::kRows; ++r) acc[r] = 0.f;
-  for (int64_t kh0 = 0; kh0 < p.kh; kh0 += p.kh_chunk) {
-    for (int64_t kw0 = 0; kw0 < p.kw; kw0 += p.kw_chunk) {
-      Tile::stage(p, b, kh0, kw0, tid, input, weight, smem);
-      __syncthreads();
-      Tile::compute(p, kh0, kw0, tid, smem, acc);
-      __syncthreads();
+  for (int k = 0; k < Tile::kRH * Tile::kRW; ++k) acc[k] = 0.f;
+  for (int sigma = 0; sigma < q.S; ++sigma) {
+    const int taps = Tile::phase_taps(q, sigma);
+    for (int i0 = 0; i0 < q.kh; i0 += q.kc) {
+      const int kc = min(q.kc, q.kh - i0);
+      for (int m0 = 0; m0 < taps; m0 += q.mc) {
+        const int mt = min(q.mc, taps - m0);
+        Tile::stage(q, b, sigma, i0, kc, m0, mt, tid, input, weight, smem);
+        __syncthreads();
+        Tile::compute(q, kc, mt, tid, smem, acc);
+        __syncthreads();
+      }
     }
   }
-  Tile::store(p, b, tid, acc, bias, output);
+  Tile::store(q, b, tid, acc, bias, output);
 }
 
 template <typename T, typename Shape>
@@ -44,49 +53,42 @@ __global__ void __launch_bounds__(Shape::kThreads)
   Tile::store(p, b, threadIdx.x, acc, bias, output);
 }
 
-template <typename T, typename Shape>
-cudaError_t launch(const Params& p, const void* input, const void* weight, const void* bias, void* output,
-                   cudaStream_t stream) {
-  const size_t smem = sizeof(float) * Shape::smem_elems(p, p.kh_chunk, p.kw_chunk);
-  forward_kernel<T, Shape><<<num_blocks(p), Shape::kThreads, smem, stream>>>(
-      p, static_cast<const T*>(input), static_cast<const T*>(weight), static_cast<const T*>(bias),
+template <typename T, int KW>
+cudaError_t launch_rt(const Params& p, const RtParams& q, const void* input, const void* weight, const void* bias,
+                      void* output, cudaStream_t stream) {
+  using Shape = typename RtShapeFor<KW>::type;
+  const size_t smem = sizeof(float) * rt_smem_elems<Shape>(q);
+  forward_kernel<T, KW><<<num_rt_blocks(p, q), Shape::kThreads, smem, stream>>>(
+      q, static_cast<const T*>(input), static_cast<const T*>(weight), static_cast<const T*>(bias),
       static_cast<T*>(output));
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_typed(const Params& p, const void* input, const void* weight, const void* bias, void* output,
-                         cudaStream_t stream) {
-  switch (p.config) {
-    case TileConfig::kNarrow: return launch<T, NarrowTile>(p, input, weight, bias, output, stream);
-    case TileConfig::kWide: return launch<T, WideTile>(p, input, weight, bias, output, stream);
-    case TileConfig::kDirect:
+cudaError_t launch_typed(const Params& p, const RtParams& q, int kernel, const void* input, const void* weight,
+                         const void* bias, void* output, cudaStream_t stream) {
+  switch (kernel) {
+    case -1:
       forward_direct_kernel<T, WideTile><<<num_blocks(p), WideTile::kThreads, 0, stream>>>(
           p, static_cast<const T*>(input), static_cast<const T*>(weight), static_cast<const T*>(bias),
           static_cast<T*>(output));
       return cudaGetLastError();
+    case 0: return launch_rt<T, 0>(p, q, input, weight, bias, output, stream);
+    case 3: return launch_rt<T, 3>(p, q, input, weight, bias, output, stream);
+    case 5: return launch_rt<T, 5>(p, q, input, weight, bias, output, stream);
+    case 7: return launch_rt<T, 7>(p, q, input, weight, bias, output, stream);
+    case 13: return launch_rt<T, 13>(p, q, input, weight, bias, output, stream);
+    case 27: return launch_rt<T, 27>(p, q, input, weight, bias, output, stream);
+    case 31: return launch_rt<T, 31>(p, q, input, weight, bias, output, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-template <typename T, typename Shape>
-__global__ void __launch_bounds__(Shape::kThreads)
-    backward_input_kernel(const Params p, const T* __restrict__ grad_output, const T* __restrict__ weight,
-                          T* __restrict__ grad_input) {
-  using Tile = DgradTile<T, float, Shape>;
-  const BlockCoord b = Tile::coord(p, blockIdx.x);
-  float acc[Shape::kRows];
-#pragma unroll
-  for (int r = 0; r < Shape::kRows; ++r) acc[r] = 0.f;
-  Tile::direct(p, b, threadIdx.x, grad_output, weight, acc);
-  Tile::store(p, b, threadIdx.x, acc, grad_input);
-}
-
-template <typename T, bool kStaged>
+// kDirect weight gradient (no staging: huge strides or dilations).
+template <typename T>
 __global__ void __launch_bounds__(WgradShape::kThreads)
     backward_weight_kernel(const Params p, const T* __restrict__ input, const T* __restrict__ grad_output,
                            float* __restrict__ ws) {
-  extern __shared__ float smem[];
   using Tile = WgradTile<T, float>;
   const auto b = Tile::coord(p, blockIdx.x);
   const int tid = threadIdx.x;
@@ -96,17 +98,43 @@ __global__ void __launch_bounds__(WgradShape::kThreads)
       float acc[WgradShape::kTaps];
 #pragma unroll
       for (int k = 0; k < WgradShape::kTaps; ++k) acc[k] = 0.f;
-      for (int64_t tile = t0; tile < t1; ++tile) {
-        if constexpr (kStaged) {
-          Tile::stage(p, b, tile, kh0, kw0, tid, input, grad_output, smem);
-          __syncthreads();
-          Tile::compute(p, kh0, kw0, tid, smem, acc);
-          __syncthreads();
-        } else {
-          Tile::direct(p, b, tile, kh0, kw0, tid, input, grad_output, acc);
-        }
-      }
+      for (int64_t tile = t0; tile < t1; ++tile) Tile::direct(p, b, tile, kh0, kw0, tid, input, grad_output, acc);
       Tile::write(p, b, kh0, kw0, tid, acc, ws);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(RtWgradShape::kThreads, RtWgradShape::kMinBlocks)
+    backward_weight_rt_kernel(const RtWgradParams w, const T* __restrict__ input, const T* __restrict__ grad_output,
+                              float* __restrict__ ws) {
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  using Tile = RtWgradTile<T, float>;
+  const RtParams& q = w.g;
+  const auto b = Tile::coord(w, blockIdx.x);
+  const int tid = threadIdx.x;
+  const int t0 = Tile::first_tile(w, b), t1 = Tile::end_tile(w, b);
+  for (int sigma = 0; sigma < q.S; ++sigma) {
+    const int taps = Tile::phase_taps(q, sigma);
+    for (int i0 = 0; i0 < q.kh; i0 += q.kc) {
+      const int kc = min(q.kc, q.kh - i0);
+      for (int m0 = 0; m0 < taps; m0 += q.mc) {
+        const int mt = min(q.mc, taps - m0);
+        float acc[RtWgradShape::kAcc];
+#pragma unroll
+        for (int k = 0; k < RtWgradShape::kAcc; ++k) acc[k] = 0.f;
+        for (int tile = t0; tile < t1; ++tile) {
+          Tile::stage(w, b, tile, sigma, i0, kc, m0, mt, tid, input, grad_output, smem);
+          __syncthreads();
+          Tile::compute(q, kc, mt, tid, smem, acc);
+          __syncthreads();
+        }
+        Tile::spill(tid, acc, smem);
+        __syncthreads();
+        Tile::reduce(w, b, sigma, i0, kc, m0, mt, tid, smem, ws);
+        __syncthreads();
+      }
     }
   }
 }
@@ -130,22 +158,14 @@ cudaError_t toeplitz_wgrad_typed(const ToeplitzParams& t, const void* grad, cons
 }
 
 template <typename T>
-cudaError_t launch_backward_input_typed(const Params& p, const void* grad_output, const void* weight,
-                                        void* grad_input, cudaStream_t stream) {
-  backward_input_kernel<T, WideTile><<<num_dgrad_blocks(p), WideTile::kThreads, 0, stream>>>(
-      p, static_cast<const T*>(grad_output), static_cast<const T*>(weight), static_cast<T*>(grad_input));
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_backward_weight_typed(const Params& p, const void* input, const void* grad_output, float* ws,
-                                         cudaStream_t stream) {
-  if (p.config == TileConfig::kDirect) {
-    backward_weight_kernel<T, false><<<num_wgrad_blocks(p), WgradShape::kThreads, 0, stream>>>(
-        p, static_cast<const T*>(input), static_cast<const T*>(grad_output), ws);
+cudaError_t launch_backward_weight_typed(const Params& p, const RtWgradParams* w, const void* input,
+                                         const void* grad_output, float* ws, cudaStream_t stream) {
+  if (w != nullptr) {
+    const size_t smem = sizeof(float) * RtWgradShape::smem_elems(w->g.sh, w->g.dh, w->g.kc, w->g.mc);
+    backward_weight_rt_kernel<T><<<num_rt_wgrad_blocks(p, *w), RtWgradShape::kThreads, smem, stream>>>(
+        *w, static_cast<const T*>(input), static_cast<const T*>(grad_output), ws);
   } else {
-    const size_t smem = sizeof(float) * WgradShape::smem_elems(p, p.kh_chunk, p.kw_chunk);
-    backward_weight_kernel<T, true><<<num_wgrad_blocks(p), WgradShape::kThreads, smem, stream>>>(
+    backward_weight_kernel<T><<<num_wgrad_blocks(p), WgradShape::kThreads, 0, stream>>>(
         p, static_cast<const T*>(input), static_cast<const T*>(grad_output), ws);
   }
   return cudaGetLastError();
@@ -153,25 +173,14 @@ cudaError_t launch_backward_weight_typed(const Params& p, const void* input, con
 
 }  // namespace
 
-cudaError_t launch_backward_input(const Params& p, DType dtype, const void* grad_output, const void* weight,
-                                  void* grad_input, cudaStream_t stream) {
-  if (num_dgrad_blocks(p) == 0) return cudaSuccess;
+cudaError_t launch_backward_weight(const Params& p, const RtWgradParams* w, DType dtype, const void* input,
+                                   const void* grad_output, float* ws, cudaStream_t stream) {
+  if ((w != nullptr ? num_rt_wgrad_blocks(p, *w) : num_wgrad_blocks(p)) == 0) return cudaSuccess;
   switch (dtype) {
-    case DType::kFloat32: return launch_backward_input_typed<float>(p, grad_output, weight, grad_input, stream);
-    case DType::kFloat16: return launch_backward_input_typed<__half>(p, grad_output, weight, grad_input, stream);
+    case DType::kFloat32: return launch_backward_weight_typed<float>(p, w, input, grad_output, ws, stream);
+    case DType::kFloat16: return launch_backward_weight_typed<__half>(p, w, input, grad_output, ws, stream);
     case DType::kBFloat16:
-      return launch_backward_input_typed<__nv_bfloat16>(p, grad_output, weight, grad_input, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
-cudaError_t launch_backward_weight(const Params& p, DType dtype, const void* input, const void* grad_output,
-                                   float* ws, cudaStream_t stream) {
-  if (num_wgrad_blocks(p) == 0) return cudaSuccess;
-  switch (dtype) {
-    case DType::kFloat32: return launch_backward_weight_typed<float>(p, input, grad_output, ws, stream);
-    case DType::kFloat16: return launch_backward_weight_typed<__half>(p, input, grad_output, ws, stream);
-    case DType::kBFloat16: return launch_backward_weight_typed<__nv_bfloat16>(p, input, grad_output, ws, stream);
+      return launch_backward_weight_typed<__nv_bfloat16>(p, w, input, grad_output, ws, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -197,13 +206,13 @@ cudaError_t launch_toeplitz_wgrad(const ToeplitzParams& t, DType dtype, const vo
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_forward(const Params& p, DType dtype, const void* input, const void* weight, const void* bias,
-                           void* output, cudaStream_t stream) {
-  if (num_blocks(p) == 0) return cudaSuccess;
+cudaError_t launch_forward(const Params& p, const RtParams& q, int kernel, DType dtype, const void* input,
+                           const void* weight, const void* bias, void* output, cudaStream_t stream) {
+  if ((kernel < 0 ? num_blocks(p) : num_rt_blocks(p, q)) == 0) return cudaSuccess;
   switch (dtype) {
-    case DType::kFloat32: return launch_typed<float>(p, input, weight, bias, output, stream);
-    case DType::kFloat16: return launch_typed<__half>(p, input, weight, bias, output, stream);
-    case DType::kBFloat16: return launch_typed<__nv_bfloat16>(p, input, weight, bias, output, stream);
+    case DType::kFloat32: return launch_typed<float>(p, q, kernel, input, weight, bias, output, stream);
+    case DType::kFloat16: return launch_typed<__half>(p, q, kernel, input, weight, bias, output, stream);
+    case DType::kBFloat16: return launch_typed<__nv_bfloat16>(p, q, kernel, input, weight, bias, output, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -10,11 +10,10 @@ namespace rk::dw {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// Output tiles. Each thread block computes one (sample, channel) plane tile of
-// kTileH x kTileW outputs with kThreadsW x kThreadsH threads, each owning kRows outputs of one column.
-// kWide and kNarrow stage inputs in shared memory; kDirect (wide tiles, no staging) serves strides
-// so large that even one staged tap row does not fit.
-enum class TileConfig : int { kWide = 0, kNarrow = 1, kDirect = 2 };
+// Forward kernels: kRegTile (RtTile, depthwise_conv2d_regtile.h: register tiles over a staged window);
+// kDirect (FwdTile::direct: every tap from global memory) serves what the staged window cannot (huge
+// strides or dilations, planes beyond 32-bit offsets). kWide: the staged weight-gradient tile (WgradShape).
+enum class TileConfig : int { kWide = 0, kDirect = 2, kRegTile = 3 };
 
 struct Params {
   // input (N, C, H, W) and output (N, C, OH, OW); any strides (NCHW, channels_last, views)
@@ -23,7 +22,7 @@ struct Params {
   int64_t sh, sw, ph, pw, dh, dw;
   int64_t in_stride[4];
   int64_t out_stride[4];
-  // plan (filled by plan()): kernel taps staged in shared memory per pass, output tiles per plane
+  // kDirect and wgrad plan (plan_direct(), plan_wgrad()): taps staged per pass, output tiles per plane
   TileConfig config;
   int64_t kh_chunk, kw_chunk;
   int64_t tiles_h, tiles_w;
@@ -39,41 +38,16 @@ struct TileShape {
   static constexpr int kThreads = ThreadsW * ThreadsH;
   static constexpr int kTileW = ThreadsW;
   static constexpr int kTileH = ThreadsH * Rows;
-
-  // Staged input window for kc x kwc kernel taps (rows x cols), in elements.
-  RK_HD static int64_t in_rows(const Params& p, int64_t kc) { return (kTileH - 1) * p.sh + (kc - 1) * p.dh + 1; }
-  RK_HD static int64_t in_cols(const Params& p, int64_t kwc) { return (kTileW - 1) * p.sw + (kwc - 1) * p.dw + 1; }
-  RK_HD static int64_t smem_elems(const Params& p, int64_t kc, int64_t kwc) {
-    return in_rows(p, kc) * in_cols(p, kwc) + kc * kwc;
-  }
 };
 
-using WideTile = TileShape<32, 8, 2>;    // 16 x 32 outputs, 256 threads
-using NarrowTile = TileShape<16, 8, 1>;  // 8 x 16 outputs, 128 threads (small feature maps)
+// kDirect: 16 x 32 outputs, 256 threads each owning 2 outputs of one column.
+using WideTile = TileShape<32, 8, 2>;
 
 // Shared-memory budget of one block, in accumulator elements (48 KiB of fp32: no opt-in needed).
 constexpr int64_t kSmemBudgetElems = 12 * 1024;
 
-template <typename Shape>
-inline bool plan_chunks(Params& p) {
-  int64_t kc = p.kh, kwc = p.kw;
-  while (kc > 1 && Shape::smem_elems(p, kc, kwc) > kSmemBudgetElems) kc = (kc + 1) / 2;
-  while (kwc > 1 && Shape::smem_elems(p, kc, kwc) > kSmemBudgetElems) kwc = (kwc + 1) / 2;
-  if (Shape::smem_elems(p, kc, kwc) > kSmemBudgetElems) return false;
-  // grow back as far as the budget allows (halving may undershoot)
-  while (kc < p.kh && Shape::smem_elems(p, kc + 1, kwc) <= kSmemBudgetElems) ++kc;
-  p.kh_chunk = kc;
-  p.kw_chunk = kwc;
-  p.tiles_h = cdiv(p.oh, Shape::kTileH);
-  p.tiles_w = cdiv(p.ow, Shape::kTileW);
-  return true;
-}
-
-// Choose the tile shape and the chunking of the kernel taps.
-inline void plan(Params& p) {
-  p.config = p.ow <= NarrowTile::kTileW ? TileConfig::kNarrow : TileConfig::kWide;
-  const bool staged = p.config == TileConfig::kNarrow ? plan_chunks<NarrowTile>(p) : plan_chunks<WideTile>(p);
-  if (staged) return;
+// kDirect plan of the forward problem `p`.
+inline void plan_direct(Params& p) {
   p.config = TileConfig::kDirect;
   p.kh_chunk = p.kh;
   p.kw_chunk = p.kw;
@@ -82,17 +56,6 @@ inline void plan(Params& p) {
 }
 
 inline int64_t num_blocks(const Params& p) { return p.n * p.c * p.tiles_h * p.tiles_w; }
-
-// Input gradient with a stride > 1 (DgradTile): wide grad-input tiles, no staging.
-inline void plan_dgrad(Params& p) {
-  p.config = TileConfig::kDirect;
-  p.kh_chunk = p.kh;
-  p.kw_chunk = p.kw;
-  p.tiles_h = cdiv(p.h, WideTile::kTileH);
-  p.tiles_w = cdiv(p.w, WideTile::kTileW);
-}
-
-inline int64_t num_dgrad_blocks(const Params& p) { return p.n * p.c * p.tiles_h * p.tiles_w; }
 
 // Weight gradient tiles (WgradTile): kTileH x kTileW grad_out positions staged per step, kThreads
 // threads each owning up to kTaps taps of the current chunk.

@@ -1,0 +1,339 @@
+// Register-tiled direct depthwise conv2d forward (RtTile), written once for the CUDA kernel
+// (depthwise_conv2d_kernel.cu) and its CPU emulation (depthwise_conv2d.cpp).
+//
+// Unit-step form along W. Output column ow and tap j read input column ow·sw + j·dw − pw. With
+// L = lcm(sw, dw), R = L / sw, S = L / dw, output phase ρ = ow mod R (ow = ρ + R·u) and tap phase
+// σ = j mod S (j = σ + S·m):
+//     ow·sw + j·dw − pw = (u + m)·L + (ρ·sw + σ·dw − pw)
+// so each (ρ, σ) is a convolution with unit step along W over the input columns taken every L
+// (stride 1, dilation 1: R = S = L = 1). A block owns one (n, c, ρ) plane tile of kTileH x kTileW
+// outputs (rows x phase columns u); H keeps its stride and dilation (rows are addressed directly).
+//
+//   for each tap phase σ, chunk of tap rows (kc) and chunk of phase taps (mc, a multiple of 4):
+//     stage:   the block copies the input window (zero outside the image; columns every L) and the
+//              chunk's taps (rows padded to a multiple of 4 with zeros) into shared memory, as Acc
+//     barrier
+//     compute: each thread accumulates its kRH x kRW outputs: per tap row and output row it keeps a
+//              window of kRW + 4 inputs in registers, slides it by 4 taps per step (one 16-byte load)
+//              and reads the 4 taps with one 16-byte broadcast load
+//     barrier
+//   store:     each thread adds the bias and writes its outputs
+//
+// KW > 0: compile-time tap count (whole taps row in one chunk, S = 1); KW = 0: any count.
+// All indices are 32-bit (the host checks that every plane offset fits).
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+#if !defined(__CUDA_ARCH__)
+#include <stdexcept>
+#endif
+
+#include "depthwise_conv2d/depthwise_conv2d_params.h"
+
+namespace rk::dw {
+
+// Problem of the register-tiled forward, in 32-bit plane geometry (built by rt_params()).
+struct RtParams {
+  int c, h, w, oh, ow, kh, kw;
+  int sh, dh, ph;
+  int sw, dw, pw, L, R, S;
+  int tiles_h, tiles_w;
+  int kc, mc;                 // tap rows and phase taps staged per pass
+  int64_t in_n, in_c, out_n, out_c;
+  int in_h, in_w, out_h, out_w;
+};
+
+template <int ThreadsW, int ThreadsH, int RowsPerThread, int ColsPerThread>
+struct RtShape {
+  static constexpr int kThreadsW = ThreadsW;
+  static constexpr int kThreadsH = ThreadsH;
+  static constexpr int kThreads = ThreadsW * ThreadsH;
+  static constexpr int kRH = RowsPerThread;
+  static constexpr int kRW = ColsPerThread;
+  static constexpr int kTileW = ThreadsW * ColsPerThread;
+  static constexpr int kTileH = ThreadsH * RowsPerThread;
+  // __launch_bounds__ minimum: lets ptxas use up to 128 registers (without it, it spills at 64-80)
+  static constexpr int kMinBlocks = 8;
+  static_assert(kRW % 4 == 0, "16-byte window loads");
+
+  // Staged window (rows x cols) and taps (kc x 4·ceil(mc / 4)) for kc tap rows and mc phase taps.
+  RK_HD static int steps(int mc) { return (mc + 3) / 4; }
+  RK_HD static int in_rows(int sh, int dh, int kc) { return (kTileH - 1) * sh + (kc - 1) * dh + 1; }
+  RK_HD static int in_cols(int mc) { return kTileW + 4 * steps(mc); }
+  RK_HD static int64_t smem_elems(int sh, int dh, int kc, int mc) {
+    return int64_t(in_rows(sh, dh, kc)) * in_cols(mc) + int64_t(kc) * 4 * steps(mc);
+  }
+};
+
+// 32 x 64 outputs, 64 threads of 4 x 8 (any KW); 64 x 64, 64 threads of 4 x 16 for KW <= 3, whose
+// short taps rows need the wider window to reach 8 FMAs per load.
+using RtWide = RtShape<8, 8, 4, 8>;
+using RtWide16 = RtShape<4, 16, 4, 16>;
+
+template <int KW>
+struct RtShapeFor {
+  using type = RtWide;
+};
+template <>
+struct RtShapeFor<3> {
+  using type = RtWide16;
+};
+
+// Compile-time tap counts with their own kernel (KW = 0 is the generic one).
+constexpr int kRtKernelSizes[] = {3, 5, 7, 13, 27, 31};
+
+RK_HD int64_t gcd64(int64_t a, int64_t b) {
+  while (b != 0) {
+    const int64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
+struct RtCoord {
+  int64_t n, c;
+  int rho, oh0, u0;
+};
+
+// 16-byte load of 4 consecutive Acc (p 16-byte aligned for float; the emulation checks it).
+template <typename Acc>
+RK_HD void ld4(const Acc* p, Acc* d) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<Acc, float>) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    d[0] = v.x;
+    d[1] = v.y;
+    d[2] = v.z;
+    d[3] = v.w;
+    return;
+  }
+#else
+  if (reinterpret_cast<uintptr_t>(p) % (4 * sizeof(Acc)) != 0) throw std::logic_error("rk::dw::ld4: misaligned");
+#endif
+  d[0] = p[0];
+  d[1] = p[1];
+  d[2] = p[2];
+  d[3] = p[3];
+}
+
+template <typename T, typename Acc, int KW>
+struct RtTile {
+  using Shape = typename RtShapeFor<KW>::type;
+  static constexpr int kRH = Shape::kRH;
+  static constexpr int kRW = Shape::kRW;
+
+  RK_HD static RtCoord coord(const RtParams& q, int64_t block) {
+    RtCoord b;
+    uint32_t k = uint32_t(block);  // < 2^31 blocks (plan_rt)
+    const int tw = int(k % uint32_t(q.tiles_w));
+    k /= uint32_t(q.tiles_w);
+    const int th = int(k % uint32_t(q.tiles_h));
+    k /= uint32_t(q.tiles_h);
+    b.rho = int(k % uint32_t(q.R));
+    k /= uint32_t(q.R);
+    b.c = k % uint32_t(q.c);
+    b.n = k / uint32_t(q.c);
+    b.oh0 = th * Shape::kTileH;
+    b.u0 = tw * Shape::kTileW;
+    return b;
+  }
+
+  // Taps of phase σ (j = σ + S·m).
+  RK_HD static int phase_taps(const RtParams& q, int sigma) { return sigma < q.kw ? (q.kw - sigma + q.S - 1) / q.S : 0; }
+
+  RK_HD static int steps(int mt) {
+    if constexpr (KW > 0) return (KW + 3) / 4;
+    return (mt + 3) / 4;
+  }
+
+  // Phase σ, tap rows [i0, i0 + kc), phase taps [m0, m0 + mt).
+  RK_HD static void stage(const RtParams& q, const RtCoord& b, int sigma, int i0, int kc, int m0, int mt, int tid,
+                          const T* __restrict__ input, const T* __restrict__ weight, Acc* smem) {
+    const int ns = steps(mt);
+    const int rows = Shape::in_rows(q.sh, q.dh, kc);
+    const int cols = Shape::kTileW + 4 * ns;
+    const int ih0 = b.oh0 * q.sh - q.ph + i0 * q.dh;
+    const int iw0 = (b.u0 + m0) * q.L + b.rho * q.sw + sigma * q.dw - q.pw;
+    const T* plane = input + b.n * q.in_n + b.c * q.in_c;
+    for (int e = tid; e < rows * cols; e += Shape::kThreads) {
+      const int a = e / cols;
+      const int ih = ih0 + a;
+      const int iw = iw0 + (e - a * cols) * q.L;
+      Acc v = Acc(0);
+      if (ih >= 0 && ih < q.h && iw >= 0 && iw < q.w) v = Cvt<T, Acc>::load(plane[ih * q.in_h + iw * q.in_w]);
+      smem[e] = v;
+    }
+    Acc* s_w = smem + rows * cols;
+    const T* w = weight + b.c * q.kh * q.kw;
+    const int wp = 4 * ns;
+    for (int e = tid; e < kc * wp; e += Shape::kThreads) {
+      const int i = e / wp;
+      const int mm = e - i * wp;
+      const int j = sigma + (m0 + mm) * q.S;
+      s_w[e] = (mm < mt && j < q.kw) ? Cvt<T, Acc>::load(w[(i0 + i) * q.kw + j]) : Acc(0);
+    }
+  }
+
+  // One 4-tap step of output row r: slide the window by 4 inputs, FMA the 4 taps (those < KW).
+  RK_HD static void step(const Acc* x, const Acc* w4p, int s, Acc* win, Acc* acc_r) {
+    ld4(x + kRW + 4 * s, win + kRW);
+    Acc wv[4];
+    ld4(w4p + 4 * s, wv);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int jj = 0; jj < 4; ++jj) {
+      if (KW == 0 || 4 * s + jj < KW) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+        for (int cc = 0; cc < kRW; ++cc) acc_r[cc] += win[cc + jj] * wv[jj];
+      }
+    }
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int k = 0; k < kRW; ++k) win[k] = win[k + 4];
+  }
+
+  RK_HD static void compute(const RtParams& q, int kc, int mt, int tid, const Acc* smem, Acc* acc /* [kRH * kRW] */) {
+    const int ns = steps(mt);
+    const int cols = Shape::kTileW + 4 * ns;
+    const int tx = tid % Shape::kThreadsW;
+    const int ty = tid / Shape::kThreadsW;
+    const Acc* s_w = smem + Shape::in_rows(q.sh, q.dh, kc) * cols;
+    const Acc* s_thr = smem + ty * kRH * q.sh * cols + tx * kRW;
+    const int row_step = q.sh * cols;
+#if defined(__CUDACC__)
+#pragma unroll 1
+#endif
+    for (int i = 0; i < kc; ++i) {
+      const Acc* w_row = s_w + i * 4 * ns;
+      const Acc* x_i = s_thr + i * q.dh * cols;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+      for (int r = 0; r < kRH; ++r) {
+        const Acc* x = x_i + r * row_step;
+        Acc win[kRW + 4];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+        for (int v = 0; v < kRW / 4; ++v) ld4(x + 4 * v, win + 4 * v);
+        if constexpr (KW > 0) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+          for (int s = 0; s < (KW + 3) / 4; ++s) step(x, w_row, s, win, acc + r * kRW);
+        } else {
+          for (int s = 0; s < ns; ++s) step(x, w_row, s, win, acc + r * kRW);
+        }
+      }
+    }
+  }
+
+  RK_HD static void store(const RtParams& q, const RtCoord& b, int tid, const Acc* acc, const T* __restrict__ bias,
+                          T* __restrict__ output) {
+    const int tx = tid % Shape::kThreadsW;
+    const int ty = tid / Shape::kThreadsW;
+    const Acc bv = bias != nullptr ? Cvt<T, Acc>::load(bias[b.c]) : Acc(0);
+    T* plane = output + b.n * q.out_n + b.c * q.out_c;
+    for (int r = 0; r < kRH; ++r) {
+      const int oh = b.oh0 + ty * kRH + r;
+      if (oh >= q.oh) break;
+      for (int cc = 0; cc < kRW; ++cc) {
+        const int ow = b.rho + q.R * (b.u0 + tx * kRW + cc);
+        if (ow >= q.ow) break;
+        plane[oh * q.out_h + ow * q.out_w] = Cvt<T, Acc>::store(acc[r * kRW + cc] + bv);
+      }
+    }
+  }
+};
+
+// Plans the register-tiled forward of `p` with Shape: false when not even one tap row and one 4-tap
+// step fit in shared memory, or a plane offset does not fit in 32 bits. kw_fixed > 0: the taps row
+// must be staged whole (compile-time tap count).
+template <typename Shape>
+inline bool plan_rt(const Params& p, RtParams& q, int64_t kw_fixed) {
+  const int64_t g = gcd64(p.sw, p.dw);
+  const int64_t L = p.sw / g * p.dw, R = L / p.sw, S = L / p.dw;
+  if (kw_fixed > 0 && (S != 1 || p.kw != kw_fixed)) return false;
+  const int64_t span_in = (p.h - 1) * (p.in_stride[2] < 0 ? -p.in_stride[2] : p.in_stride[2]) +
+                          (p.w - 1) * (p.in_stride[3] < 0 ? -p.in_stride[3] : p.in_stride[3]);
+  const int64_t span_out = (p.oh - 1) * p.out_stride[2] + (p.ow - 1) * p.out_stride[3];
+  const int64_t lim = int64_t(1) << 30;
+  if (span_in >= lim || span_out >= lim || p.h >= lim || p.w >= lim || p.kh * p.kw >= lim || L * (p.w + p.kw) >= lim ||
+      p.sh * (p.oh + Shape::kTileH) + p.dh * p.kh >= lim || imax(p.ph, -p.ph) >= lim || imax(p.pw, -p.pw) >= lim)
+    return false;
+  const int64_t m_max = cdiv(p.kw, S);
+  int64_t kc = p.kh, mc = m_max;
+  auto fits = [&](int64_t kc_, int64_t mc_) {
+    return Shape::smem_elems(int(p.sh), int(p.dh), int(kc_), int(mc_)) <= kSmemBudgetElems;
+  };
+  if (!fits(1, kw_fixed > 0 ? mc : imin(mc, 4))) return false;
+  while (kc > 1 && !fits(kc, mc)) kc = (kc + 1) / 2;
+  while (mc > 4 && !fits(kc, mc)) mc = imax(4, cdiv(mc, 8) * 4);
+  while (kc > 1 && !fits(kc, mc)) kc = (kc + 1) / 2;
+  if (!fits(kc, mc)) return false;
+  while (kc < p.kh && fits(kc + 1, mc)) ++kc;
+  if (p.n * p.c * R * cdiv(p.oh, Shape::kTileH) * cdiv(cdiv(p.ow, R), Shape::kTileW) >= (int64_t(1) << 31)) return false;
+  q.c = int(p.c);
+  q.h = int(p.h);
+  q.w = int(p.w);
+  q.oh = int(p.oh);
+  q.ow = int(p.ow);
+  q.kh = int(p.kh);
+  q.kw = int(p.kw);
+  q.sh = int(p.sh);
+  q.dh = int(p.dh);
+  q.ph = int(p.ph);
+  q.sw = int(p.sw);
+  q.dw = int(p.dw);
+  q.pw = int(p.pw);
+  q.L = int(L);
+  q.R = int(R);
+  q.S = int(S);
+  q.tiles_h = int(cdiv(p.oh, Shape::kTileH));
+  q.tiles_w = int(cdiv(cdiv(p.ow, R), Shape::kTileW));
+  q.kc = int(kc);
+  q.mc = int(mc);
+  q.in_n = p.in_stride[0];
+  q.in_c = p.in_stride[1];
+  q.out_n = p.out_stride[0];
+  q.out_c = p.out_stride[1];
+  q.in_h = int(p.in_stride[2]);
+  q.in_w = int(p.in_stride[3]);
+  q.out_h = int(p.out_stride[2]);
+  q.out_w = int(p.out_stride[3]);
+  return true;
+}
+
+inline int64_t num_rt_blocks(const Params& p, const RtParams& q) {
+  return p.n * p.c * int64_t(q.R) * q.tiles_h * q.tiles_w;
+}
+
+enum class FwdChoice : int { kAuto = 0, kGeneric = 1, kDirect = 2 };
+
+// Plans the forward problem `p` (strides in_stride / out_stride set). Returns the kernel: the tap count
+// of a compile-time RtTile, 0 for the generic RtTile (`q` filled), -1 for kDirect (`p` planned).
+// kGeneric skips the compile-time tiles, kDirect the register tiles.
+inline int plan_forward(Params& p, RtParams& q, FwdChoice choice = FwdChoice::kAuto) {
+  p.config = TileConfig::kRegTile;
+  if (choice == FwdChoice::kAuto) {
+    for (int k : kRtKernelSizes) {
+      if (k == p.kw && (k == 3 ? plan_rt<RtWide16>(p, q, k) : plan_rt<RtWide>(p, q, k))) return k;
+    }
+  }
+  if (choice != FwdChoice::kDirect && plan_rt<RtWide>(p, q, 0)) return 0;
+  plan_direct(p);
+  return -1;
+}
+
+template <typename Shape>
+inline int64_t rt_smem_elems(const RtParams& q) {
+  return Shape::smem_elems(q.sh, q.dh, q.kc, q.mc);
+}
+
+}  // namespace rk::dw
