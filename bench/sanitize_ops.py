@@ -1,7 +1,7 @@
 """Call every CUDA and Triton kernel once, forward and backward, on small shapes (for compute-sanitizer).
 
 ``python -m repkernels.bench.sanitize_ops [--device cuda|cpu] [--only cuda|triton]`` runs each kernel path of
-repkernels (depthwise direct and Toeplitz, stride-2 dgrad, deterministic wgrad; KernelWarehouse assembly,
+repkernels (depthwise register tiles and Toeplitz, stride-2 dgrad, deterministic wgrad; KernelWarehouse assembly,
 per-sample conv, fused assemble-in-conv; the multi-branch statistics kernel) through the public ops with the
 backend forced, and checks each result against the reference backend, so that
 ``compute-sanitizer --tool memcheck|racecheck python -m repkernels.bench.sanitize_ops`` sees every launch once.
@@ -120,10 +120,16 @@ def _paths(device: str) -> list[tuple[str, str, Callable[[], tuple[list, list]]]
 
     def common(sfx):
         # Triton ("_triton"): the "direct" shapes run the banded Toeplitz kernels on a plane the rule declines.
-        kind = "direct" if sfx == "" else "Toeplitz banded"
+        # CUDA: the register tiles (compile-time widths 3, 7, 13, 31; the generic one for 5 at stride 2, whose
+        # dgrad runs one forward problem per class of input positions modulo the stride).
+        kind = "register tile" if sfx == "" else "Toeplitz banded"
         return [
             (f"depthwise 3x3 {kind}", dw(sfx, 2, 3, 9, 10, (3, 3), 1, (1, 1), direct=True)),
-            (f"depthwise 5x5 stride 2 {kind} (transposed dgrad)", dw(sfx, 2, 3, 9, 10, (5, 5), 2, (2, 2), True)),
+            (f"depthwise 5x5 stride 2 {kind} (dgrad per stride class)", dw(sfx, 2, 3, 9, 10, (5, 5), 2, (2, 2),
+                                                                            True)),
+            (f"depthwise 7x7 {kind}", dw(sfx, 2, 3, 9, 10, (7, 7), 1, (3, 3), direct=True)),
+            (f"depthwise 13x13 {kind}", dw(sfx, 2, 3, 9, 10, (13, 13), 1, (6, 6), direct=True)),
+            (f"depthwise 31x31 {kind}", dw(sfx, 1, 2, 9, 10, (31, 31), 1, (15, 15), direct=True)),
             ("depthwise 11x1 Toeplitz (vertical)", dw(sfx, 2, 3, 6, 7, (11, 1), 1, (5, 0))),
             ("depthwise 1x13 Toeplitz (horizontal)", dw(sfx, 2, 3, 6, 7, (1, 13), 1, (0, 6))),
             ("depthwise 11x11 Toeplitz (2-D plane)", dw(sfx, 2, 3, 6, 6, (11, 11), 1, (5, 5))),
