@@ -18,3 +18,7 @@ __all__ = ["BACKENDS", "BackendUnavailableError", "__version__", "backend", "get
 from .official import load_official  # noqa: E402 (official checkpoints: ACNet, DBB, RefConv, ParCNetV2, CoC)
 
 __all__ += ["load_official"]
+
+from .export import export_onnx, onnx_translations  # noqa: E402 (ONNX export with a dynamic batch; onnxscript on use)
+
+__all__ += ["export_onnx", "onnx_translations"]

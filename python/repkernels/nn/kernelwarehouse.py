@@ -35,6 +35,7 @@ from torch import nn
 from .._validation import conv_channels, nchw_input, pair, tensor
 from ..ops.kw_assemble import kw_assemble
 from ..ops.kw_conv2d import kw_conv2d
+from ..reference.kernelwarehouse import per_sample_convnd_taps
 
 __all__ = ["KWAttention", "KWConv1d", "KWConv2d", "KWConv3d", "KWLinear", "LinearTemperatureSchedule",
            "WarehouseManager", "kw_layers", "official_mixture_order", "set_temperature", "warehouse_summary"]
@@ -310,6 +311,15 @@ class _KWConvNd(_KWLayer):
     def _conv_args(self):
         return self.stride, self.padding, self.dilation
 
+    def _explicit_padding(self) -> list[tuple[int, int]]:
+        """``(before, after)`` per spatial dim; 'same' puts an odd total's extra element after, as F.conv does."""
+        if self.padding == "valid":
+            return [(0, 0)] * self.dims
+        if self.padding == "same":
+            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            return [(t // 2, t - t // 2) for t in totals]
+        return [(p, p) for p in self.padding]
+
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
@@ -344,7 +354,9 @@ class KWConv1d(_KWConvNd):
     """KernelWarehouse drop-in for ``nn.Conv1d`` (arguments as :class:`KWConv2d`). (B, Cin, L) → (B, Cout, OL).
 
     Assembly by :func:`repkernels.ops.kw_assemble`; the convolution is the grouped ``F.conv1d`` over
-    ``groups = B·groups`` of the reference approach."""
+    ``groups = B·groups`` of the reference approach (while ``torch.compile`` / ``torch.export`` trace: a batched
+    matmul over the kernel taps, :func:`repkernels.reference.kernelwarehouse.per_sample_convnd_taps`, so that one
+    graph serves every batch size)."""
 
     dims = 1
     _conv = staticmethod(F.conv1d)
@@ -352,6 +364,11 @@ class KWConv1d(_KWConvNd):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.kernels(x)
         b = x.shape[0]
+        if torch.compiler.is_compiling():  # torch.compile / torch.export: no batch-sized groups in the graph
+            out = per_sample_convnd_taps(x, w, self.stride, self._explicit_padding(), self.dilation, self.groups)
+            if self.bias is not None:
+                out = out + self.bias.to(out.dtype).view(1, -1, *([1] * self.dims))
+            return out
         out = self._conv(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), None, self.stride,
                          self.padding, self.dilation, b * self.groups)
         out = out.view(b, self.out_channels, *out.shape[2:])
@@ -364,7 +381,7 @@ class KWConv3d(KWConv1d):
     """KernelWarehouse drop-in for ``nn.Conv3d`` (arguments as :class:`KWConv2d`). (B, Cin, D, H, W) → (B, Cout, ...).
 
     Assembly by :func:`repkernels.ops.kw_assemble`; the convolution is the grouped ``F.conv3d`` over
-    ``groups = B·groups`` of the reference approach."""
+    ``groups = B·groups`` of the reference approach (traced as :class:`KWConv1d` says)."""
 
     dims = 3
     _conv = staticmethod(F.conv3d)

@@ -2,7 +2,9 @@
 
 * :func:`kw_assemble` — one matmul ``(B·m, n) @ (n, cell)``, then a permute into the conv weight layout;
 * :func:`per_sample_conv2d` — a grouped ``F.conv2d`` on ``(1, B·C, H, W)`` with ``groups = B·groups``;
-* :func:`kw_conv2d` — the two together (what a KW layer computes).
+* :func:`kw_conv2d` — the two together (what a KW layer computes);
+* :func:`per_sample_convnd_taps` — the per-sample conv of any dimension as a batched matmul over kernel taps
+  (what ``KWConv1d`` / ``KWConv3d`` trace for ``torch.compile`` / ``torch.export``).
 
 Kernel layout (shared by every implementation). A layer's static kernel ``W`` of shape
 ``layout = (Cout, Cin/groups, *kernel)`` is cut into ``m = Go·Gi·S`` cells of shape
@@ -16,6 +18,7 @@ Per sample ``b``: ``cell_j = Σ_n attention[b, j, n] · warehouse[n]``.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -98,10 +101,45 @@ def _per_sample_conv2d_matmul(input, weight, stride, padding, dilation, groups):
     cout, kh, kw = weight.shape[1], weight.shape[3], weight.shape[4]
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    cols = F.unfold(input, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C·kh·kw, L)
-    cols = cols.view(b, groups, (c // groups) * kh * kw, oh * ow)
+    if (kh, kw) == (1, 1) and tuple(padding) == (0, 0):  # point-wise: the (strided) input is its own unfolding
+        cols = input if tuple(stride) == (1, 1) else input[:, :, ::stride[0], ::stride[1]]
+        cols = cols.reshape(b, groups, c // groups, oh * ow)  # (fewer nodes than unfold's gathers when exported)
+    else:
+        cols = F.unfold(input, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C·kh·kw, L)
+        cols = cols.view(b, groups, (c // groups) * kh * kw, oh * ow)
     out = weight.reshape(b, groups, cout // groups, (c // groups) * kh * kw) @ cols      # (B, g, Cout/g, L)
     return out.reshape(b, cout, oh, ow)
+
+
+def per_sample_convnd_taps(input: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                           padding: Sequence[tuple[int, int]], dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """The per-sample N-d convolution (any number of spatial dims) as one batched matmul over the kernel taps:
+    ``out[b] = F.convNd(input[b:b+1], weight[b], None, stride, padding, dilation, groups)[0]``.
+
+    ``input`` (B, C, *spatial), ``weight`` (B, Cout, C/groups, *kernel), ``padding`` one ``(before, after)``
+    pair per spatial dim (asymmetric 'same' padding included). The graph holds strided slices (one per tap), a
+    stack and a matmul, no ``groups = B·groups`` convolution: one ``torch.compile`` / ``torch.export`` graph
+    serves every batch size (what :class:`repkernels.nn.KWConv1d` / ``KWConv3d`` trace).
+    """
+    b, c = input.shape[0], input.shape[1]
+    cout, kernel = weight.shape[1], weight.shape[3:]
+    flat = [v for pair in reversed(list(padding)) for v in pair]  # F.pad: last dim first
+    if any(v != 0 for v in flat):
+        input = F.pad(input, flat)
+    out_sizes = [(size - dl * (k - 1) - 1) // st + 1
+                 for size, k, st, dl in zip(input.shape[2:], kernel, stride, dilation)]
+    taps = []
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        index = (slice(None), slice(None)) + tuple(slice(t * dl, t * dl + (o - 1) * st + 1, st)
+                                                   for t, dl, o, st in zip(tap, dilation, out_sizes, stride))
+        taps.append(input[index])
+    ntaps = len(taps)
+    length = 1
+    for o in out_sizes:
+        length = length * o
+    cols = torch.stack(taps, 2).reshape(b, groups, (c // groups) * ntaps, length)  # order (c, tap) as the weight
+    out = weight.reshape(b, groups, cout // groups, (c // groups) * ntaps) @ cols
+    return out.reshape(b, cout, *out_sizes)
 
 
 def kw_conv2d(input: torch.Tensor, attention: torch.Tensor, warehouse: torch.Tensor, layout: Sequence[int],
