@@ -84,3 +84,19 @@ def test_unknown_tile_name_raises(monkeypatch):
     with pytest.raises(RuntimeError, match="REPKERNELS_DW_TILE=small:x names no forward kernel"):
         torch.ops.repkernels.depthwise_conv2d(torch.randn(1, 1, 8, 8), torch.randn(1, 1, 3, 3), None, [1, 1],
                                               [1, 1], [1, 1])
+
+
+@pytest.mark.parametrize("dtype,big", [(torch.float16, 2048.0), (torch.bfloat16, 256.0)], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kernel,kh,kw", [("small:27", 1, 27), ("small:13", 13, 13), ("small:generic", 5, 5)])
+def test_small_map_tile_accumulates_in_fp32(kernel, kh, kw, dtype, big, monkeypatch):
+    # the first tap is 2 ulps of the storage type above 1 and every other tap adds 1: an accumulator of the storage
+    # type would lose each 1 (ties to even), fp32 keeps them all
+    monkeypatch.setenv("REPKERNELS_DW_TOEPLITZ", "0")
+    monkeypatch.setenv("REPKERNELS_DW_TILE", kernel)
+    c, h, w = 3, 14, 13 + kw
+    x = torch.ones(1, c, h + kh - 1, w, dtype=dtype)
+    wt = torch.ones(c, 1, kh, kw, dtype=dtype)
+    wt[:, :, 0, 0] = big
+    out = torch.ops.repkernels.depthwise_conv2d(x, wt, None, [1, 1], [0, 0], [1, 1])
+    assert out.shape == (1, c, h, 14)
+    assert (out.double() == big + kh * kw - 1).all(), out.unique()
