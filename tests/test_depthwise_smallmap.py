@@ -1,7 +1,8 @@
 """The small-map register tiles (``SmTile``, csrc/depthwise_conv2d/depthwise_conv2d_smallmap.h) reached directly
 (``REPKERNELS_DW_TILE=small``, ``small:generic``, ``small:<taps>``) through their CPU emulation, in fp32, fp16 and
 bf16: forward, input gradient (the same tiles on the flipped filter, or on one forward problem per class of input
-positions for stride 2) and weight gradient, against the float64 reference. A block holds several whole planes
+positions for stride 2) and weight gradient (its small-map tile: 16 x 16 grad_out positions per tile, a kh x 1
+filter transposed; the emulation plans 8 blocks, so several splits), against the float64 reference. A block holds several whole planes
 (14 x 14: 8 planes of 8 threads; 7 x 7: 32 planes of 2 threads); the plane counts below leave the last block
 partial. And the planner's choice between the small-map tile and the 32 x 64 register tile."""
 
@@ -28,6 +29,8 @@ CASES = [
     (1, 6, 13, 9, (5, 5), 1, 2, 1, "small:generic"),       # no compile-time small tile for 5 taps
     (1, 4, 14, 14, (7, 7), 2, 3, 1, "small"),              # stride 2: 2 tap phases; input gradient in 4 classes
     (1, 3, 13, 20, (3, 5), 1, (1, 4), (1, 2), "small"),    # W dilation 2: 2 output phases (planes (n, c, ρ))
+    (9, 2, 7, 7, (7, 7), 1, 3, 1, "small:7"),              # weight gradient: 3 splits of 3 tiles (samples)
+    (1, 3, 16, 16, (5, 5), 1, 2, 1, "small:generic"),      # grad_out fills the weight gradient's 16 x 16 tile
 ]
 IDS = [f"{c[8]}_{c[2]}x{c[3]}_k{c[4][0]}x{c[4][1]}_s{c[5]}_d{c[7]}_p{c[0] * c[1]}" for c in CASES]
 
@@ -78,6 +81,16 @@ def test_small_map_tile_on_a_large_map_raises(monkeypatch):
         torch.ops.repkernels.depthwise_conv2d(x, wt, None, [1, 1], [6, 6], [1, 1])
 
 
+def test_small_map_weight_gradient_on_a_larger_grad_out_raises(monkeypatch):
+    # 20 x 20 outputs: 5 x 3 forward micro-tiles (small), but more than one 16 x 16 weight-gradient tile
+    monkeypatch.setenv("REPKERNELS_DW_TOEPLITZ", "0")
+    monkeypatch.setenv("REPKERNELS_DW_TILE", "small")
+    x, wt = torch.randn(1, 1, 20, 20), torch.randn(1, 1, 5, 5)
+    out = torch.ops.repkernels.depthwise_conv2d(x, wt, None, [1, 1], [2, 2], [1, 1])
+    with pytest.raises(RuntimeError, match="asks for the small-map tiles but the weight gradient"):
+        torch.ops.repkernels.depthwise_conv2d_backward_weight(out, x, wt, [1, 1], [2, 2], [1, 1])
+
+
 def test_unknown_tile_name_raises(monkeypatch):
     monkeypatch.setenv("REPKERNELS_DW_TOEPLITZ", "0")
     monkeypatch.setenv("REPKERNELS_DW_TILE", "small:x")
@@ -100,3 +113,20 @@ def test_small_map_tile_accumulates_in_fp32(kernel, kh, kw, dtype, big, monkeypa
     out = torch.ops.repkernels.depthwise_conv2d(x, wt, None, [1, 1], [0, 0], [1, 1])
     assert out.shape == (1, c, h, 14)
     assert (out.double() == big + kh * kw - 1).all(), out.unique()
+
+
+@pytest.mark.parametrize("dtype,big", [(torch.float16, 2048.0), (torch.bfloat16, 256.0)], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kh,kw", [(27, 1), (5, 5)])
+def test_small_map_weight_gradient_accumulates_in_fp32(kh, kw, dtype, big, monkeypatch):
+    # grad_out is 1 but for a big first position: every tap sums big + (positions - 1) ones over an all-ones input
+    # (no padding); an accumulator of the storage type would lose the ones that follow the big value
+    monkeypatch.setenv("REPKERNELS_DW_TOEPLITZ", "0")
+    monkeypatch.setenv("REPKERNELS_DW_TILE", "small")
+    n, c, oh, ow = 2, 3, 14, 14
+    x = torch.ones(n, c, oh + kh - 1, ow + kw - 1, dtype=dtype)
+    wt = torch.ones(c, 1, kh, kw, dtype=dtype)
+    go = torch.ones(n, c, oh, ow, dtype=dtype)
+    go[0, :, 0, 0] = big
+    gw = torch.ops.repkernels.depthwise_conv2d_backward_weight(go, x, wt, [1, 1], [0, 0], [1, 1])
+    expected = torch.tensor(big + n * oh * ow - 1, dtype=torch.float64).to(dtype)
+    assert (gw == expected).all(), gw.unique()

@@ -476,10 +476,9 @@ void emulate_backward_weight(const Params& p, const T* input, const T* grad, Acc
   });
 }
 
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename S>
 void emulate_rt_backward_weight(const Params& p, const RtWgradParams& w, const T* input, const T* grad, Acc* ws) {
-  using Tile = RtWgradTile<T, Acc>;
-  using S = RtWgradShape;
+  using Tile = RtWgradTile<T, Acc, S>;
   const RtParams& q = w.g;
   const int64_t smem_elems = S::smem_elems(q.sh, q.dh, q.kc, q.mc);
   at::parallel_for(0, num_rt_wgrad_blocks(p, w), 1, [&](int64_t begin, int64_t end) {
@@ -514,13 +513,18 @@ void emulate_rt_backward_weight(const Params& p, const RtWgradParams& w, const T
   });
 }
 
-// The weight-gradient plan: the register tile (true, `w` filled) unless REPKERNELS_DW_TILE=direct or no
-// chunk of it fits (then kDirect, `p` planned by plan_wgrad()).
+// The weight-gradient plan: the register tile (true, `w` filled: the small-map tile when the grad_out plane
+// fits in one of its tiles) unless REPKERNELS_DW_TILE=direct or no chunk of it fits (then kDirect, `p`
+// planned by plan_wgrad()). REPKERNELS_DW_TILE=small... asks for the small-map tile, a large-map forward tile
+// (generic, <taps>) for the large-map one.
 bool plan_wgrad_checked(Params& p, RtWgradParams& w, int64_t target_blocks) {
   const int want = requested_kernel();
-  const bool rt = want != -1 && plan_rt_wgrad(p, w, target_blocks);
+  const bool want_small = want == kAnySmallKernel || want >= kSmallKernel;
+  const bool rt = want != -1 && plan_rt_wgrad(p, w, target_blocks, want == kAnyKernel || want_small);
   RK_CHECK(rt || want == kAnyKernel || want == -1, "depthwise_conv2d: REPKERNELS_DW_TILE asks for a register tile ",
            "but the weight gradient (", p.kh, "x", p.kw, " taps) plans kDirect");
+  RK_CHECK(!want_small || (rt && w.small), "depthwise_conv2d: REPKERNELS_DW_TILE asks for the small-map tiles but the ",
+           "weight gradient (", p.oh, "x", p.ow, " grad_out, ", p.kh, "x", p.kw, " taps) plans the large-map tile");
   if (!rt) {
     plan_wgrad(p, target_blocks);
     p.config = TileConfig::kDirect;
@@ -578,9 +582,12 @@ at::Tensor depthwise_conv2d_backward_weight_cpu(const at::Tensor& grad, const at
   at::Tensor ws = at::empty({p.c, rt ? w.splits : p.splits, p.kh * p.kw}, input.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_conv2d_bwd_weight_cpu", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    if (rt) {
-      emulate_rt_backward_weight<scalar_t, Acc>(p, w, input.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-                                                ws.mutable_data_ptr<Acc>());
+    if (rt && w.small) {
+      emulate_rt_backward_weight<scalar_t, Acc, RtWgradSmall>(p, w, input.const_data_ptr<scalar_t>(),
+                                                              grad.const_data_ptr<scalar_t>(), ws.mutable_data_ptr<Acc>());
+    } else if (rt) {
+      emulate_rt_backward_weight<scalar_t, Acc, RtWgradShape>(p, w, input.const_data_ptr<scalar_t>(),
+                                                              grad.const_data_ptr<scalar_t>(), ws.mutable_data_ptr<Acc>());
     } else {
       emulate_backward_weight<scalar_t, Acc>(p, input.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
                                              ws.mutable_data_ptr<Acc>());

@@ -147,13 +147,13 @@ __global__ void __launch_bounds__(WgradShape::kThreads)
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(RtWgradShape::kThreads, RtWgradShape::kMinBlocks)
+template <typename T, typename Shape>
+__global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks)
     backward_weight_rt_kernel(const RtWgradParams w, const T* __restrict__ input, const T* __restrict__ grad_output,
                               float* __restrict__ ws) {
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
-  using Tile = RtWgradTile<T, float>;
+  using Tile = RtWgradTile<T, float, Shape>;
   const RtParams& q = w.g;
   const auto b = Tile::coord(w, blockIdx.x);
   const int tid = threadIdx.x;
@@ -164,9 +164,9 @@ __global__ void __launch_bounds__(RtWgradShape::kThreads, RtWgradShape::kMinBloc
       const int kc = min(q.kc, q.kh - i0);
       for (int m0 = 0; m0 < taps; m0 += q.mc) {
         const int mt = min(q.mc, taps - m0);
-        float acc[RtWgradShape::kAcc];
+        float acc[Shape::kAcc];
 #pragma unroll
-        for (int k = 0; k < RtWgradShape::kAcc; ++k) acc[k] = 0.f;
+        for (int k = 0; k < Shape::kAcc; ++k) acc[k] = 0.f;
         for (int tile = t0; tile < t1; ++tile) {
           Tile::stage(w, b, tile, sigma, i0, kc, m0, mt, tid, input, grad_output, smem);
           __syncthreads();
@@ -203,9 +203,13 @@ cudaError_t toeplitz_wgrad_typed(const ToeplitzParams& t, const void* grad, cons
 template <typename T>
 cudaError_t launch_backward_weight_typed(const Params& p, const RtWgradParams* w, const void* input,
                                          const void* grad_output, float* ws, cudaStream_t stream) {
-  if (w != nullptr) {
+  if (w != nullptr && w->small) {
+    const size_t smem = sizeof(float) * RtWgradSmall::smem_elems(w->g.sh, w->g.dh, w->g.kc, w->g.mc);
+    backward_weight_rt_kernel<T, RtWgradSmall><<<num_rt_wgrad_blocks(p, *w), RtWgradSmall::kThreads, smem, stream>>>(
+        *w, static_cast<const T*>(input), static_cast<const T*>(grad_output), ws);
+  } else if (w != nullptr) {
     const size_t smem = sizeof(float) * RtWgradShape::smem_elems(w->g.sh, w->g.dh, w->g.kc, w->g.mc);
-    backward_weight_rt_kernel<T><<<num_rt_wgrad_blocks(p, *w), RtWgradShape::kThreads, smem, stream>>>(
+    backward_weight_rt_kernel<T, RtWgradShape><<<num_rt_wgrad_blocks(p, *w), RtWgradShape::kThreads, smem, stream>>>(
         *w, static_cast<const T*>(input), static_cast<const T*>(grad_output), ws);
   } else {
     backward_weight_kernel<T><<<num_wgrad_blocks(p), WgradShape::kThreads, 0, stream>>>(

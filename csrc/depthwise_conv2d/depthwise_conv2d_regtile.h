@@ -313,6 +313,16 @@ inline bool plan_rt(const Params& p, RtParams& q, int64_t kw_fixed) {
   return true;
 }
 
+// `p` with H and W swapped (a kh x 1 filter becomes 1 x kh over the same contiguous taps).
+inline Params transposed(const Params& p) {
+  Params t = p;
+  t.h = p.w, t.w = p.h, t.oh = p.ow, t.ow = p.oh, t.kh = p.kw, t.kw = p.kh;
+  t.sh = p.sw, t.sw = p.sh, t.ph = p.pw, t.pw = p.ph, t.dh = p.dw, t.dw = p.dh;
+  t.in_stride[2] = p.in_stride[3], t.in_stride[3] = p.in_stride[2];
+  t.out_stride[2] = p.out_stride[3], t.out_stride[3] = p.out_stride[2];
+  return t;
+}
+
 inline int64_t num_rt_blocks(const Params& p, const RtParams& q) {
   return p.n * p.c * int64_t(q.R) * q.tiles_h * q.tiles_w;
 }

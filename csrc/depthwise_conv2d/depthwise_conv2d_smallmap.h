@@ -185,16 +185,6 @@ struct SmTile {
   }
 };
 
-// `p` with H and W swapped (a kh x 1 filter becomes 1 x kh over the same contiguous taps).
-inline Params transposed(const Params& p) {
-  Params t = p;
-  t.h = p.w, t.w = p.h, t.oh = p.ow, t.ow = p.oh, t.kh = p.kw, t.kw = p.kh;
-  t.sh = p.sw, t.sw = p.sh, t.ph = p.pw, t.pw = p.ph, t.dh = p.dw, t.dw = p.dh;
-  t.in_stride[2] = p.in_stride[3], t.in_stride[3] = p.in_stride[2];
-  t.out_stride[2] = p.out_stride[3], t.out_stride[3] = p.out_stride[2];
-  return t;
-}
-
 // Plans the small-map tile with KW (0: generic) for `p` (transposed first when the filter is kh x 1):
 // false unless the output plane takes at most kThreads / 2 threads and at least 2 planes fit in shared
 // memory. Keeps as many planes per block as the threads allow, chunking tap rows (then taps, generic
