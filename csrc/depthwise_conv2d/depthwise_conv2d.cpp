@@ -25,6 +25,7 @@
 #include "depthwise_conv2d/depthwise_conv2d_launch.h"
 #include "depthwise_conv2d/depthwise_conv2d_regtile.h"
 #include "depthwise_conv2d/depthwise_conv2d_regtile_wgrad.h"
+#include "depthwise_conv2d/depthwise_conv2d_smallmap.h"
 
 namespace rk {
 namespace dw {
@@ -154,25 +155,50 @@ void emulate_toeplitz_wgrad(const ToeplitzParams& t, const T* grad, const T* inp
 }
 
 // REPKERNELS_DW_TILE (the tests use it to reach each forward kernel): "generic" (the generic register tile),
-// "direct" (kDirect) or a tap count ("7": the compile-time register tile for 7 taps) — an error when the problem
-// cannot run that kernel. Unset: the planner's choice.
+// "direct" (kDirect), a tap count ("7": the compile-time register tile for 7 taps), "small" (a small-map tile:
+// compile-time if one fits, else generic), "small:generic" or "small:<taps>" (that small-map tile) — an error
+// when the problem cannot run that kernel. Unset: the planner's choice.
 constexpr int kAnyKernel = -2;
+constexpr int kAnySmallKernel = -3;
+constexpr int kBadKernel = -4;
 
 int requested_kernel() {
   const char* v = std::getenv("REPKERNELS_DW_TILE");
   if (v == nullptr || *v == 0) return kAnyKernel;
   if (std::strcmp(v, "generic") == 0) return 0;
   if (std::strcmp(v, "direct") == 0) return -1;
-  return std::atoi(v);
+  if (std::strcmp(v, "small") == 0) return kAnySmallKernel;
+  if (std::strcmp(v, "small:generic") == 0) return kSmallKernel;
+  if (std::strncmp(v, "small:", 6) == 0) {
+    const int k = std::atoi(v + 6);
+    return k > 0 ? kSmallKernel + k : kBadKernel;
+  }
+  const int k = std::atoi(v);
+  return k > 0 ? k : kBadKernel;
 }
 
 // plan_forward() honouring REPKERNELS_DW_TILE; returns the kernel (see plan_forward).
 int plan_forward_checked(Params& p, RtParams& q) {
   const int want = requested_kernel();
-  const FwdChoice choice = want == 0 ? FwdChoice::kGeneric : want == -1 ? FwdChoice::kDirect : FwdChoice::kAuto;
+  RK_CHECK(want != kBadKernel, "depthwise_conv2d: REPKERNELS_DW_TILE=", std::getenv("REPKERNELS_DW_TILE"),
+           " names no forward kernel (generic, direct, <taps>, small, small:generic, small:<taps>)");
+  FwdChoice choice = FwdChoice::kAuto;
+  if (want == 0) choice = FwdChoice::kGeneric;
+  else if (want == -1) choice = FwdChoice::kDirect;
+  else if (want == kAnySmallKernel) choice = FwdChoice::kSmall;
+  else if (want == kSmallKernel) choice = FwdChoice::kSmallGeneric;
+  else if (want > kSmallKernel) choice = FwdChoice::kSmall;
+  else if (want > 0) choice = FwdChoice::kRegTile;
   const int kernel = plan_forward(p, q, choice);
-  RK_CHECK(want == kAnyKernel || kernel == want, "depthwise_conv2d: REPKERNELS_DW_TILE asks for forward kernel ",
-           want, " but the problem (", p.kh, "x", p.kw, " taps) plans kernel ", kernel);
+  const bool ok = want == kAnyKernel || kernel == want || (want == kAnySmallKernel && kernel >= kSmallKernel);
+  if (!ok) {
+    Params pa = p;
+    RtParams qa{};
+    const int planner = plan_forward(pa, qa);
+    RK_CHECK(false, "depthwise_conv2d: REPKERNELS_DW_TILE asks for forward kernel ", want, " but the problem (", p.oh,
+             "x", p.ow, " outputs, ", p.kh, "x", p.kw, " taps) plans kernel ", kernel, " (the planner's choice: ",
+             planner, ")");
+  }
   return kernel;
 }
 
@@ -228,6 +254,40 @@ void emulate_rt_forward(const Params& p, const RtParams& q, const T* input, cons
   });
 }
 
+template <typename T, typename Acc, int KW>
+void emulate_small_forward(const RtParams& q, const T* input, const T* weight, const T* bias, T* output) {
+  using Tile = SmTile<T, Acc, KW>;
+  using Shape = typename Tile::Shape;
+  constexpr int kAcc = Tile::kRH * Tile::kRW;
+  const int64_t smem_elems = small_smem_elems<KW>(q);
+  at::parallel_for(0, num_small_blocks(q), 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> buf(smem_elems + 64 / sizeof(Acc));
+    Acc* smem = buf.data();  // 64-byte aligned, as the kernel's 16-byte loads need
+    while (reinterpret_cast<uintptr_t>(smem) % 64 != 0) ++smem;
+    std::vector<Acc> acc(Shape::kThreads * kAcc);
+    for (int64_t block = begin; block < end; ++block) {
+      const SmCoord b = Tile::coord(q, block);
+      std::fill(acc.begin(), acc.end(), Acc(0));
+      for (int sigma = 0; sigma < q.S; ++sigma) {
+        const int taps = Tile::phase_taps(q, sigma);
+        for (int i0 = 0; i0 < q.kh; i0 += q.kc) {
+          const int kc = std::min(q.kc, q.kh - i0);
+          for (int m0 = 0; m0 < taps; m0 += q.mc) {
+            const int mt = std::min(q.mc, taps - m0);
+            // Poison shared memory so that a read of anything the stage phase did not write shows.
+            std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
+            for (int tid = 0; tid < Shape::kThreads; ++tid)
+              Tile::stage(q, b, sigma, i0, kc, m0, mt, tid, input, weight, smem);
+            for (int tid = 0; tid < Shape::kThreads; ++tid)
+              Tile::compute(q, b, kc, mt, tid, smem, acc.data() + tid * kAcc);
+          }
+        }
+      }
+      for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::store(q, b, tid, acc.data() + tid * kAcc, bias, output);
+    }
+  });
+}
+
 // CPU emulation of launch_forward (depthwise_conv2d_kernel.cu).
 template <typename T, typename Acc>
 void emulate_forward(const Params& p, const RtParams& q, int kernel, const T* input, const T* weight, const T* bias,
@@ -241,6 +301,10 @@ void emulate_forward(const Params& p, const RtParams& q, int kernel, const T* in
     case 13: return emulate_rt_forward<T, Acc, 13>(p, q, input, weight, bias, output);
     case 27: return emulate_rt_forward<T, Acc, 27>(p, q, input, weight, bias, output);
     case 31: return emulate_rt_forward<T, Acc, 31>(p, q, input, weight, bias, output);
+    case kSmallKernel: return emulate_small_forward<T, Acc, 0>(q, input, weight, bias, output);
+    case kSmallKernel + 7: return emulate_small_forward<T, Acc, 7>(q, input, weight, bias, output);
+    case kSmallKernel + 13: return emulate_small_forward<T, Acc, 13>(q, input, weight, bias, output);
+    case kSmallKernel + 27: return emulate_small_forward<T, Acc, 27>(q, input, weight, bias, output);
   }
   RK_CHECK(false, "depthwise_conv2d: no forward kernel ", kernel);
 }
@@ -412,10 +476,9 @@ void emulate_backward_weight(const Params& p, const T* input, const T* grad, Acc
   });
 }
 
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename S>
 void emulate_rt_backward_weight(const Params& p, const RtWgradParams& w, const T* input, const T* grad, Acc* ws) {
-  using Tile = RtWgradTile<T, Acc>;
-  using S = RtWgradShape;
+  using Tile = RtWgradTile<T, Acc, S>;
   const RtParams& q = w.g;
   const int64_t smem_elems = S::smem_elems(q.sh, q.dh, q.kc, q.mc);
   at::parallel_for(0, num_rt_wgrad_blocks(p, w), 1, [&](int64_t begin, int64_t end) {
@@ -450,13 +513,18 @@ void emulate_rt_backward_weight(const Params& p, const RtWgradParams& w, const T
   });
 }
 
-// The weight-gradient plan: the register tile (true, `w` filled) unless REPKERNELS_DW_TILE=direct or no
-// chunk of it fits (then kDirect, `p` planned by plan_wgrad()).
+// The weight-gradient plan: the register tile (true, `w` filled: the small-map tile when the grad_out plane
+// fits in one of its tiles) unless REPKERNELS_DW_TILE=direct or no chunk of it fits (then kDirect, `p`
+// planned by plan_wgrad()). REPKERNELS_DW_TILE=small... asks for the small-map tile, a large-map forward tile
+// (generic, <taps>) for the large-map one.
 bool plan_wgrad_checked(Params& p, RtWgradParams& w, int64_t target_blocks) {
   const int want = requested_kernel();
-  const bool rt = want != -1 && plan_rt_wgrad(p, w, target_blocks);
+  const bool want_small = want == kAnySmallKernel || want >= kSmallKernel;
+  const bool rt = want != -1 && plan_rt_wgrad(p, w, target_blocks, want == kAnyKernel || want_small);
   RK_CHECK(rt || want == kAnyKernel || want == -1, "depthwise_conv2d: REPKERNELS_DW_TILE asks for a register tile ",
            "but the weight gradient (", p.kh, "x", p.kw, " taps) plans kDirect");
+  RK_CHECK(!want_small || (rt && w.small), "depthwise_conv2d: REPKERNELS_DW_TILE asks for the small-map tiles but the ",
+           "weight gradient (", p.oh, "x", p.ow, " grad_out, ", p.kh, "x", p.kw, " taps) plans the large-map tile");
   if (!rt) {
     plan_wgrad(p, target_blocks);
     p.config = TileConfig::kDirect;
@@ -514,9 +582,12 @@ at::Tensor depthwise_conv2d_backward_weight_cpu(const at::Tensor& grad, const at
   at::Tensor ws = at::empty({p.c, rt ? w.splits : p.splits, p.kh * p.kw}, input.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_conv2d_bwd_weight_cpu", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    if (rt) {
-      emulate_rt_backward_weight<scalar_t, Acc>(p, w, input.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-                                                ws.mutable_data_ptr<Acc>());
+    if (rt && w.small) {
+      emulate_rt_backward_weight<scalar_t, Acc, RtWgradSmall>(p, w, input.const_data_ptr<scalar_t>(),
+                                                              grad.const_data_ptr<scalar_t>(), ws.mutable_data_ptr<Acc>());
+    } else if (rt) {
+      emulate_rt_backward_weight<scalar_t, Acc, RtWgradShape>(p, w, input.const_data_ptr<scalar_t>(),
+                                                              grad.const_data_ptr<scalar_t>(), ws.mutable_data_ptr<Acc>());
     } else {
       emulate_backward_weight<scalar_t, Acc>(p, input.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
                                              ws.mutable_data_ptr<Acc>());

@@ -7,6 +7,7 @@
 #include "depthwise_conv2d/depthwise_conv2d_launch.h"
 #include "depthwise_conv2d/depthwise_conv2d_regtile.h"
 #include "depthwise_conv2d/depthwise_conv2d_regtile_wgrad.h"
+#include "depthwise_conv2d/depthwise_conv2d_smallmap.h"
 #include "kernelwarehouse/kw_gemm_kernel.cuh"
 
 namespace rk::dw {
@@ -40,6 +41,34 @@ __global__ void __launch_bounds__(RtShapeFor<KW>::type::kThreads, RtShapeFor<KW>
   Tile::store(q, b, tid, acc, bias, output);
 }
 
+template <typename T, int KW>
+__global__ void __launch_bounds__(SmShape<KW>::kThreads, SmShape<KW>::kMinBlocks)
+    forward_small_kernel(const RtParams q, const T* __restrict__ input, const T* __restrict__ weight,
+                         const T* __restrict__ bias, T* __restrict__ output) {
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  using Tile = SmTile<T, float, KW>;
+  const SmCoord b = Tile::coord(q, blockIdx.x);
+  const int tid = threadIdx.x;
+  float acc[Tile::kRH * Tile::kRW];
+#pragma unroll
+  for (int k = 0; k < Tile::kRH * Tile::kRW; ++k) acc[k] = 0.f;
+  for (int sigma = 0; sigma < q.S; ++sigma) {
+    const int taps = Tile::phase_taps(q, sigma);
+    for (int i0 = 0; i0 < q.kh; i0 += q.kc) {
+      const int kc = min(q.kc, q.kh - i0);
+      for (int m0 = 0; m0 < taps; m0 += q.mc) {
+        const int mt = min(q.mc, taps - m0);
+        Tile::stage(q, b, sigma, i0, kc, m0, mt, tid, input, weight, smem);
+        __syncthreads();
+        Tile::compute(q, b, kc, mt, tid, smem, acc);
+        __syncthreads();
+      }
+    }
+  }
+  Tile::store(q, b, tid, acc, bias, output);
+}
+
 template <typename T, typename Shape>
 __global__ void __launch_bounds__(Shape::kThreads)
     forward_direct_kernel(const Params p, const T* __restrict__ input, const T* __restrict__ weight,
@@ -64,6 +93,16 @@ cudaError_t launch_rt(const Params& p, const RtParams& q, const void* input, con
   return cudaGetLastError();
 }
 
+template <typename T, int KW>
+cudaError_t launch_small(const RtParams& q, const void* input, const void* weight, const void* bias, void* output,
+                         cudaStream_t stream) {
+  const size_t smem = sizeof(float) * small_smem_elems<KW>(q);
+  forward_small_kernel<T, KW><<<num_small_blocks(q), SmShape<KW>::kThreads, smem, stream>>>(
+      q, static_cast<const T*>(input), static_cast<const T*>(weight), static_cast<const T*>(bias),
+      static_cast<T*>(output));
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t launch_typed(const Params& p, const RtParams& q, int kernel, const void* input, const void* weight,
                          const void* bias, void* output, cudaStream_t stream) {
@@ -80,6 +119,10 @@ cudaError_t launch_typed(const Params& p, const RtParams& q, int kernel, const v
     case 13: return launch_rt<T, 13>(p, q, input, weight, bias, output, stream);
     case 27: return launch_rt<T, 27>(p, q, input, weight, bias, output, stream);
     case 31: return launch_rt<T, 31>(p, q, input, weight, bias, output, stream);
+    case kSmallKernel: return launch_small<T, 0>(q, input, weight, bias, output, stream);
+    case kSmallKernel + 7: return launch_small<T, 7>(q, input, weight, bias, output, stream);
+    case kSmallKernel + 13: return launch_small<T, 13>(q, input, weight, bias, output, stream);
+    case kSmallKernel + 27: return launch_small<T, 27>(q, input, weight, bias, output, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -104,13 +147,13 @@ __global__ void __launch_bounds__(WgradShape::kThreads)
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(RtWgradShape::kThreads, RtWgradShape::kMinBlocks)
+template <typename T, typename Shape>
+__global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks)
     backward_weight_rt_kernel(const RtWgradParams w, const T* __restrict__ input, const T* __restrict__ grad_output,
                               float* __restrict__ ws) {
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
-  using Tile = RtWgradTile<T, float>;
+  using Tile = RtWgradTile<T, float, Shape>;
   const RtParams& q = w.g;
   const auto b = Tile::coord(w, blockIdx.x);
   const int tid = threadIdx.x;
@@ -121,9 +164,9 @@ __global__ void __launch_bounds__(RtWgradShape::kThreads, RtWgradShape::kMinBloc
       const int kc = min(q.kc, q.kh - i0);
       for (int m0 = 0; m0 < taps; m0 += q.mc) {
         const int mt = min(q.mc, taps - m0);
-        float acc[RtWgradShape::kAcc];
+        float acc[Shape::kAcc];
 #pragma unroll
-        for (int k = 0; k < RtWgradShape::kAcc; ++k) acc[k] = 0.f;
+        for (int k = 0; k < Shape::kAcc; ++k) acc[k] = 0.f;
         for (int tile = t0; tile < t1; ++tile) {
           Tile::stage(w, b, tile, sigma, i0, kc, m0, mt, tid, input, grad_output, smem);
           __syncthreads();
@@ -160,9 +203,13 @@ cudaError_t toeplitz_wgrad_typed(const ToeplitzParams& t, const void* grad, cons
 template <typename T>
 cudaError_t launch_backward_weight_typed(const Params& p, const RtWgradParams* w, const void* input,
                                          const void* grad_output, float* ws, cudaStream_t stream) {
-  if (w != nullptr) {
+  if (w != nullptr && w->small) {
+    const size_t smem = sizeof(float) * RtWgradSmall::smem_elems(w->g.sh, w->g.dh, w->g.kc, w->g.mc);
+    backward_weight_rt_kernel<T, RtWgradSmall><<<num_rt_wgrad_blocks(p, *w), RtWgradSmall::kThreads, smem, stream>>>(
+        *w, static_cast<const T*>(input), static_cast<const T*>(grad_output), ws);
+  } else if (w != nullptr) {
     const size_t smem = sizeof(float) * RtWgradShape::smem_elems(w->g.sh, w->g.dh, w->g.kc, w->g.mc);
-    backward_weight_rt_kernel<T><<<num_rt_wgrad_blocks(p, *w), RtWgradShape::kThreads, smem, stream>>>(
+    backward_weight_rt_kernel<T, RtWgradShape><<<num_rt_wgrad_blocks(p, *w), RtWgradShape::kThreads, smem, stream>>>(
         *w, static_cast<const T*>(input), static_cast<const T*>(grad_output), ws);
   } else {
     backward_weight_kernel<T><<<num_wgrad_blocks(p), WgradShape::kThreads, 0, stream>>>(
@@ -208,7 +255,7 @@ cudaError_t launch_toeplitz_wgrad(const ToeplitzParams& t, DType dtype, const vo
 
 cudaError_t launch_forward(const Params& p, const RtParams& q, int kernel, DType dtype, const void* input,
                            const void* weight, const void* bias, void* output, cudaStream_t stream) {
-  if ((kernel < 0 ? num_blocks(p) : num_rt_blocks(p, q)) == 0) return cudaSuccess;
+  if (num_forward_blocks(p, q, kernel) == 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32: return launch_typed<float>(p, q, kernel, input, weight, bias, output, stream);
     case DType::kFloat16: return launch_typed<__half>(p, q, kernel, input, weight, bias, output, stream);

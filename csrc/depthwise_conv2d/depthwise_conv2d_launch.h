@@ -6,6 +6,7 @@
 #include "depthwise_conv2d/depthwise_conv2d_params.h"
 #include "depthwise_conv2d/depthwise_conv2d_regtile.h"
 #include "depthwise_conv2d/depthwise_conv2d_regtile_wgrad.h"
+#include "depthwise_conv2d/depthwise_conv2d_smallmap.h"
 #include "depthwise_conv2d/depthwise_conv2d_toeplitz.h"
 
 namespace rk::dw {

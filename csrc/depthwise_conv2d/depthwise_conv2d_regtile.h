@@ -42,6 +42,9 @@ struct RtParams {
   int kc, mc;                 // tap rows and phase taps staged per pass
   int64_t in_n, in_c, out_n, out_c;
   int in_h, in_w, out_h, out_w;
+  // small-map tile (SmTile, depthwise_conv2d_smallmap.h): thread rows and columns per plane, threads per
+  // plane, planes per block, planes in all
+  int sm_tr, sm_tc, sm_tpp, sm_planes, sm_nplanes;
 };
 
 template <int ThreadsW, int ThreadsH, int RowsPerThread, int ColsPerThread>
@@ -310,25 +313,18 @@ inline bool plan_rt(const Params& p, RtParams& q, int64_t kw_fixed) {
   return true;
 }
 
-inline int64_t num_rt_blocks(const Params& p, const RtParams& q) {
-  return p.n * p.c * int64_t(q.R) * q.tiles_h * q.tiles_w;
+// `p` with H and W swapped (a kh x 1 filter becomes 1 x kh over the same contiguous taps).
+inline Params transposed(const Params& p) {
+  Params t = p;
+  t.h = p.w, t.w = p.h, t.oh = p.ow, t.ow = p.oh, t.kh = p.kw, t.kw = p.kh;
+  t.sh = p.sw, t.sw = p.sh, t.ph = p.pw, t.pw = p.ph, t.dh = p.dw, t.dw = p.dh;
+  t.in_stride[2] = p.in_stride[3], t.in_stride[3] = p.in_stride[2];
+  t.out_stride[2] = p.out_stride[3], t.out_stride[3] = p.out_stride[2];
+  return t;
 }
 
-enum class FwdChoice : int { kAuto = 0, kGeneric = 1, kDirect = 2 };
-
-// Plans the forward problem `p` (strides in_stride / out_stride set). Returns the kernel: the tap count
-// of a compile-time RtTile, 0 for the generic RtTile (`q` filled), -1 for kDirect (`p` planned).
-// kGeneric skips the compile-time tiles, kDirect the register tiles.
-inline int plan_forward(Params& p, RtParams& q, FwdChoice choice = FwdChoice::kAuto) {
-  p.config = TileConfig::kRegTile;
-  if (choice == FwdChoice::kAuto) {
-    for (int k : kRtKernelSizes) {
-      if (k == p.kw && (k == 3 ? plan_rt<RtWide16>(p, q, k) : plan_rt<RtWide>(p, q, k))) return k;
-    }
-  }
-  if (choice != FwdChoice::kDirect && plan_rt<RtWide>(p, q, 0)) return 0;
-  plan_direct(p);
-  return -1;
+inline int64_t num_rt_blocks(const Params& p, const RtParams& q) {
+  return p.n * p.c * int64_t(q.R) * q.tiles_h * q.tiles_w;
 }
 
 template <typename Shape>

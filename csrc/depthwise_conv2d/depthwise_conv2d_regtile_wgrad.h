@@ -22,14 +22,16 @@
 
 namespace rk::dw {
 
-struct RtWgradShape {
+template <int TileH, int TileW, int Seg>
+struct RtWgradShapeT {
   static constexpr int kThreads = 128;
   static constexpr int kMinBlocks = 4;
   static constexpr int kTI = 2;   // tap rows per thread
   static constexpr int kTJ = 8;   // phase taps per thread
-  static constexpr int kTileH = 8;
-  static constexpr int kTileW = 64;
-  static constexpr int kSeg = 16;  // positions per unit
+  static constexpr int kTileH = TileH;
+  static constexpr int kTileW = TileW;
+  static constexpr int kSeg = Seg;  // positions per unit
+  static_assert(kSeg % 4 == 0 && kTileW % kSeg == 0, "16-byte steps, whole units");
   static constexpr int kUnits = kTileH * (kTileW / kSeg);
   static constexpr int kAcc = kTI * kTJ;
 
@@ -45,17 +47,23 @@ struct RtWgradShape {
   }
 };
 
+// 8 x 64 grad_out positions per tile, units of 16; small maps (grad_out plane within 16 x 16, after
+// transposing a kh x 1 filter): 16 x 16 per tile, units of 8 (32 units, as many as the large tile has).
+using RtWgradShape = RtWgradShapeT<8, 64, 16>;
+using RtWgradSmall = RtWgradShapeT<16, 16, 8>;
+
 // Weight-gradient plan: RtParams geometry (kc, mc the tap chunk) plus the split of the tiles.
 struct RtWgradParams {
   RtParams g;
   int tiles;  // grad_out tiles in all: n x R x tiles_h x tiles_w
   int splits, tiles_per_split;
   int n;
+  int small;  // 1: RtWgradSmall (g planned transposed for a kh x 1 filter), 0: RtWgradShape
 };
 
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Shape_ = RtWgradShape>
 struct RtWgradTile {
-  using Shape = RtWgradShape;
+  using Shape = Shape_;
 
   struct Block {
     int64_t c;
@@ -184,8 +192,8 @@ struct RtWgradTile {
 
 // Plans the register-tiled weight gradient of `p` (in_stride: input, out_stride: grad_out) over about
 // `target_blocks` blocks; false when no chunk fits (huge strides) or offsets exceed 32 bits.
-inline bool plan_rt_wgrad(const Params& p, RtWgradParams& w, int64_t target_blocks) {
-  using S = RtWgradShape;
+template <typename S>
+inline bool plan_rt_wgrad_shape(const Params& p, RtWgradParams& w, int64_t target_blocks) {
   RtParams& q = w.g;
   Params f = p;
   if (!plan_rt<RtShape<8, 2, 4, 8>>(f, q, 0)) return false;  // geometry, phases and 32-bit checks (tile 8 x 64)
@@ -210,6 +218,20 @@ inline bool plan_rt_wgrad(const Params& p, RtWgradParams& w, int64_t target_bloc
   w.splits = int(imax(1, cdiv(tiles, w.tiles_per_split)));
   w.n = int(p.n);
   return true;
+}
+
+// The weight-gradient plan: RtWgradSmall when `allow_small` and the grad_out plane (a kh x 1 filter's
+// transposed) fits in one of its tiles, else RtWgradShape.
+inline bool plan_rt_wgrad(const Params& p, RtWgradParams& w, int64_t target_blocks, bool allow_small = true) {
+  if (allow_small) {
+    const Params t = (p.kw == 1 && p.kh > 1) ? transposed(p) : p;
+    if (plan_rt_wgrad_shape<RtWgradSmall>(t, w, target_blocks) && w.g.tiles_h == 1 && w.g.tiles_w == 1) {
+      w.small = 1;
+      return true;
+    }
+  }
+  w.small = 0;
+  return plan_rt_wgrad_shape<RtWgradShape>(p, w, target_blocks);
 }
 
 inline int64_t num_rt_wgrad_blocks(const Params& p, const RtWgradParams& w) { return p.c * w.splits; }

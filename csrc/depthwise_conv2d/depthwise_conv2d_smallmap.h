@@ -1,0 +1,283 @@
+// Small-map register tiles (SmTile): the RtTile forward (depthwise_conv2d_regtile.h) for output maps too
+// small to fill its 32 x 64 block. A block covers several whole planes, each plane (n, c, ρ) being one
+// sample's channel and W output phase: the plane's outputs are a grid of tr x tc thread micro-tiles
+// (kRH x kRW each, the shape RtTile uses for the same tap count), so one plane takes tpp = tr·tc threads
+// and a block of kThreads holds P = kThreads / tpp planes (fewer when shared memory is short):
+//
+//   thread tid → plane pl = tid / tpp of the block (global plane block·P + pl), micro-tile (ty, tx) of it
+//
+//   for each tap phase σ, chunk of tap rows (kc) and chunk of phase taps (mc):
+//     stage:   for each plane of the block, the block copies the plane's whole input window (zero outside
+//              the image) and its channel's taps into shared memory: P windows, then P tap chunks
+//     barrier
+//     compute: RtTile's inner loop on the thread's plane (sliding window of kRW + 4 inputs in
+//              registers, 16-byte loads, 4-tap broadcasts)
+//     barrier
+//   store:     each thread adds its plane's bias and writes its outputs
+//
+// A kh x 1 filter is planned transposed (H and W swapped through the strides; the contiguous (kh, 1)
+// taps are the same memory as (1, kh)), so that its taps run along the register window.
+// Planner rule (plan_small): the output plane needs tpp <= kThreads / 2 threads (the 32 x 64 RtTile
+// would leave at least half its threads idle), at least 2 planes fit in shared memory per block.
+#pragma once
+
+#include "depthwise_conv2d/depthwise_conv2d_regtile.h"
+
+namespace rk::dw {
+
+// Compile-time tap counts of the small-map tile (after transposition): ConvNeXt 7x7, RepLKNet / ParCNetV2
+// 13x13 and 13x1, ParCNetV2 27x1 (the (2H − 1) x 1 filter at 14 x 14); KW = 0 is the generic one.
+constexpr int kSmKernelSizes[] = {7, 13, 27};
+
+// REPKERNELS_DW_TILE / plan_forward() code of the small-map tiles: kSmallKernel + KW.
+constexpr int kSmallKernel = 1000;
+
+template <int KW>
+struct SmShape {
+  static constexpr int kThreads = 64;
+  static constexpr int kRH = RtShapeFor<KW>::type::kRH;
+  static constexpr int kRW = RtShapeFor<KW>::type::kRW;
+  static constexpr int kMinBlocks = 8;
+
+  RK_HD static int steps(int mc) { return (mc + 3) / 4; }
+  RK_HD static int in_rows(const RtParams& q, int kc) { return (q.sm_tr * kRH - 1) * q.sh + (kc - 1) * q.dh + 1; }
+  RK_HD static int in_cols(const RtParams& q, int mc) { return q.sm_tc * kRW + 4 * steps(mc); }
+  RK_HD static int win_elems(const RtParams& q, int kc, int mc) { return in_rows(q, kc) * in_cols(q, mc); }
+  RK_HD static int tap_elems(int kc, int mc) { return kc * 4 * steps(mc); }
+  RK_HD static int64_t smem_elems(const RtParams& q, int planes, int kc, int mc) {
+    return int64_t(planes) * (int64_t(win_elems(q, kc, mc)) + tap_elems(kc, mc));
+  }
+};
+
+struct SmCoord {
+  int plane0, planes;  // first global plane of the block, planes it holds (the last block may hold fewer)
+};
+
+template <typename T, typename Acc, int KW>
+struct SmTile {
+  using Shape = SmShape<KW>;
+  using Rt = RtTile<T, Acc, KW>;
+  static constexpr int kRH = Shape::kRH;
+  static constexpr int kRW = Shape::kRW;
+
+  RK_HD static SmCoord coord(const RtParams& q, int64_t block) {
+    SmCoord b;
+    b.plane0 = int(block) * q.sm_planes;
+    b.planes = q.sm_nplanes - b.plane0 < q.sm_planes ? q.sm_nplanes - b.plane0 : q.sm_planes;
+    return b;
+  }
+
+  // Global plane k = (n·C + c)·R + ρ: the offsets of its input and output planes, its channel and phase.
+  struct Plane {
+    int64_t in_off, out_off;
+    int c, rho;
+  };
+  RK_HD static Plane plane(const RtParams& q, int k) {
+    Plane r;
+    const uint32_t nc = uint32_t(k) / uint32_t(q.R);
+    r.rho = k - int(nc) * q.R;
+    const uint32_t n = nc / uint32_t(q.c);
+    r.c = int(nc - n * uint32_t(q.c));
+    r.in_off = int64_t(n) * q.in_n + int64_t(r.c) * q.in_c;
+    r.out_off = int64_t(n) * q.out_n + int64_t(r.c) * q.out_c;
+    return r;
+  }
+
+  RK_HD static int phase_taps(const RtParams& q, int sigma) { return Rt::phase_taps(q, sigma); }
+
+  // Phase σ, tap rows [i0, i0 + kc), phase taps [m0, m0 + mt), every plane of the block.
+  RK_HD static void stage(const RtParams& q, const SmCoord& b, int sigma, int i0, int kc, int m0, int mt, int tid,
+                          const T* __restrict__ input, const T* __restrict__ weight, Acc* smem) {
+    const int ns = Rt::steps(mt);
+    const int cols = q.sm_tc * kRW + 4 * ns;
+    const int win = Shape::in_rows(q, kc) * cols;
+    const int wp = 4 * ns;
+    const int ih0 = -q.ph + i0 * q.dh;
+    Acc* s_w0 = smem + b.planes * win;
+    for (int pl = 0; pl < b.planes; ++pl) {
+      const Plane pc = plane(q, b.plane0 + pl);
+      const int iw0 = m0 * q.L + pc.rho * q.sw + sigma * q.dw - q.pw;
+      const T* src = input + pc.in_off;
+      Acc* dst = smem + pl * win;
+      for (int e = tid; e < win; e += Shape::kThreads) {
+        const int a = e / cols;
+        const int ih = ih0 + a;
+        const int iw = iw0 + (e - a * cols) * q.L;
+        Acc v = Acc(0);
+        if (ih >= 0 && ih < q.h && iw >= 0 && iw < q.w) v = Cvt<T, Acc>::load(src[ih * q.in_h + iw * q.in_w]);
+        dst[e] = v;
+      }
+      const T* w = weight + pc.c * q.kh * q.kw;
+      Acc* s_w = s_w0 + pl * kc * wp;
+      for (int e = tid; e < kc * wp; e += Shape::kThreads) {
+        const int i = e / wp;
+        const int mm = e - i * wp;
+        const int j = sigma + (m0 + mm) * q.S;
+        s_w[e] = (mm < mt && j < q.kw) ? Cvt<T, Acc>::load(w[(i0 + i) * q.kw + j]) : Acc(0);
+      }
+    }
+  }
+
+  // The thread's plane of the block (>= b.planes: idle) and micro-tile (ty, tx).
+  RK_HD static void place(const RtParams& q, int tid, int& pl, int& ty, int& tx) {
+    pl = tid / q.sm_tpp;
+    const int t = tid - pl * q.sm_tpp;
+    ty = t / q.sm_tc;
+    tx = t - ty * q.sm_tc;
+  }
+
+  RK_HD static void compute(const RtParams& q, const SmCoord& b, int kc, int mt, int tid, const Acc* smem,
+                            Acc* acc /* [kRH * kRW] */) {
+    int pl, ty, tx;
+    place(q, tid, pl, ty, tx);
+    if (pl >= b.planes) return;
+    const int ns = Rt::steps(mt);
+    const int cols = q.sm_tc * kRW + 4 * ns;
+    const int win = Shape::in_rows(q, kc) * cols;
+    const Acc* s_w = smem + b.planes * win + pl * kc * 4 * ns;
+    const Acc* s_thr = smem + pl * win + ty * kRH * q.sh * cols + tx * kRW;
+    const int row_step = q.sh * cols;
+#if defined(__CUDACC__)
+#pragma unroll 1
+#endif
+    for (int i = 0; i < kc; ++i) {
+      const Acc* w_row = s_w + i * 4 * ns;
+      const Acc* x_i = s_thr + i * q.dh * cols;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+      for (int r = 0; r < kRH; ++r) {
+        const Acc* x = x_i + r * row_step;
+        Acc win_r[kRW + 4];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+        for (int v = 0; v < kRW / 4; ++v) ld4(x + 4 * v, win_r + 4 * v);
+        if constexpr (KW > 0) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+          for (int s = 0; s < (KW + 3) / 4; ++s) Rt::step(x, w_row, s, win_r, acc + r * kRW);
+        } else {
+          for (int s = 0; s < ns; ++s) Rt::step(x, w_row, s, win_r, acc + r * kRW);
+        }
+      }
+    }
+  }
+
+  RK_HD static void store(const RtParams& q, const SmCoord& b, int tid, const Acc* acc, const T* __restrict__ bias,
+                          T* __restrict__ output) {
+    int pl, ty, tx;
+    place(q, tid, pl, ty, tx);
+    if (pl >= b.planes) return;
+    const Plane pc = plane(q, b.plane0 + pl);
+    const Acc bv = bias != nullptr ? Cvt<T, Acc>::load(bias[pc.c]) : Acc(0);
+    T* dst = output + pc.out_off;
+    for (int r = 0; r < kRH; ++r) {
+      const int oh = ty * kRH + r;
+      if (oh >= q.oh) break;
+      for (int cc = 0; cc < kRW; ++cc) {
+        const int ow = pc.rho + q.R * (tx * kRW + cc);
+        if (ow >= q.ow) break;
+        dst[oh * q.out_h + ow * q.out_w] = Cvt<T, Acc>::store(acc[r * kRW + cc] + bv);
+      }
+    }
+  }
+};
+
+// Plans the small-map tile with KW (0: generic) for `p` (transposed first when the filter is kh x 1):
+// false unless the output plane takes at most kThreads / 2 threads and at least 2 planes fit in shared
+// memory. Keeps as many planes per block as the threads allow, chunking tap rows (then taps, generic
+// only) to fit; fewer planes only when one tap row does not fit.
+template <int KW>
+inline bool plan_small(const Params& p0, RtParams& q, int64_t kw_fixed) {
+  using Shape = SmShape<KW>;
+  const Params p = (p0.kw == 1 && p0.kh > 1) ? transposed(p0) : p0;
+  RtParams g{};
+  if (!plan_rt<RtWide>(p, g, kw_fixed)) return false;  // geometry and 32-bit limits
+  const int64_t tr = cdiv(p.oh, Shape::kRH), tc = cdiv(cdiv(p.ow, g.R), Shape::kRW);
+  if (tr * tc > Shape::kThreads / 2) return false;
+  const int64_t nplanes = p.n * p.c * g.R;
+  if (nplanes >= (int64_t(1) << 31)) return false;
+  g.sm_tr = int(tr);
+  g.sm_tc = int(tc);
+  g.sm_tpp = int(tr * tc);
+  g.sm_nplanes = int(nplanes);
+  int planes = Shape::kThreads / g.sm_tpp;
+  const int m_max = int(cdiv(p.kw, g.S));
+  int kc = int(p.kh), mc = m_max;
+  auto fits = [&](int kc_, int mc_) { return Shape::smem_elems(g, planes, kc_, mc_) <= kSmemBudgetElems; };
+  const int mc_min = kw_fixed > 0 ? mc : (mc < 4 ? mc : 4);
+  while (planes >= 2 && !fits(1, mc_min)) planes /= 2;
+  if (planes < 2) return false;
+  while (kc > 1 && !fits(kc, mc)) kc = (kc + 1) / 2;
+  while (kw_fixed == 0 && mc > 4 && !fits(kc, mc)) mc = int(imax(4, cdiv(mc, 8) * 4));
+  while (kc > 1 && !fits(kc, mc)) kc = (kc + 1) / 2;
+  if (!fits(kc, mc)) return false;
+  while (kc < p.kh && fits(kc + 1, mc)) ++kc;
+  g.sm_planes = planes;
+  g.kc = kc;
+  g.mc = mc;
+  g.tiles_h = g.tiles_w = 1;
+  q = g;
+  return true;
+}
+
+inline int64_t num_small_blocks(const RtParams& q) { return cdiv(int64_t(q.sm_nplanes), int64_t(q.sm_planes)); }
+
+template <int KW>
+inline int64_t small_smem_elems(const RtParams& q) {
+  return SmShape<KW>::smem_elems(q, q.sm_planes, q.kc, q.mc);
+}
+
+}  // namespace rk::dw
+
+namespace rk::dw {
+
+// kAuto: small-map tiles, then RtTile (compile-time, then generic), then kDirect. kRegTile: RtTile
+// (compile-time, then generic) or kDirect; kGeneric: the generic RtTile or kDirect; kDirect: kDirect.
+// kSmall: the small-map tiles only (compile-time, then generic); kSmallGeneric: the generic one only
+// (-1 when they do not apply).
+enum class FwdChoice : int { kAuto = 0, kGeneric = 1, kDirect = 2, kRegTile = 3, kSmall = 4, kSmallGeneric = 5 };
+
+// Plans the forward problem `p` (strides in_stride / out_stride set). Returns the kernel: the tap count
+// of a compile-time RtTile, 0 for the generic RtTile, kSmallKernel + KW for a small-map tile (`q`
+// filled), -1 for kDirect (`p` planned).
+inline int plan_forward(Params& p, RtParams& q, FwdChoice choice = FwdChoice::kAuto) {
+  p.config = TileConfig::kRegTile;
+  const bool small = choice == FwdChoice::kAuto || choice == FwdChoice::kSmall || choice == FwdChoice::kSmallGeneric;
+  if (small) {
+    if (choice != FwdChoice::kSmallGeneric) {
+      const int64_t k = (p.kw == 1 && p.kh > 1) ? p.kh : p.kw;  // the tap count along the window
+      if (k == 7 && plan_small<7>(p, q, 7)) return kSmallKernel + 7;
+      if (k == 13 && plan_small<13>(p, q, 13)) return kSmallKernel + 13;
+      if (k == 27 && plan_small<27>(p, q, 27)) return kSmallKernel + 27;
+    }
+    if (plan_small<0>(p, q, 0)) return kSmallKernel;
+    if (choice != FwdChoice::kAuto) {
+      plan_direct(p);
+      return -1;
+    }
+  }
+  if (choice == FwdChoice::kAuto || choice == FwdChoice::kRegTile) {
+    for (int k : kRtKernelSizes) {
+      if (k == p.kw && (k == 3 ? plan_rt<RtWide16>(p, q, k) : plan_rt<RtWide>(p, q, k))) return k;
+    }
+  }
+  if (choice != FwdChoice::kDirect && plan_rt<RtWide>(p, q, 0)) return 0;
+  plan_direct(p);
+  return -1;
+}
+
+}  // namespace rk::dw
+
+namespace rk::dw {
+
+// Blocks of the forward `kernel` planned by plan_forward(p, q).
+inline int64_t num_forward_blocks(const Params& p, const RtParams& q, int kernel) {
+  if (kernel < 0) return num_blocks(p);
+  if (kernel >= kSmallKernel) return num_small_blocks(q);
+  return num_rt_blocks(p, q);
+}
+
+}  // namespace rk::dw
