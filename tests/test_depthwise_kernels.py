@@ -262,11 +262,30 @@ def test_reference_keeps_nan_in_its_receptive_field():
 
 
 @requires_c
-def test_cuda_direct_tiles_keep_nan_in_its_receptive_field(monkeypatch):
+@pytest.mark.parametrize("k, tile", [((5, 5), "5"), ((3, 3), "3"), ((7, 7), "small:7"), ((13, 13), "small:13")])
+def test_cuda_compile_time_tiles_keep_nan_in_its_receptive_field(monkeypatch, k, tile):
     monkeypatch.setenv("REPKERNELS_DW_TOEPLITZ", "0")
+    monkeypatch.setenv("REPKERNELS_DW_TILE", tile)
+    x, wt = _nan_case(k)
+    pad = k[0] // 2
+    out = torch.ops.repkernels.depthwise_conv2d(x, wt, None, [1, 1], [pad, pad], [1, 1])
+    assert torch.equal(out.isnan(), _receptive_nan(x, wt, pad))
+
+
+@requires_c
+@pytest.mark.parametrize("tile", ["generic", "small:generic"])
+def test_cuda_generic_tiles_spread_nan_over_their_padded_taps_only(monkeypatch, tile):
+    """As documented (README, ops/depthwise_conv2d.py): the generic tiles run the taps of a row 4 at a time, the
+    last group padded with zero taps (0·NaN = NaN), so a NaN reaches up to 3 more outputs to its left on a row."""
+    monkeypatch.setenv("REPKERNELS_DW_TOEPLITZ", "0")
+    monkeypatch.setenv("REPKERNELS_DW_TILE", tile)
     x, wt = _nan_case((5, 5))
     out = torch.ops.repkernels.depthwise_conv2d(x, wt, None, [1, 1], [2, 2], [1, 1])
-    assert torch.equal(out.isnan(), _receptive_nan(x, wt, 2))
+    padded = F.conv2d(F.pad(x.isnan().double(), (2, 2 + 3, 2, 2)), torch.ones(2, 1, 5, 8, dtype=torch.float64),
+                      None, 1, 0, 1, 2) > 0          # the receptive fields of the 5 x 8 padded tap rows
+    assert torch.equal(out.isnan() & ~padded, torch.zeros_like(padded))
+    assert (out.isnan() & ~_receptive_nan(x, wt, 2)).any()  # what the compile-time tiles do not do
+    assert torch.equal(out.isnan()[:, 0], torch.zeros_like(padded[:, 0]))  # other channels untouched
 
 
 @requires_triton_cpu

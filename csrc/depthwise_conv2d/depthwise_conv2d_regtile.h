@@ -121,6 +121,35 @@ RK_HD void ld4(const Acc* p, Acc* d) {
   d[3] = p[3];
 }
 
+// Stage a rows x cols input window of one plane into dst (row-major, cols a row): element (a, e) is input row
+// ih0 + a, column iw0 + e·q.L, zero outside the image. Threads tid, tid + kThreads, ... share the elements.
+template <int kThreads, typename T, typename Acc>
+RK_HD void stage_window(const RtParams& q, const T* __restrict__ plane, int ih0, int iw0, int rows, int cols, int tid,
+                        Acc* dst) {
+  for (int e = tid; e < rows * cols; e += kThreads) {
+    const int a = e / cols;
+    const int ih = ih0 + a;
+    const int iw = iw0 + (e - a * cols) * q.L;
+    Acc v = Acc(0);
+    if (ih >= 0 && ih < q.h && iw >= 0 && iw < q.w) v = Cvt<T, Acc>::load(plane[ih * q.in_h + iw * q.in_w]);
+    dst[e] = v;
+  }
+}
+
+// Stage the taps of phase σ, tap rows [i0, i0 + kc), phase taps [m0, m0 + mt) of one channel's filter w into
+// s_w: kc rows of 4·ns taps, zero past mt and past the filter's width.
+template <int kThreads, typename T, typename Acc>
+RK_HD void stage_taps(const RtParams& q, const T* __restrict__ w, int sigma, int i0, int kc, int m0, int mt, int ns,
+                      int tid, Acc* s_w) {
+  const int wp = 4 * ns;
+  for (int e = tid; e < kc * wp; e += kThreads) {
+    const int i = e / wp;
+    const int mm = e - i * wp;
+    const int j = sigma + (m0 + mm) * q.S;
+    s_w[e] = (mm < mt && j < q.kw) ? Cvt<T, Acc>::load(w[(i0 + i) * q.kw + j]) : Acc(0);
+  }
+}
+
 template <typename T, typename Acc, int KW>
 struct RtTile {
   using Shape = typename RtShapeFor<KW>::type;
@@ -159,24 +188,8 @@ struct RtTile {
     const int cols = Shape::kTileW + 4 * ns;
     const int ih0 = b.oh0 * q.sh - q.ph + i0 * q.dh;
     const int iw0 = (b.u0 + m0) * q.L + b.rho * q.sw + sigma * q.dw - q.pw;
-    const T* plane = input + b.n * q.in_n + b.c * q.in_c;
-    for (int e = tid; e < rows * cols; e += Shape::kThreads) {
-      const int a = e / cols;
-      const int ih = ih0 + a;
-      const int iw = iw0 + (e - a * cols) * q.L;
-      Acc v = Acc(0);
-      if (ih >= 0 && ih < q.h && iw >= 0 && iw < q.w) v = Cvt<T, Acc>::load(plane[ih * q.in_h + iw * q.in_w]);
-      smem[e] = v;
-    }
-    Acc* s_w = smem + rows * cols;
-    const T* w = weight + b.c * q.kh * q.kw;
-    const int wp = 4 * ns;
-    for (int e = tid; e < kc * wp; e += Shape::kThreads) {
-      const int i = e / wp;
-      const int mm = e - i * wp;
-      const int j = sigma + (m0 + mm) * q.S;
-      s_w[e] = (mm < mt && j < q.kw) ? Cvt<T, Acc>::load(w[(i0 + i) * q.kw + j]) : Acc(0);
-    }
+    stage_window<Shape::kThreads>(q, input + b.n * q.in_n + b.c * q.in_c, ih0, iw0, rows, cols, tid, smem);
+    stage_taps<Shape::kThreads>(q, weight + b.c * q.kh * q.kw, sigma, i0, kc, m0, mt, ns, tid, smem + rows * cols);
   }
 
   // One 4-tap step of output row r: slide the window by 4 inputs, FMA the 4 taps (those < KW).
@@ -206,8 +219,14 @@ struct RtTile {
     const int cols = Shape::kTileW + 4 * ns;
     const int tx = tid % Shape::kThreadsW;
     const int ty = tid / Shape::kThreadsW;
-    const Acc* s_w = smem + Shape::in_rows(q.sh, q.dh, kc) * cols;
-    const Acc* s_thr = smem + ty * kRH * q.sh * cols + tx * kRW;
+    accumulate(q, kc, ns, cols, smem + ty * kRH * q.sh * cols + tx * kRW, smem + Shape::in_rows(q.sh, q.dh, kc) * cols,
+               acc);
+  }
+
+  // The thread's kRH x kRW outputs over tap rows [0, kc): its staged window starts at s_thr (rows of `cols`),
+  // the taps at s_w (rows of 4·ns).
+  RK_HD static void accumulate(const RtParams& q, int kc, int ns, int cols, const Acc* s_thr, const Acc* s_w,
+                               Acc* acc /* [kRH * kRW] */) {
     const int row_step = q.sh * cols;
 #if defined(__CUDACC__)
 #pragma unroll 1

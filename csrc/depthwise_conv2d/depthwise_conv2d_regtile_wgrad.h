@@ -95,15 +95,7 @@ struct RtWgradTile {
     const int cols = Shape::in_cols(mt);
     const int ih0 = oh0 * q.sh - q.ph + i0 * q.dh;
     const int iw0 = (u0 + m0) * q.L + rho * q.sw + sigma * q.dw - q.pw;
-    const T* plane = input + n * q.in_n + b.c * q.in_c;
-    for (int e = tid; e < rows * cols; e += Shape::kThreads) {
-      const int a = e / cols;
-      const int ih = ih0 + a;
-      const int iw = iw0 + (e - a * cols) * q.L;
-      Acc v = Acc(0);
-      if (ih >= 0 && ih < q.h && iw >= 0 && iw < q.w) v = Cvt<T, Acc>::load(plane[ih * q.in_h + iw * q.in_w]);
-      smem[e] = v;
-    }
+    stage_window<Shape::kThreads>(q, input + n * q.in_n + b.c * q.in_c, ih0, iw0, rows, cols, tid, smem);
     Acc* s_go = smem + rows * cols;
     const T* go = grad_out + n * q.out_n + b.c * q.out_c;
     for (int e = tid; e < Shape::kTileH * Shape::kTileW; e += Shape::kThreads) {

@@ -59,6 +59,7 @@ struct SmTile {
   using Rt = RtTile<T, Acc, KW>;
   static constexpr int kRH = Shape::kRH;
   static constexpr int kRW = Shape::kRW;
+  static_assert(kRH == Rt::kRH && kRW == Rt::kRW, "SmTile runs RtTile's micro-tile");
 
   RK_HD static SmCoord coord(const RtParams& q, int64_t block) {
     SmCoord b;
@@ -90,31 +91,16 @@ struct SmTile {
                           const T* __restrict__ input, const T* __restrict__ weight, Acc* smem) {
     const int ns = Rt::steps(mt);
     const int cols = q.sm_tc * kRW + 4 * ns;
-    const int win = Shape::in_rows(q, kc) * cols;
+    const int rows = Shape::in_rows(q, kc);
+    const int win = rows * cols;
     const int wp = 4 * ns;
     const int ih0 = -q.ph + i0 * q.dh;
     Acc* s_w0 = smem + b.planes * win;
     for (int pl = 0; pl < b.planes; ++pl) {
       const Plane pc = plane(q, b.plane0 + pl);
       const int iw0 = m0 * q.L + pc.rho * q.sw + sigma * q.dw - q.pw;
-      const T* src = input + pc.in_off;
-      Acc* dst = smem + pl * win;
-      for (int e = tid; e < win; e += Shape::kThreads) {
-        const int a = e / cols;
-        const int ih = ih0 + a;
-        const int iw = iw0 + (e - a * cols) * q.L;
-        Acc v = Acc(0);
-        if (ih >= 0 && ih < q.h && iw >= 0 && iw < q.w) v = Cvt<T, Acc>::load(src[ih * q.in_h + iw * q.in_w]);
-        dst[e] = v;
-      }
-      const T* w = weight + pc.c * q.kh * q.kw;
-      Acc* s_w = s_w0 + pl * kc * wp;
-      for (int e = tid; e < kc * wp; e += Shape::kThreads) {
-        const int i = e / wp;
-        const int mm = e - i * wp;
-        const int j = sigma + (m0 + mm) * q.S;
-        s_w[e] = (mm < mt && j < q.kw) ? Cvt<T, Acc>::load(w[(i0 + i) * q.kw + j]) : Acc(0);
-      }
+      stage_window<Shape::kThreads>(q, input + pc.in_off, ih0, iw0, rows, cols, tid, smem + pl * win);
+      stage_taps<Shape::kThreads>(q, weight + pc.c * q.kh * q.kw, sigma, i0, kc, m0, mt, ns, tid, s_w0 + pl * kc * wp);
     }
   }
 
@@ -134,35 +120,8 @@ struct SmTile {
     const int ns = Rt::steps(mt);
     const int cols = q.sm_tc * kRW + 4 * ns;
     const int win = Shape::in_rows(q, kc) * cols;
-    const Acc* s_w = smem + b.planes * win + pl * kc * 4 * ns;
-    const Acc* s_thr = smem + pl * win + ty * kRH * q.sh * cols + tx * kRW;
-    const int row_step = q.sh * cols;
-#if defined(__CUDACC__)
-#pragma unroll 1
-#endif
-    for (int i = 0; i < kc; ++i) {
-      const Acc* w_row = s_w + i * 4 * ns;
-      const Acc* x_i = s_thr + i * q.dh * cols;
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-      for (int r = 0; r < kRH; ++r) {
-        const Acc* x = x_i + r * row_step;
-        Acc win_r[kRW + 4];
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-        for (int v = 0; v < kRW / 4; ++v) ld4(x + 4 * v, win_r + 4 * v);
-        if constexpr (KW > 0) {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-          for (int s = 0; s < (KW + 3) / 4; ++s) Rt::step(x, w_row, s, win_r, acc + r * kRW);
-        } else {
-          for (int s = 0; s < ns; ++s) Rt::step(x, w_row, s, win_r, acc + r * kRW);
-        }
-      }
-    }
+    Rt::accumulate(q, kc, ns, cols, smem + pl * win + ty * kRH * q.sh * cols + tx * kRW,
+                   smem + b.planes * win + pl * kc * 4 * ns, acc);
   }
 
   RK_HD static void store(const RtParams& q, const SmCoord& b, int tid, const Acc* acc, const T* __restrict__ bias,

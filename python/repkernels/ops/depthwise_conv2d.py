@@ -22,7 +22,9 @@ threads own 2x8 tap tiles, per-split fp32 sums); Triton computes every kernel as
 cores); always with fp32 accumulation.
 
 Non-finite values: ``F.conv2d``'s direct algorithms (the reference; cuDNN's direct and implicit-GEMM ones)
-and the CUDA direct tiles keep a NaN/Inf of the input to the outputs whose receptive field holds it. The
+and the CUDA register tiles of compile-time width keep a NaN/Inf of the input to the outputs whose receptive
+field holds it; the generic tiles (zero-padded groups of 4 taps) spread it to up to 3 more outputs to its
+left on a row. The
 Toeplitz GEMMs (Triton on every geometry; CUDA on the shapes of the Toeplitz rule) multiply it by the zeros
 of the banded matrix too (0·NaN = NaN, 0·Inf = NaN): it reaches every output of its (sample, channel) plane
 line — a 1-D plane: the output rows of the plane axis (within the band of the tile rows) at the free-axis
