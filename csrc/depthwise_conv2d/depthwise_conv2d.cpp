@@ -219,54 +219,19 @@ void emulate_direct_forward(const Params& p, const T* input, const T* weight, co
   });
 }
 
-template <typename T, typename Acc, int KW>
-void emulate_rt_forward(const Params& p, const RtParams& q, const T* input, const T* weight, const T* bias,
-                        T* output) {
-  using Tile = RtTile<T, Acc, KW>;
+// The forward blocks of a register tile (RtTile or SmTile), block by block and thread by thread.
+template <typename T, typename Acc, typename Tile>
+void emulate_forward_blocks(const RtParams& q, int64_t blocks, int64_t smem_elems, const T* input, const T* weight,
+                            const T* bias, T* output) {
   using Shape = typename Tile::Shape;
   constexpr int kAcc = Tile::kRH * Tile::kRW;
-  const int64_t smem_elems = rt_smem_elems<Shape>(q);
-  at::parallel_for(0, num_rt_blocks(p, q), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<Acc> buf(smem_elems + 64 / sizeof(Acc));
     Acc* smem = buf.data();  // 64-byte aligned, as the kernel's 16-byte loads need
     while (reinterpret_cast<uintptr_t>(smem) % 64 != 0) ++smem;
     std::vector<Acc> acc(Shape::kThreads * kAcc);
     for (int64_t block = begin; block < end; ++block) {
-      const RtCoord b = Tile::coord(q, block);
-      std::fill(acc.begin(), acc.end(), Acc(0));
-      for (int sigma = 0; sigma < q.S; ++sigma) {
-        const int taps = Tile::phase_taps(q, sigma);
-        for (int i0 = 0; i0 < q.kh; i0 += q.kc) {
-          const int kc = std::min(q.kc, q.kh - i0);
-          for (int m0 = 0; m0 < taps; m0 += q.mc) {
-            const int mt = std::min(q.mc, taps - m0);
-            // Poison shared memory so that a read of anything the stage phase did not write shows.
-            std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
-            for (int tid = 0; tid < Shape::kThreads; ++tid)
-              Tile::stage(q, b, sigma, i0, kc, m0, mt, tid, input, weight, smem);
-            for (int tid = 0; tid < Shape::kThreads; ++tid)
-              Tile::compute(q, kc, mt, tid, smem, acc.data() + tid * kAcc);
-          }
-        }
-      }
-      for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::store(q, b, tid, acc.data() + tid * kAcc, bias, output);
-    }
-  });
-}
-
-template <typename T, typename Acc, int KW>
-void emulate_small_forward(const RtParams& q, const T* input, const T* weight, const T* bias, T* output) {
-  using Tile = SmTile<T, Acc, KW>;
-  using Shape = typename Tile::Shape;
-  constexpr int kAcc = Tile::kRH * Tile::kRW;
-  const int64_t smem_elems = small_smem_elems<KW>(q);
-  at::parallel_for(0, num_small_blocks(q), 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> buf(smem_elems + 64 / sizeof(Acc));
-    Acc* smem = buf.data();  // 64-byte aligned, as the kernel's 16-byte loads need
-    while (reinterpret_cast<uintptr_t>(smem) % 64 != 0) ++smem;
-    std::vector<Acc> acc(Shape::kThreads * kAcc);
-    for (int64_t block = begin; block < end; ++block) {
-      const SmCoord b = Tile::coord(q, block);
+      const auto b = Tile::coord(q, block);
       std::fill(acc.begin(), acc.end(), Acc(0));
       for (int sigma = 0; sigma < q.S; ++sigma) {
         const int taps = Tile::phase_taps(q, sigma);
@@ -286,6 +251,20 @@ void emulate_small_forward(const RtParams& q, const T* input, const T* weight, c
       for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::store(q, b, tid, acc.data() + tid * kAcc, bias, output);
     }
   });
+}
+
+template <typename T, typename Acc, int KW>
+void emulate_rt_forward(const Params& p, const RtParams& q, const T* input, const T* weight, const T* bias,
+                        T* output) {
+  using Tile = RtTile<T, Acc, KW>;
+  emulate_forward_blocks<T, Acc, Tile>(q, num_rt_blocks(p, q), rt_smem_elems<typename Tile::Shape>(q), input, weight,
+                                       bias, output);
+}
+
+template <typename T, typename Acc, int KW>
+void emulate_small_forward(const RtParams& q, const T* input, const T* weight, const T* bias, T* output) {
+  emulate_forward_blocks<T, Acc, SmTile<T, Acc, KW>>(q, num_small_blocks(q), small_smem_elems<KW>(q), input, weight,
+                                                     bias, output);
 }
 
 // CPU emulation of launch_forward (depthwise_conv2d_kernel.cu).

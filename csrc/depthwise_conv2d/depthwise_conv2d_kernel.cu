@@ -13,42 +13,12 @@
 namespace rk::dw {
 namespace {
 
-template <typename T, int KW>
-__global__ void __launch_bounds__(RtShapeFor<KW>::type::kThreads, RtShapeFor<KW>::type::kMinBlocks)
-    forward_kernel(const RtParams q, const T* __restrict__ input, const T* __restrict__ weight,
-                   const T* __restrict__ bias, T* __restrict__ output) {
-  extern __shared__ float4 smem4[];
-  float* smem = reinterpret_cast<float*>(smem4);
-  using Tile = RtTile<T, float, KW>;
-  const RtCoord b = Tile::coord(q, blockIdx.x);
-  const int tid = threadIdx.x;
-  float acc[Tile::kRH * Tile::kRW];
-#pragma unroll
-  for (int k = 0; k < Tile::kRH * Tile::kRW; ++k) acc[k] = 0.f;
-  for (int sigma = 0; sigma < q.S; ++sigma) {
-    const int taps = Tile::phase_taps(q, sigma);
-    for (int i0 = 0; i0 < q.kh; i0 += q.kc) {
-      const int kc = min(q.kc, q.kh - i0);
-      for (int m0 = 0; m0 < taps; m0 += q.mc) {
-        const int mt = min(q.mc, taps - m0);
-        Tile::stage(q, b, sigma, i0, kc, m0, mt, tid, input, weight, smem);
-        __syncthreads();
-        Tile::compute(q, kc, mt, tid, smem, acc);
-        __syncthreads();
-      }
-    }
-  }
-  Tile::store(q, b, tid, acc, bias, output);
-}
-
-template <typename T, int KW>
-__global__ void __launch_bounds__(SmShape<KW>::kThreads, SmShape<KW>::kMinBlocks)
-    forward_small_kernel(const RtParams q, const T* __restrict__ input, const T* __restrict__ weight,
-                         const T* __restrict__ bias, T* __restrict__ output) {
-  extern __shared__ float4 smem4[];
-  float* smem = reinterpret_cast<float*>(smem4);
-  using Tile = SmTile<T, float, KW>;
-  const SmCoord b = Tile::coord(q, blockIdx.x);
+// One forward block of a register tile (RtTile or SmTile): stage / compute over the phases and chunks of taps.
+template <typename T, typename Tile>
+__device__ __forceinline__ void forward_block(const RtParams& q, const T* __restrict__ input,
+                                              const T* __restrict__ weight, const T* __restrict__ bias,
+                                              T* __restrict__ output, float* smem) {
+  const auto b = Tile::coord(q, blockIdx.x);
   const int tid = threadIdx.x;
   float acc[Tile::kRH * Tile::kRW];
 #pragma unroll
@@ -67,6 +37,22 @@ __global__ void __launch_bounds__(SmShape<KW>::kThreads, SmShape<KW>::kMinBlocks
     }
   }
   Tile::store(q, b, tid, acc, bias, output);
+}
+
+template <typename T, int KW>
+__global__ void __launch_bounds__(RtShapeFor<KW>::type::kThreads, RtShapeFor<KW>::type::kMinBlocks)
+    forward_kernel(const RtParams q, const T* __restrict__ input, const T* __restrict__ weight,
+                   const T* __restrict__ bias, T* __restrict__ output) {
+  extern __shared__ float4 smem4[];
+  forward_block<T, RtTile<T, float, KW>>(q, input, weight, bias, output, reinterpret_cast<float*>(smem4));
+}
+
+template <typename T, int KW>
+__global__ void __launch_bounds__(SmShape<KW>::kThreads, SmShape<KW>::kMinBlocks)
+    forward_small_kernel(const RtParams q, const T* __restrict__ input, const T* __restrict__ weight,
+                         const T* __restrict__ bias, T* __restrict__ output) {
+  extern __shared__ float4 smem4[];
+  forward_block<T, SmTile<T, float, KW>>(q, input, weight, bias, output, reinterpret_cast<float*>(smem4));
 }
 
 template <typename T, typename Shape>

@@ -214,7 +214,8 @@ struct RtTile {
     for (int k = 0; k < kRW; ++k) win[k] = win[k + 4];
   }
 
-  RK_HD static void compute(const RtParams& q, int kc, int mt, int tid, const Acc* smem, Acc* acc /* [kRH * kRW] */) {
+  RK_HD static void compute(const RtParams& q, const RtCoord& /* b */, int kc, int mt, int tid, const Acc* smem,
+                            Acc* acc /* [kRH * kRW] */) {
     const int ns = steps(mt);
     const int cols = Shape::kTileW + 4 * ns;
     const int tx = tid % Shape::kThreadsW;
