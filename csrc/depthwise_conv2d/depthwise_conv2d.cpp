@@ -233,21 +233,13 @@ void emulate_forward_blocks(const RtParams& q, int64_t blocks, int64_t smem_elem
     for (int64_t block = begin; block < end; ++block) {
       const auto b = Tile::coord(q, block);
       std::fill(acc.begin(), acc.end(), Acc(0));
-      for (int sigma = 0; sigma < q.S; ++sigma) {
-        const int taps = Tile::phase_taps(q, sigma);
-        for (int i0 = 0; i0 < q.kh; i0 += q.kc) {
-          const int kc = std::min(q.kc, q.kh - i0);
-          for (int m0 = 0; m0 < taps; m0 += q.mc) {
-            const int mt = std::min(q.mc, taps - m0);
-            // Poison shared memory so that a read of anything the stage phase did not write shows.
-            std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
-            for (int tid = 0; tid < Shape::kThreads; ++tid)
-              Tile::stage(q, b, sigma, i0, kc, m0, mt, tid, input, weight, smem);
-            for (int tid = 0; tid < Shape::kThreads; ++tid)
-              Tile::compute(q, b, kc, mt, tid, smem, acc.data() + tid * kAcc);
-          }
-        }
-      }
+      for_each_tap_chunk(q, [&](int sigma, int i0, int kc, int m0, int mt) {
+        // Poison shared memory so that a read of anything the stage phase did not write shows.
+        std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
+        for (int tid = 0; tid < Shape::kThreads; ++tid)
+          Tile::stage(q, b, sigma, i0, kc, m0, mt, tid, input, weight, smem);
+        for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::compute(q, b, kc, mt, tid, smem, acc.data() + tid * kAcc);
+      });
       for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::store(q, b, tid, acc.data() + tid * kAcc, bias, output);
     }
   });
@@ -468,26 +460,19 @@ void emulate_rt_backward_weight(const Params& p, const RtWgradParams& w, const T
     for (int64_t block = begin; block < end; ++block) {
       const auto b = Tile::coord(w, block);
       const int t0 = Tile::first_tile(w, b), t1 = Tile::end_tile(w, b);
-      for (int sigma = 0; sigma < q.S; ++sigma) {
-        const int taps = Tile::phase_taps(q, sigma);
-        for (int i0 = 0; i0 < q.kh; i0 += q.kc) {
-          const int kc = std::min(q.kc, q.kh - i0);
-          for (int m0 = 0; m0 < taps; m0 += q.mc) {
-            const int mt = std::min(q.mc, taps - m0);
-            std::fill(acc.begin(), acc.end(), Acc(0));
-            for (int tile = t0; tile < t1; ++tile) {
-              // Poison shared memory so that a read of anything the stage phase did not write shows.
-              std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
-              for (int tid = 0; tid < S::kThreads; ++tid)
-                Tile::stage(w, b, tile, sigma, i0, kc, m0, mt, tid, input, grad, smem);
-              for (int tid = 0; tid < S::kThreads; ++tid) Tile::compute(q, kc, mt, tid, smem, acc.data() + tid * S::kAcc);
-            }
-            std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
-            for (int tid = 0; tid < S::kThreads; ++tid) Tile::spill(tid, acc.data() + tid * S::kAcc, smem);
-            for (int tid = 0; tid < S::kThreads; ++tid) Tile::reduce(w, b, sigma, i0, kc, m0, mt, tid, smem, ws);
-          }
+      for_each_tap_chunk(q, [&](int sigma, int i0, int kc, int m0, int mt) {
+        std::fill(acc.begin(), acc.end(), Acc(0));
+        for (int tile = t0; tile < t1; ++tile) {
+          // Poison shared memory so that a read of anything the stage phase did not write shows.
+          std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
+          for (int tid = 0; tid < S::kThreads; ++tid)
+            Tile::stage(w, b, tile, sigma, i0, kc, m0, mt, tid, input, grad, smem);
+          for (int tid = 0; tid < S::kThreads; ++tid) Tile::compute(q, kc, mt, tid, smem, acc.data() + tid * S::kAcc);
         }
-      }
+        std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
+        for (int tid = 0; tid < S::kThreads; ++tid) Tile::spill(tid, acc.data() + tid * S::kAcc, smem);
+        for (int tid = 0; tid < S::kThreads; ++tid) Tile::reduce(w, b, sigma, i0, kc, m0, mt, tid, smem, ws);
+      });
     }
   });
 }

@@ -23,19 +23,12 @@ __device__ __forceinline__ void forward_block(const RtParams& q, const T* __rest
   float acc[Tile::kRH * Tile::kRW];
 #pragma unroll
   for (int k = 0; k < Tile::kRH * Tile::kRW; ++k) acc[k] = 0.f;
-  for (int sigma = 0; sigma < q.S; ++sigma) {
-    const int taps = Tile::phase_taps(q, sigma);
-    for (int i0 = 0; i0 < q.kh; i0 += q.kc) {
-      const int kc = min(q.kc, q.kh - i0);
-      for (int m0 = 0; m0 < taps; m0 += q.mc) {
-        const int mt = min(q.mc, taps - m0);
-        Tile::stage(q, b, sigma, i0, kc, m0, mt, tid, input, weight, smem);
-        __syncthreads();
-        Tile::compute(q, b, kc, mt, tid, smem, acc);
-        __syncthreads();
-      }
-    }
-  }
+  for_each_tap_chunk(q, [&](int sigma, int i0, int kc, int m0, int mt) {
+    Tile::stage(q, b, sigma, i0, kc, m0, mt, tid, input, weight, smem);
+    __syncthreads();
+    Tile::compute(q, b, kc, mt, tid, smem, acc);
+    __syncthreads();
+  });
   Tile::store(q, b, tid, acc, bias, output);
 }
 
@@ -144,28 +137,21 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks)
   const auto b = Tile::coord(w, blockIdx.x);
   const int tid = threadIdx.x;
   const int t0 = Tile::first_tile(w, b), t1 = Tile::end_tile(w, b);
-  for (int sigma = 0; sigma < q.S; ++sigma) {
-    const int taps = Tile::phase_taps(q, sigma);
-    for (int i0 = 0; i0 < q.kh; i0 += q.kc) {
-      const int kc = min(q.kc, q.kh - i0);
-      for (int m0 = 0; m0 < taps; m0 += q.mc) {
-        const int mt = min(q.mc, taps - m0);
-        float acc[Shape::kAcc];
+  for_each_tap_chunk(q, [&](int sigma, int i0, int kc, int m0, int mt) {
+    float acc[Shape::kAcc];
 #pragma unroll
-        for (int k = 0; k < Shape::kAcc; ++k) acc[k] = 0.f;
-        for (int tile = t0; tile < t1; ++tile) {
-          Tile::stage(w, b, tile, sigma, i0, kc, m0, mt, tid, input, grad_output, smem);
-          __syncthreads();
-          Tile::compute(q, kc, mt, tid, smem, acc);
-          __syncthreads();
-        }
-        Tile::spill(tid, acc, smem);
-        __syncthreads();
-        Tile::reduce(w, b, sigma, i0, kc, m0, mt, tid, smem, ws);
-        __syncthreads();
-      }
+    for (int k = 0; k < Shape::kAcc; ++k) acc[k] = 0.f;
+    for (int tile = t0; tile < t1; ++tile) {
+      Tile::stage(w, b, tile, sigma, i0, kc, m0, mt, tid, input, grad_output, smem);
+      __syncthreads();
+      Tile::compute(q, kc, mt, tid, smem, acc);
+      __syncthreads();
     }
-  }
+    Tile::spill(tid, acc, smem);
+    __syncthreads();
+    Tile::reduce(w, b, sigma, i0, kc, m0, mt, tid, smem, ws);
+    __syncthreads();
+  });
 }
 
 template <typename T>

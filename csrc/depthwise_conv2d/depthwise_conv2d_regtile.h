@@ -121,6 +121,22 @@ RK_HD void ld4(const Acc* p, Acc* d) {
   d[3] = p[3];
 }
 
+// Taps of W phase σ of the filter (j = σ + S·m).
+RK_HD int phase_taps(const RtParams& q, int sigma) { return sigma < q.kw ? (q.kw - sigma + q.S - 1) / q.S : 0; }
+
+// The chunks of taps the register tiles stage one at a time, in order: f(σ, i0, kc, m0, mt) for W phase σ,
+// tap rows [i0, i0 + kc) and phase taps [m0, m0 + mt). The CUDA kernels and their emulation walk them alike.
+template <typename F>
+RK_HD void for_each_tap_chunk(const RtParams& q, F&& f) {
+  for (int sigma = 0; sigma < q.S; ++sigma) {
+    const int taps = phase_taps(q, sigma);
+    for (int i0 = 0; i0 < q.kh; i0 += q.kc) {
+      const int kc = q.kh - i0 < q.kc ? q.kh - i0 : q.kc;
+      for (int m0 = 0; m0 < taps; m0 += q.mc) f(sigma, i0, kc, m0, taps - m0 < q.mc ? taps - m0 : q.mc);
+    }
+  }
+}
+
 // Stage a rows x cols input window of one plane into dst (row-major, cols a row): element (a, e) is input row
 // ih0 + a, column iw0 + e·q.L, zero outside the image. Threads tid, tid + kThreads, ... share the elements.
 template <int kThreads, typename T, typename Acc>
@@ -171,9 +187,6 @@ struct RtTile {
     b.u0 = tw * Shape::kTileW;
     return b;
   }
-
-  // Taps of phase σ (j = σ + S·m).
-  RK_HD static int phase_taps(const RtParams& q, int sigma) { return sigma < q.kw ? (q.kw - sigma + q.S - 1) / q.S : 0; }
 
   RK_HD static int steps(int mt) {
     if constexpr (KW > 0) return (KW + 3) / 4;

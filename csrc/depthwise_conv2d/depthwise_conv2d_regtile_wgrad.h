@@ -78,7 +78,6 @@ struct RtWgradTile {
     const int e = (b.split + 1) * w.tiles_per_split;
     return e < w.tiles ? e : w.tiles;
   }
-  RK_HD static int phase_taps(const RtParams& q, int sigma) { return sigma < q.kw ? (q.kw - sigma + q.S - 1) / q.S : 0; }
 
   // Tile `tile` (over n, ρ, tiles_h, tiles_w), tap chunk (σ, i0, kc, m0, mt).
   RK_HD static void stage(const RtWgradParams& w, const Block& b, int tile, int sigma, int i0, int kc, int m0, int mt,

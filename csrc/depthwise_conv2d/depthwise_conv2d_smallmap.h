@@ -84,8 +84,6 @@ struct SmTile {
     return r;
   }
 
-  RK_HD static int phase_taps(const RtParams& q, int sigma) { return Rt::phase_taps(q, sigma); }
-
   // Phase σ, tap rows [i0, i0 + kc), phase taps [m0, m0 + mt), every plane of the block.
   RK_HD static void stage(const RtParams& q, const SmCoord& b, int sigma, int i0, int kc, int m0, int mt, int tid,
                           const T* __restrict__ input, const T* __restrict__ weight, Acc* smem) {
