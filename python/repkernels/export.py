@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._validation import pair
+
 __all__ = ["OPSET", "batch_dynamic_shapes", "custom_domain_ops", "export_onnx", "onnx_translations"]
 
 #: The ONNX opset of the translations (and the default of :func:`export_onnx`).
@@ -42,11 +44,14 @@ def _static(dim: Any, what: str) -> int:
     raise ValueError(f"repkernels ONNX translation: {what} must be static, got {dim!r}")
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, int):
-        return v, v
-    v = [int(x) for x in v]
-    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+def _geometry(stride: Any, padding: Any, dilation: Any) -> tuple[tuple[int, int], ...]:
+    """(stride, padding, dilation) of a registered conv op as pairs, checked as the ops check them."""
+    def ints(v: Any) -> Any:
+        return [int(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    op = "repkernels ONNX translation"
+    return (pair(ints(stride), "stride", op, 1), pair(ints(padding), "padding", op, 0),
+            pair(ints(dilation), "dilation", op, 1))
 
 
 def _onnx_kw_assemble(op, attention, warehouse, layout):
@@ -67,7 +72,7 @@ def _onnx_per_sample_conv2d(op, input, weight, bias, stride, padding, dilation, 
         layout = [_static(d, "the per-sample kernels' shape (but the batch)") for d in weight.shape[1:]]
     cout, cin_g, kh, kw = (int(v) for v in layout)
     groups = int(groups)
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    (sh, sw), (ph, pw), (dh, dw) = _geometry(stride, padding, dilation)
     x = input
     if ph or pw:
         x = op.Pad(x, op.Constant(value_ints=[0, 0, ph, pw, 0, 0, ph, pw]))
@@ -99,10 +104,9 @@ def _onnx_per_sample_conv2d(op, input, weight, bias, stride, padding, dilation, 
 
 def _onnx_depthwise_conv2d(op, input, weight, bias, stride, padding, dilation):
     channels = _static(weight.shape[0], "the depthwise kernel's channels")
-    (ph, pw) = _pair(padding)
+    stride, (ph, pw), dilation = _geometry(stride, padding, dilation)
     args = (input, weight) if bias is None else (input, weight, bias)
-    return op.Conv(*args, group=channels, strides=list(_pair(stride)), pads=[ph, pw, ph, pw],
-                   dilations=list(_pair(dilation)))
+    return op.Conv(*args, group=channels, strides=list(stride), pads=[ph, pw, ph, pw], dilations=list(dilation))
 
 
 def onnx_translations() -> dict[torch._ops.OpOverload, Callable]:
