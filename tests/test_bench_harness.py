@@ -3,6 +3,8 @@ float64 model of a large batch does not fit in GPU memory), an implementation or
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from repkernels.bench import harness
@@ -134,3 +136,27 @@ def test_cli_writes_png_on_cpu(tmp_path):
     assert main(["--ops", "kernel_transform", "--quick", "--dtype", "fp32", "--out", str(tmp_path),
                  "--name", "t"]) == 0
     assert (tmp_path / "t.png").stat().st_size > 1000 and (tmp_path / "t.json").exists()
+
+
+@pytest.mark.parametrize("before", [None, "1"])
+def test_depthwise_cuda_tiles_switches_toeplitz_off_for_the_call_only(monkeypatch, before):
+    from repkernels.bench.suites import depthwise_conv2d as suite
+
+    if before is None:
+        monkeypatch.delenv(suite.TOEPLITZ_ENV, raising=False)
+    else:
+        monkeypatch.setenv(suite.TOEPLITZ_ENV, before)
+    seen = []
+
+    def fn(fail=False):
+        seen.append(os.environ.get(suite.TOEPLITZ_ENV))
+        if fail:
+            raise RuntimeError("boom")
+        return 7
+
+    assert suite._without_toeplitz(fn)() == 7
+    assert os.environ.get(suite.TOEPLITZ_ENV) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        suite._without_toeplitz(lambda: fn(fail=True))()
+    assert seen == ["0", "0"]
+    assert os.environ.get(suite.TOEPLITZ_ENV) == before

@@ -14,12 +14,15 @@ and writes y; backward reads grad_y twice and x once and writes grad_x. Run with
 ``torch_nchw`` (``F.conv2d(groups=C)`` on NCHW: for depthwise convs usually ATen's own kernels, not cuDNN),
 ``torch_channels_last`` (the same on channels_last tensors: cuDNN) and ``torch_compile``
 (``torch.compile(mode="max-autotune-no-cudagraphs")`` of the same call, while the compile budget lasts); the
-profiler's kernel names for each are recorded once per family.
+profiler's kernel names for each are recorded once per family. Ours: ``cuda`` (the C++ planner's choice),
+``triton``, ``auto`` and, on a GPU, ``cuda_tiles`` (the CUDA op with its Toeplitz GEMMs off: the register and
+small-map tiles on every shape, so that one run has the numbers to re-tune where the planner switches).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +33,7 @@ from repkernels import _backend, _extension
 from ..harness import COMPILE_BUDGET, Case
 
 OP = "depthwise_conv2d"
+TOEPLITZ_ENV = "REPKERNELS_DW_TOEPLITZ"
 
 # (label, batch, channels, height, width, (kh, kw), stride). A kernel side given as "2h-1" / "2w-1"
 # is the oversized ParCNetV2 kernel of the (possibly shrunken) map.
@@ -77,6 +81,22 @@ def useful_macs(n, c, h, w, kernel, stride) -> int:
     return n * c * axis(h, kernel[0], stride) * axis(w, kernel[1], stride)
 
 
+def _without_toeplitz(fn):
+    """``fn`` with the CUDA op's Toeplitz GEMMs switched off (``REPKERNELS_DW_TOEPLITZ=0``, read per call by the
+    C++ planner), so it runs the register tiles (small-map tiles where they fit) on every shape."""
+    def call():
+        before = os.environ.get(TOEPLITZ_ENV)
+        os.environ[TOEPLITZ_ENV] = "0"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ[TOEPLITZ_ENV]
+            else:
+                os.environ[TOEPLITZ_ENV] = before
+    return call
+
+
 def _setup(n, c, h, w, kernel_spec, stride, mode, dtype, device, small):
     if small:  # CPU check: the emulation and the Triton interpreter are slow
         n, c, h, w = min(n, 2), 2, min(h, 9), min(w, 10)
@@ -120,8 +140,11 @@ def _setup(n, c, h, w, kernel_spec, stride, mode, dtype, device, small):
              "torch_channels_last": wrap(torch_conv, (x_cl, wt_cl, b), grad_cl),
              "torch_compile": COMPILE_BUDGET.wrap(compiled)}
     if _extension.HAS_C:
-        impls["cuda" if gpu else "cuda (CPU emulation)"] = wrap(
-            lambda xx, ww, bb: torch.ops.repkernels.depthwise_conv2d(xx, ww, bb, s2, p2, [1, 1]))
+        def cuda_op(xx, ww, bb):
+            return torch.ops.repkernels.depthwise_conv2d(xx, ww, bb, s2, p2, [1, 1])
+        impls["cuda" if gpu else "cuda (CPU emulation)"] = wrap(cuda_op)
+        if gpu:  # the register tiles where the C++ planner would take its Toeplitz GEMMs: data to re-tune it
+            impls["cuda_tiles"] = _without_toeplitz(wrap(cuda_op))
     if _backend.HAS_TRITON and (gpu or _backend.TRITON_INTERPRET):
         impls["triton" if gpu else "triton (interpreter)"] = wrap(
             lambda xx, ww, bb: torch.ops.repkernels.depthwise_conv2d_triton(xx, ww, bb, s2, p2, [1, 1]))
