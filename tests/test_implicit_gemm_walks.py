@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import TOLERANCES, assert_close, requires_triton_cpu
-
 from repkernels.reference import kernelwarehouse as ref
 
 # (batch, C, H, W, Cout, kernel, stride, padding, dilation, groups)
@@ -61,7 +60,11 @@ def inputs(case, dtype, layout):
 @pytest.fixture(params=[True, False], ids=["tap_major", "flattened"])
 def walk(request, monkeypatch):
     """Force one walk on every kernel module that chooses one (the layer rule is tested separately)."""
-    from repkernels.triton_kernels import multibranch_conv_stats, per_sample_conv2d_bwd_weight, per_sample_conv2d_fwd
+    from repkernels.triton_kernels import (
+        multibranch_conv_stats,
+        per_sample_conv2d_bwd_weight,
+        per_sample_conv2d_fwd,
+    )
 
     for module in (per_sample_conv2d_fwd, per_sample_conv2d_bwd_weight, multibranch_conv_stats):
         monkeypatch.setattr(module, "tap_major", lambda cig: request.param)
@@ -77,8 +80,12 @@ def test_walk_is_chosen_by_the_layer():
 @requires_triton_cpu
 @pytest.mark.parametrize("name, dtype, layout", RUNS, ids=RUN_IDS)
 def test_per_sample_conv_kernels_on_both_walks(walk, name, dtype, layout):
-    from repkernels.triton_kernels.per_sample_conv2d_bwd_input import per_sample_conv2d_bwd_input
-    from repkernels.triton_kernels.per_sample_conv2d_bwd_weight import per_sample_conv2d_bwd_weight
+    from repkernels.triton_kernels.per_sample_conv2d_bwd_input import (
+        per_sample_conv2d_bwd_input,
+    )
+    from repkernels.triton_kernels.per_sample_conv2d_bwd_weight import (
+        per_sample_conv2d_bwd_weight,
+    )
     from repkernels.triton_kernels.per_sample_conv2d_fwd import per_sample_conv2d_fwd
 
     x, wt, bias, s, p, d, g = inputs(CASES[name], dtype, layout)
@@ -101,7 +108,6 @@ def test_multibranch_stats_on_both_walks(walk, name, layout):
     from repkernels.reparam.geometry import conv2d_sides
     from repkernels.triton_kernels.multibranch_conv_stats import multibranch_conv_stats
 
-    b, c, h, w, cout, k, s, p, d, g = CASES[name]
     x, wt, _, s, p, d, g = inputs(CASES[name], torch.float32, layout)
     weight = wt[0]                                                   # (Cout, CIG, KH, KW), strided
     sides = (p[0], p[0] + 1, p[1], max(p[1] - 1, 0))                 # asymmetric padding

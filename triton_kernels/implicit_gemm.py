@@ -1,19 +1,19 @@
 """The reduction loop shared by the implicit-GEMM conv kernels (``@triton.jit`` helpers, no kernel here).
 
 ``acc (BLOCK_O, BLOCK_P) += W (BLOCK_O, K) · im2col(x) (K, BLOCK_P)`` over ``K = CIG·KH·KW`` (input channel ``c``,
-tap ``(kh, kw)``). The weight element ``(o, c, kh, kw)`` is read at ``w_row + c·swc + kh·swh + kw·sww``
-(``w_row`` one pointer per output channel: any weight memory format), the input at
-``x_pix + c·sxc + ih·sxh + iw·sxw`` (``x_pix`` one pointer per pixel), zero padding by masks. ``ih0``/``iw0``
-are each pixel's top-left input coordinates. Offsets inside one sample (``x_pix``, ``w_row``) are int32.
+tap ``(kh, kw)``). The weight element ``(o, c, kh, kw)`` is read at ``w_base + w_off[o] + c·swc + kh·swh + kw·sww``
+(any weight memory format), the input at ``x_base + pix_off[p] + c·sxc + ih·sxh + iw·sxw``; ``ih0``/``iw0`` are
+each pixel's top-left input coordinates, zero padding is by masks. ``x_base``/``w_base`` are scalar pointers
+(the kernels put the sample and group there), the offsets int32 tensors (``pix_off`` may be int64).
 
-Two walks of the reduction, chosen per layer (:func:`tap_major`):
+Two walks of the reduction, chosen per layer by :func:`tap_major` (never by the batch):
 
-* tap-major (``TAP_MAJOR``): taps unrolled; per tap each pixel's ``(ih, iw)``, in-image mask and offset are
-  computed once, then the input channels are reduced in chunks of ``BLOCK_K``: an input tile is
-  ``x_pix + ih·sxh + iw·sxw`` (a vector) plus ``c·sxc``, so with channels_last input (``sxc == 1``) its loads
-  are contiguous along the channels (vector loads, ``cp.async``-pipelinable);
-* flattened: ``k = (c, kh, kw)`` in chunks of ``BLOCK_K`` with per-element index math, for layers whose
-  channel chunks would be mostly empty (few input channels per group: stem, depthwise).
+* tap-major: taps unrolled; per tap each pixel's ``(ih, iw)``, in-image mask and offset are computed once, then
+  the input channels are reduced in chunks of ``BLOCK_K`` by advancing two scalar pointers — per element only an
+  address add and a mask. With channels_last input (``sxc == 1``, which Triton specializes) an input tile is
+  contiguous along its channels: 16-byte vector loads that the software pipeline turns into ``cp.async``;
+* flattened: ``k = (c, kh, kw)`` in chunks of ``BLOCK_K`` with per-element index math, for layers whose channel
+  chunks would be mostly empty (fewer than 16 input channels per group: stem convs, depthwise).
 """
 
 from __future__ import annotations
@@ -43,11 +43,12 @@ def mac(acc, wv, xv, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: t
 
 
 @triton.jit
-def implicit_gemm_acc(acc, x_base, pix_off, w_base, w_off, sxc, sxh, sxw, swc, swh, sww, ih0, iw0, p_ok, o_ok, CIG, H, W,
-                      KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+def implicit_gemm_acc(acc, x_base, pix_off, w_base, w_off, sxc, sxh, sxw, swc, swh, sww, ih0, iw0, p_ok, o_ok,
+                      CIG, H, W, KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                       TAP_MAJOR: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
                       PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``x_pix`` (BLOCK_P,) and ``w_row`` (BLOCK_O, 1) pointers, ``p_ok`` (BLOCK_P,), ``o_ok`` (BLOCK_O,); returns ``acc`` (BLOCK_O, BLOCK_P) fp32."""
+    """``pix_off``, ``ih0``, ``iw0``, ``p_ok`` (BLOCK_P,); ``w_off`` (BLOCK_O, 1), ``o_ok`` (BLOCK_O,).
+    Returns ``acc`` (BLOCK_O, BLOCK_P) fp32."""
     kk = tl.arange(0, BLOCK_K)
     if TAP_MAJOR:
         for tap in tl.static_range(KH * KW):
@@ -76,7 +77,9 @@ def implicit_gemm_acc(acc, x_base, pix_off, w_base, w_off, sxc, sxh, sxw, swc, s
             ih = ih0[None, :] + (kh * DH)[:, None]
             iw = iw0[None, :] + (kw * DW)[:, None]
             x_ok = k_ok[:, None] & p_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            xv = tl.load(x_base + (pix_off[None, :] + (c * sxc)[:, None] + ih * sxh + iw * sxw), mask=x_ok, other=0.0)
-            wv = tl.load(w_base + (w_off + (c * swc + kh * swh + kw * sww)[None, :]), mask=o_ok[:, None] & k_ok[None, :], other=0.0)
+            xv = tl.load(x_base + (pix_off[None, :] + (c * sxc)[:, None] + ih * sxh + iw * sxw), mask=x_ok,
+                         other=0.0)
+            wv = tl.load(w_base + (w_off + (c * swc + kh * swh + kw * sww)[None, :]),
+                         mask=o_ok[:, None] & k_ok[None, :], other=0.0)
             acc = mac(acc, wv, xv, USE_DOT, DOT_FP32, PRECISION)
     return acc

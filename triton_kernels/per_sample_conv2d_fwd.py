@@ -32,7 +32,8 @@ def per_sample_conv2d_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, TAP_MAJOR: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, TAP_MAJOR: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -54,8 +55,8 @@ def per_sample_conv2d_fwd_kernel(
     iw0 = ow * SW - PW
 
     x_base = x_ptr + b * sxn + (g * CIG).to(tl.int64) * sxc
-    acc = implicit_gemm_acc(tl.zeros((BLOCK_O, BLOCK_P), dtype=tl.float32), x_base, tl.zeros_like(p), w_ptr + b * swn,
-                            (oc * swo)[:, None], sxc, sxh, sxw,
+    acc = implicit_gemm_acc(tl.zeros((BLOCK_O, BLOCK_P), dtype=tl.float32), x_base, tl.zeros_like(p),
+                            w_ptr + b * swn, (oc * swo)[:, None], sxc, sxh, sxw,
                             swc, swh, sww, ih0, iw0, p_ok, o_ok, CIG, H, W, KH, KW, DH, DW,
                             TAP_MAJOR, USE_DOT, DOT_FP32, PRECISION, BLOCK_K)
 
@@ -103,7 +104,8 @@ def per_sample_conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         h, w, cout, oh, ow, groups, cig, cog,
         *x.stride(), *weight.stride(), *out.stride(),
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
-        HAS_BIAS=bias is not None, TAP_MAJOR=walk, USE_DOT=use_dot, DOT_FP32=dot_in_fp32(x.dtype), PRECISION=conv_precision(x.dtype),
+        HAS_BIAS=bias is not None, TAP_MAJOR=walk, USE_DOT=use_dot, DOT_FP32=dot_in_fp32(x.dtype),
+        PRECISION=conv_precision(x.dtype),
         BLOCK_O=block_o, BLOCK_P=block_p, BLOCK_K=block_k,
         num_warps=warps(block_o, block_p), num_stages=3,
     )
