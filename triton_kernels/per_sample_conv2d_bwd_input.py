@@ -87,7 +87,8 @@ def tiles(cig: int, cog: int, p: int) -> tuple[bool, int, int, int]:
 
 def warps(use_dot: bool, block_c: int, block_p: int) -> int:
     """8 warps for 64 x 64 tiles: with 4, the fp32 3x3 kernels took 255 registers and spilled 24-48 B (sm_90,
-    ``python -m repkernels.bench --static``); with 8, 209 and no spill."""
+    ``python -m repkernels.bench --static``); with 8, 209 and no spill (186 with the weights read through their
+    strides)."""
     return 8 if use_dot and block_c * block_p >= 64 * 64 else 4
 
 
