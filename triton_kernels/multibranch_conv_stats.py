@@ -6,7 +6,9 @@ pixels of the flattened ``(N, OH, OW)``) in fp32 registers and writes only, per 
 its sum of squared deviations from the tile mean (``M2``). The host merges the tiles with Chan's formula
 (stable: no ``E[y^2] - E[y]^2`` cancellation) and gets the exact mean and biased variance of every channel.
 
-``USE_DOT``: ``tl.dot`` for >= 16-wide channel and reduction tiles, a broadcast multiply-add otherwise.
+``USE_DOT``: ``tl.dot`` for >= 16-wide channel and reduction tiles, a broadcast multiply-add otherwise. The
+reduction walk (:mod:`.implicit_gemm`): tap-major with channel chunks of BLOCK_K for 16 or more input channels
+per group, the flattened ``(c, kh, kw)`` walk below that.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .implicit_gemm import implicit_gemm_acc
+from .implicit_gemm import implicit_gemm_acc, tap_major
 from .kw_common import conv_precision, dot_in_fp32, pow2_clamp
 
 
@@ -24,8 +26,9 @@ def multibranch_conv_stats_kernel(
     x_ptr, w_ptr, sum_ptr, m2_ptr,
     H, W, COUT, OH, OW, NPIX, GROUPS, CIG, COG, PT, PL,
     sxn, sxc, sxh, sxw,
+    swo, swc, swh, sww,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    TAP_MAJOR: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -46,11 +49,11 @@ def multibranch_conv_stats_kernel(
     ih0 = oh * SH - PT
     iw0 = ow * SW - PL
 
-    K = CIG * KH * KW
-    w_base = w_ptr + oc.to(tl.int64)[:, None] * K
-    x_base = x_ptr + n[None, :] * sxn + (g * CIG).to(tl.int64) * sxc
-    acc = implicit_gemm_acc(tl.zeros((BLOCK_O, BLOCK_P), dtype=tl.float32), x_base, w_base, sxc, sxh, sxw,
-                            ih0, iw0, p_ok, o_ok, K, H, W, KH, KW, DH, DW, USE_DOT, DOT_FP32, PRECISION, BLOCK_K)
+    x_base = x_ptr + (g * CIG).to(tl.int64) * sxc
+    acc = implicit_gemm_acc(tl.zeros((BLOCK_O, BLOCK_P), dtype=tl.float32), x_base, n * sxn, w_ptr,
+                            (oc * swo)[:, None], sxc, sxh, sxw,
+                            swc, swh, sww, ih0, iw0, p_ok, o_ok, CIG, H, W, KH, KW, DH, DW,
+                            TAP_MAJOR, USE_DOT, DOT_FP32, PRECISION, BLOCK_K)
 
     cnt = tl.sum(p_ok.to(tl.float32), axis=0)
     s = tl.sum(tl.where(p_ok[None, :], acc, 0.0), axis=1)
@@ -61,11 +64,12 @@ def multibranch_conv_stats_kernel(
     tl.store(m2_ptr + out, m2, mask=o_ok)
 
 
-def tiles(cog: int, k: int) -> tuple[bool, int, int, int]:
-    """(USE_DOT, BLOCK_O, BLOCK_P, BLOCK_K) for ``cog`` outputs per group and reduction ``k``."""
+def tiles(cog: int, k: int, chunk: int) -> tuple[bool, int, int, int]:
+    """(USE_DOT, BLOCK_O, BLOCK_P, BLOCK_K) for ``cog`` outputs per group, reduction ``k`` and reduction steps of
+    ``chunk`` (``k`` flattened, the input channels per group tap-major)."""
     if cog >= 16 and k >= 16:
-        return True, pow2_clamp(cog, 16, 64), 64, pow2_clamp(k, 16, 32)
-    return False, pow2_clamp(cog, 1, 16), 32, pow2_clamp(k, 1, 16)
+        return True, pow2_clamp(cog, 16, 64), 64, pow2_clamp(chunk, 16, 32)
+    return False, pow2_clamp(cog, 1, 16), 32, pow2_clamp(chunk, 1, 16)
 
 
 def multibranch_conv_stats(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int],
@@ -74,7 +78,7 @@ def multibranch_conv_stats(x: torch.Tensor, weight: torch.Tensor, stride: tuple[
     """Per-channel ``(mean, biased var)`` (float32, ``(C_out,)``) and the count ``N * OH * OW`` of
     ``conv(x, weight)`` with zero padding ``sides = (top, bottom, left, right)`` (negative = crop).
 
-    ``x`` (N, C_in, H, W) any strides; ``weight`` (C_out, C_in // groups, kh, kw).
+    ``x`` (N, C_in, H, W) and ``weight`` (C_out, C_in // groups, kh, kw), any strides.
     """
     nb, _, h, w = x.shape
     cout, cig, kh, kw = weight.shape
@@ -84,9 +88,9 @@ def multibranch_conv_stats(x: torch.Tensor, weight: torch.Tensor, stride: tuple[
     npix = nb * oh * ow
     if oh <= 0 or ow <= 0 or npix == 0:
         raise ValueError(f"multibranch_conv_stats: empty output ({nb}, {cout}, {oh}, {ow})")
-    weight = weight.contiguous()
     cog = cout // groups
-    use_dot, block_o, block_p, block_k = tiles(cog, cig * kh * kw)
+    walk = tap_major(cig)
+    use_dot, block_o, block_p, block_k = tiles(cog, cig * kh * kw, cig if walk else cig * kh * kw)
     p_tiles = triton.cdiv(npix, block_p)
     sums = torch.empty(p_tiles, cout, dtype=torch.float32, device=x.device)
     m2s = torch.empty_like(sums)
@@ -94,9 +98,9 @@ def multibranch_conv_stats(x: torch.Tensor, weight: torch.Tensor, stride: tuple[
     multibranch_conv_stats_kernel[launch](
         x, weight, sums, m2s,
         h, w, cout, oh, ow, npix, groups, cig, cog, pt, pl,
-        *x.stride(),
+        *x.stride(), *weight.stride(),
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
-        USE_DOT=use_dot, DOT_FP32=dot_in_fp32(x.dtype), PRECISION=conv_precision(x.dtype),
+        TAP_MAJOR=walk, USE_DOT=use_dot, DOT_FP32=dot_in_fp32(x.dtype), PRECISION=conv_precision(x.dtype),
         BLOCK_O=block_o, BLOCK_P=block_p, BLOCK_K=block_k,
         num_warps=4,
     )

@@ -2,9 +2,11 @@
 
 ``grad_x[b, g·CIG + c, ih, iw] = Σ_{o, kh, kw} weight[b, g·COG + o, c, kh, kw] · grad_y[b, g·COG + o, oh, ow]``
 where ``oh = (ih + PH − kh·DH) / SH`` (likewise ``ow``) must be an integer inside the output. Each program
-computes a BLOCK_C x BLOCK_P tile of input gradients of one (sample, group); the taps (kh, kw) are unrolled and
-the output channels reduced in chunks of BLOCK_O with ``tl.dot`` (or a broadcast multiply-add for thin
-problems). ``grad_y`` is gathered in place (any memory format). Tiles depend on the layer, not on the batch.
+computes a BLOCK_C x BLOCK_P tile of input gradients of one (sample, group), tap-major: the taps (kh, kw) are
+unrolled, each pixel's output position, mask (inside the output and, for strides > 1, on the stride grid) and
+offset computed once per tap, and the output channels reduced in chunks of BLOCK_O with ``tl.dot`` (or a
+broadcast multiply-add for thin problems). ``grad_y`` and the weight are gathered in place (any memory format;
+channels_last ``grad_y`` is read along its channels). Tiles depend on the layer, not on the batch.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .implicit_gemm import mac
 from .kw_common import conv_precision, dot_in_fp32, pow2_clamp
 
 
@@ -21,6 +24,7 @@ def per_sample_conv2d_bwd_input_kernel(
     gy_ptr, w_ptr, gx_ptr,
     H, W, CIN, COUT, OH, OW, GROUPS, CIG, COG,
     sgn, sgc, sgh, sgw,
+    swn, swo, swc, swh, sww,
     sxn, sxc, sxh, sxw,
     KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
@@ -43,9 +47,10 @@ def per_sample_conv2d_bwd_input_kernel(
     ih = p // W
     iw = p % W
 
-    K = CIG * KH * KW
-    w_base = w_ptr + b * COUT * K + c[:, None] * (KH * KW)
-    gy_base = gy_ptr + b * sgn
+    w_base = w_ptr + b * swn + (g * COG).to(tl.int64) * swo
+    gy_base = gy_ptr + b * sgn + (g * COG).to(tl.int64) * sgc
+    oo = tl.arange(0, BLOCK_O)
+    w_tile = (c * swc)[:, None] + (oo * swo)[None, :]
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     for kh in tl.static_range(KH):
         th = ih + PH - kh * DH
@@ -57,22 +62,17 @@ def per_sample_conv2d_bwd_input_kernel(
             tw_c = tl.where(tw >= 0, tw, 0)
             ow = tw_c // SW
             pix_ok = p_ok & h_ok & (tw >= 0) & (tw_c % SW == 0) & (ow < OW)
-            pix_off = oh * sgh + ow * sgw
+            gy_off = (oo * sgc)[:, None] + (oh * sgh + ow * sgw)[None, :]
+            w_off = w_tile + (kh * swh + kw * sww)
+            gc = gy_base
+            wc = w_base
             for o0 in range(0, COG, BLOCK_O):
-                o = o0 + tl.arange(0, BLOCK_O)
-                o_ok = o < COG
-                oc = (g * COG + o).to(tl.int64)
-                wv = tl.load(w_base + oc[None, :] * K + (kh * KW + kw), mask=c_ok[:, None] & o_ok[None, :],
-                             other=0.0)
-                gv = tl.load(gy_base + oc[:, None] * sgc + pix_off[None, :], mask=o_ok[:, None] & pix_ok[None, :],
-                             other=0.0)
-                if USE_DOT:
-                    if DOT_FP32:
-                        wv = wv.to(tl.float32)
-                        gv = gv.to(tl.float32)
-                    acc = tl.dot(wv, gv, acc, input_precision=PRECISION)
-                else:
-                    acc += tl.sum(wv.to(tl.float32)[:, :, None] * gv.to(tl.float32)[None, :, :], axis=1)
+                o_ok = oo < COG - o0
+                wv = tl.load(wc + w_off, mask=c_ok[:, None] & o_ok[None, :], other=0.0)
+                gv = tl.load(gc + gy_off, mask=o_ok[:, None] & pix_ok[None, :], other=0.0)
+                acc = mac(acc, wv, gv, USE_DOT, DOT_FP32, PRECISION)
+                gc += BLOCK_O * sgc
+                wc += BLOCK_O * swo
 
     gx = gx_ptr + b * sxn + (g * CIG + c).to(tl.int64)[:, None] * sxc + (ih * sxh + iw * sxw)[None, :]
     tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=c_ok[:, None] & p_ok[None, :])
@@ -87,7 +87,8 @@ def tiles(cig: int, cog: int, p: int) -> tuple[bool, int, int, int]:
 
 def warps(use_dot: bool, block_c: int, block_p: int) -> int:
     """8 warps for 64 x 64 tiles: with 4, the fp32 3x3 kernels took 255 registers and spilled 24-48 B (sm_90,
-    ``python -m repkernels.bench --static``); with 8, 209 and no spill."""
+    ``python -m repkernels.bench --static``); with 8, 209 and no spill (186 with the weights read through their
+    strides)."""
     return 8 if use_dot and block_c * block_p >= 64 * 64 else 4
 
 
@@ -101,14 +102,13 @@ def per_sample_conv2d_bwd_input(grad_out: torch.Tensor, weight: torch.Tensor, st
     oh, ow = grad_out.shape[-2:]
     if out.numel() == 0:
         return out
-    weight = weight.contiguous()
     cog = cout // groups
     use_dot, block_c, block_p, block_o = tiles(cig, cog, h * w)
     launch = (nb * groups * triton.cdiv(cig, block_c), triton.cdiv(h * w, block_p))
     per_sample_conv2d_bwd_input_kernel[launch](
         grad_out, weight, out,
         h, w, cin, cout, oh, ow, groups, cig, cog,
-        *grad_out.stride(), *out.stride(),
+        *grad_out.stride(), *weight.stride(), *out.stride(),
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
         USE_DOT=use_dot, DOT_FP32=dot_in_fp32(weight.dtype), PRECISION=conv_precision(weight.dtype),
         BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_O=block_o,

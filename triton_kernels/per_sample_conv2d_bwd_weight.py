@@ -3,7 +3,10 @@
 ``grad_w[b, g·COG + o, k] = Σ_p grad_y[b, g·COG + o, p] · im2col(x[b])[g·CIG + k, p]`` with ``k = (c, kh, kw)``
 and ``p = (oh, ow)``. Each program computes a BLOCK_O x BLOCK_K tile of one (sample, group), reducing over the
 output pixels in chunks of BLOCK_P with ``tl.dot`` (or a broadcast multiply-add for thin problems); ``x`` and
-``grad_y`` are gathered in place. Tiles depend on the layer, not on the batch.
+``grad_y`` are gathered in place. The columns of a tile (:func:`~.implicit_gemm.tap_major`): BLOCK_K input
+channels at one tap, so each pixel chunk's input rows and masks are computed once per pixel (and channels_last
+input is read along its channels), or, for fewer than 16 input channels per group, BLOCK_K consecutive
+``(c, kh, kw)`` with per-element index math. Tiles depend on the layer, not on the batch.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .implicit_gemm import mac, tap_major
 from .kw_common import conv_precision, dot_in_fp32, pow2_clamp
 
 
@@ -24,7 +28,7 @@ def per_sample_conv2d_bwd_weight_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    TAP_MAJOR: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -37,45 +41,58 @@ def per_sample_conv2d_bwd_weight_kernel(
 
     o = ot * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = o < COG
-    oc = (g * COG + o).to(tl.int64)
+    oc = g * COG + o
     K = CIG * KH * KW
-    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = k < K
-    c = k // (KH * KW)
-    q = k % (KH * KW)
-    kh_off = (q // KW) * DH
-    kw_off = (q % KW) * DW
+    kk = tl.arange(0, BLOCK_K)
+    if TAP_MAJOR:                                         # columns: channels c at tap (kh, kw)
+        c_tiles = tl.cdiv(CIG, BLOCK_K)
+        tap = pid_k // c_tiles
+        c = (pid_k % c_tiles) * BLOCK_K + kk
+        k_ok = c < CIG
+        col = c * (KH * KW) + tap
+        kh_off = (tap // KW) * DH
+        kw_off = (tap % KW) * DW
+    else:                                                 # columns: k = (c, kh, kw)
+        col = pid_k * BLOCK_K + kk
+        k_ok = col < K
+        c = col // (KH * KW)
+        kh_off = ((col % (KH * KW)) // KW) * DH
+        kw_off = (col % KW) * DW
 
-    x_base = x_ptr + b * sxn + (g * CIG + c).to(tl.int64)[None, :] * sxc
-    gy_base = gy_ptr + b * sgn + oc[:, None] * sgc
+    x_base = x_ptr + b * sxn + (g * CIG).to(tl.int64) * sxc
+    gy_base = gy_ptr + b * sgn
+    gy_row = (oc * sgc)[:, None]
     acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
     for p0 in range(0, OH * OW, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         p_ok = p < OH * OW
         oh = p // OW
         ow = p % OW
-        gv = tl.load(gy_base + (oh * sgh + ow * sgw)[None, :], mask=o_ok[:, None] & p_ok[None, :], other=0.0)
-        ih = (oh * SH - PH)[:, None] + kh_off[None, :]
-        iw = (ow * SW - PW)[:, None] + kw_off[None, :]
-        x_ok = p_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xv = tl.load(x_base + ih * sxh + iw * sxw, mask=x_ok, other=0.0)
-        if USE_DOT:
-            if DOT_FP32:
-                gv = gv.to(tl.float32)
-                xv = xv.to(tl.float32)
-            acc = tl.dot(gv, xv, acc, input_precision=PRECISION)
+        gv = tl.load(gy_base + (gy_row + (oh * sgh + ow * sgw)[None, :]), mask=o_ok[:, None] & p_ok[None, :],
+                     other=0.0)
+        if TAP_MAJOR:
+            ih = oh * SH - PH + kh_off
+            iw = ow * SW - PW + kw_off
+            pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xv = tl.load(x_base + ((ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :]),
+                         mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
         else:
-            acc += tl.sum(gv.to(tl.float32)[:, :, None] * xv.to(tl.float32)[None, :, :], axis=1)
+            ih = (oh * SH - PH)[:, None] + kh_off[None, :]
+            iw = (ow * SW - PW)[:, None] + kw_off[None, :]
+            x_ok = p_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xv = tl.load(x_base + ((c * sxc)[None, :] + ih * sxh + iw * sxw), mask=x_ok, other=0.0)
+        acc = mac(acc, gv, xv, USE_DOT, DOT_FP32, PRECISION)
 
-    gw = gw_ptr + b * COUT * K + oc[:, None] * K + k[None, :]
+    gw = gw_ptr + b * COUT * K + (oc * K)[:, None] + col[None, :]
     tl.store(gw, acc.to(gw_ptr.dtype.element_ty), mask=o_ok[:, None] & k_ok[None, :])
 
 
-def tiles(cog: int, k: int, p: int) -> tuple[bool, int, int, int]:
-    """(USE_DOT, BLOCK_O, BLOCK_K, BLOCK_P), from the layer only."""
+def tiles(cog: int, k: int, p: int, chunk: int) -> tuple[bool, int, int, int]:
+    """(USE_DOT, BLOCK_O, BLOCK_K, BLOCK_P), from the layer only: columns in steps of ``chunk`` (``k`` flattened,
+    the input channels per group tap-major)."""
     if cog >= 16 and k >= 16:
-        return True, pow2_clamp(cog, 16, 64), pow2_clamp(k, 16, 64), pow2_clamp(p, 16, 32)
-    return False, pow2_clamp(cog, 1, 16), pow2_clamp(k, 1, 16), pow2_clamp(p, 16, 32)
+        return True, pow2_clamp(cog, 16, 64), pow2_clamp(chunk, 16, 64), pow2_clamp(p, 16, 32)
+    return False, pow2_clamp(cog, 1, 16), pow2_clamp(chunk, 1, 16), pow2_clamp(p, 16, 32)
 
 
 def per_sample_conv2d_bwd_weight(x: torch.Tensor, grad_out: torch.Tensor, stride: tuple[int, int],
@@ -90,14 +107,16 @@ def per_sample_conv2d_bwd_weight(x: torch.Tensor, grad_out: torch.Tensor, stride
         return out
     cog = cout // groups
     kk = cig * kh * kw
-    use_dot, block_o, block_k, block_p = tiles(cog, kk, oh * ow)
-    launch = (nb * groups * triton.cdiv(cog, block_o), triton.cdiv(kk, block_k))
+    walk = tap_major(cig)
+    use_dot, block_o, block_k, block_p = tiles(cog, kk, oh * ow, cig if walk else kk)
+    columns = kh * kw * triton.cdiv(cig, block_k) if walk else triton.cdiv(kk, block_k)
+    launch = (nb * groups * triton.cdiv(cog, block_o), columns)
     per_sample_conv2d_bwd_weight_kernel[launch](
         x, grad_out, out,
         h, w, cout, oh, ow, groups, cig, cog,
         *x.stride(), *grad_out.stride(),
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
-        USE_DOT=use_dot, DOT_FP32=dot_in_fp32(x.dtype), PRECISION=conv_precision(x.dtype),
+        TAP_MAJOR=walk, USE_DOT=use_dot, DOT_FP32=dot_in_fp32(x.dtype), PRECISION=conv_precision(x.dtype),
         BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p,
         num_warps=4,
     )

@@ -1,0 +1,120 @@
+"""The two reduction walks of the implicit-GEMM Triton kernels (``triton_kernels/implicit_gemm.py``), each forced
+on every kernel that has it — per-sample conv forward, input gradient, weight gradient and the multibranch
+statistics — against the float64 reference: tap-major (channel chunks per tap) and flattened ``(c, kh, kw)``.
+
+Shapes are small (interpreter) but reach each branch: two or three channel chunks per tap with a partial last one,
+partial output-channel and pixel tiles, stride, padding, dilation, groups, non-square kernels, channels_last and
+NCHW input, and weights with strides of their own (a channels-last or sliced per-sample kernel).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TOLERANCES, assert_close, requires_triton_cpu
+from repkernels.reference import kernelwarehouse as ref
+
+# (batch, C, H, W, Cout, kernel, stride, padding, dilation, groups)
+CASES = {
+    # 40 channels: chunks of 32 and 8 (tap-major) / 8 chunks of 32 over K = 240 (flattened); 40 outputs: a partial
+    # 64-row tile, and two output-channel chunks (32 + 8) for the input gradient
+    "k3x2": (2, 40, 7, 6, 40, (3, 2), (1, 1), (1, 0), (1, 1), 1),
+    # groups of 80 channels (forward chunks 32 + 32 + 16, weight-gradient and input-gradient tiles 64 + 16) and
+    # 36 outputs (chunks 32 + 4), stride (2, 1), dilation (2, 1), padding wider than the kernel on the right
+    "groups": (2, 160, 7, 7, 72, (3, 3), (2, 1), (1, 2), (2, 1), 2),
+    # 8 outputs: the broadcast (no tl.dot) path, chunks of 16 channels (3 per tap, the last half empty)
+    "thin": (2, 40, 5, 6, 8, (2, 3), (1, 2), (0, 1), (1, 1), 1),
+    # 3 input channels (stem): flattened by the layer rule; forced tap-major, one chunk mostly empty
+    "stem": (2, 3, 9, 8, 16, (3, 3), (2, 2), (1, 1), (1, 1), 1),
+}
+LAYOUTS = {  # (input memory format, weight storage)
+    "nchw": (torch.contiguous_format, "sliced"),
+    "nhwc": (torch.channels_last, "channels_last"),
+}
+RUNS = [  # (case, dtype, layout): every case in fp32 both layouts; half precision on the chunked cases
+    *[(c, torch.float32, lay) for c in CASES for lay in LAYOUTS],
+    ("k3x2", torch.float16, "nhwc"), ("k3x2", torch.bfloat16, "nchw"),
+    ("groups", torch.bfloat16, "nhwc"), ("thin", torch.float16, "nchw"),
+]
+RUN_IDS = [f"{c}-{str(d).removeprefix('torch.')}-{lay}" for c, d, lay in RUNS]
+
+
+def strided_weight(b, cout, cig, k, dtype, storage):
+    """A per-sample kernel (B, Cout, CIG, KH, KW) whose strides are not the contiguous ones."""
+    scale = (cig * k[0] * k[1]) ** -0.5
+    if storage == "channels_last":                                   # memory order (b, o, kh, kw, c)
+        return (torch.randn(b, cout, *k, cig) * scale).to(dtype).permute(0, 1, 4, 2, 3)
+    return (torch.randn(b, cout, 2 * cig + 1, *k) * scale).to(dtype)[:, :, 1::2]   # channel stride 2·KH·KW
+
+
+def inputs(case, dtype, layout):
+    b, c, h, w, cout, k, s, p, d, g = case
+    fmt, storage = LAYOUTS[layout]
+    x = torch.randn(b, c, h, w).to(dtype).contiguous(memory_format=fmt)
+    wt = strided_weight(b, cout, c // g, k, dtype, storage)
+    assert not wt.is_contiguous()
+    bias = torch.randn(cout).to(dtype)
+    return x, wt, bias, s, p, d, g
+
+
+@pytest.fixture(params=[True, False], ids=["tap_major", "flattened"])
+def walk(request, monkeypatch):
+    """Force one walk on every kernel module that chooses one (the layer rule is tested separately)."""
+    from repkernels.triton_kernels import (
+        multibranch_conv_stats,
+        per_sample_conv2d_bwd_weight,
+        per_sample_conv2d_fwd,
+    )
+
+    for module in (per_sample_conv2d_fwd, per_sample_conv2d_bwd_weight, multibranch_conv_stats):
+        monkeypatch.setattr(module, "tap_major", lambda cig: request.param)
+    return request.param
+
+
+def test_walk_is_chosen_by_the_layer():
+    from repkernels.triton_kernels.implicit_gemm import tap_major
+
+    assert [tap_major(c) for c in (1, 3, 15, 16, 40, 512)] == [False, False, False, True, True, True]
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("name, dtype, layout", RUNS, ids=RUN_IDS)
+def test_per_sample_conv_kernels_on_both_walks(walk, name, dtype, layout):
+    from repkernels.triton_kernels.per_sample_conv2d_bwd_input import (
+        per_sample_conv2d_bwd_input,
+    )
+    from repkernels.triton_kernels.per_sample_conv2d_bwd_weight import (
+        per_sample_conv2d_bwd_weight,
+    )
+    from repkernels.triton_kernels.per_sample_conv2d_fwd import per_sample_conv2d_fwd
+
+    x, wt, bias, s, p, d, g = inputs(CASES[name], dtype, layout)
+    xx, ww = x.double().requires_grad_(), wt.double().requires_grad_()
+    expect = ref.per_sample_conv2d(xx, ww, bias.double(), s, p, d, g)
+    grad = torch.randn(expect.shape).to(dtype).contiguous(memory_format=LAYOUTS[layout][0])
+    ref_gx, ref_gw = torch.autograd.grad(expect, (xx, ww), grad.double())
+
+    out = per_sample_conv2d_fwd(x, wt, bias, s, p, d, g, torch.empty(expect.shape, dtype=dtype))
+    assert_close(out, expect, dtype, "output")
+    gx = per_sample_conv2d_bwd_input(grad, wt, s, p, d, g, torch.empty_like(x))
+    assert_close(gx, ref_gx, dtype, "grad input")
+    gw = per_sample_conv2d_bwd_weight(x, grad, s, p, d, g, torch.empty(wt.shape, dtype=dtype))
+    assert_close(gw, ref_gw, dtype, "grad weight")
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("name, layout", [("groups", "nhwc"), ("k3x2", "nchw"), ("thin", "nhwc")])
+def test_multibranch_stats_on_both_walks(walk, name, layout):
+    from repkernels.reparam.geometry import conv2d_sides
+    from repkernels.triton_kernels.multibranch_conv_stats import multibranch_conv_stats
+
+    x, wt, _, s, p, d, g = inputs(CASES[name], torch.float32, layout)
+    weight = wt[0]                                                   # (Cout, CIG, KH, KW), strided
+    sides = (p[0], p[0] + 1, p[1], max(p[1] - 1, 0))                 # asymmetric padding
+    mean, var, count = multibranch_conv_stats(x, weight, s, sides, d, g)
+    y = conv2d_sides(x.double(), weight.double(), None, s, sides, d, g)
+    rv, rm = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+    assert count == y.shape[0] * y.shape[2] * y.shape[3]
+    rtol, atol = TOLERANCES[torch.float32]
+    assert (mean.double() - rm).abs().max() <= atol + rtol * max(rm.abs().max().item(), 1.0)
+    assert (var.double() - rv).abs().max() <= atol + rtol * rv.abs().max().item()
