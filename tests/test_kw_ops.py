@@ -739,3 +739,27 @@ def test_kw_ops_under_torch_func_refuse_a_fast_backend_and_run_the_reference_on_
             jac = torch.func.jacrev(fn)(arg)
         with repkernels.backend("reference"):
             assert_close(jac, torch.func.jacrev(fn)(arg).double(), torch.float32, name)
+
+
+def test_per_sample_span_limit_keeps_triton_off_tensors_it_cannot_address(monkeypatch):
+    """The Triton per-sample kernels offset inside a sample in 32 bits: a sample spanning 2**31 elements or
+    more (input, weight or output) is refused by the Triton ops and routed elsewhere by the public op."""
+    import importlib
+
+    mod = importlib.import_module("repkernels.ops.per_sample_conv2d")
+    meta = dict(device="meta", dtype=torch.float16)
+    assert mod.sample_span_reason(torch.empty(3, 2**15, 2**8, 2**8 - 1, **meta)) is None   # 2**31 - 2**15
+    assert mod.sample_span_reason(torch.empty(1, 2**15, 2**8, 2**8, **meta)) is not None   # exactly 2**31
+    assert mod.sample_span_reason(torch.empty(2, 3), out_elems=2**31 - 1) is None
+    assert "output" in mod.sample_span_reason(torch.empty(2, 3), out_elems=2**31)
+    # a channels_last view's span is its storage extent, not its element count
+    cl = torch.empty(1, 2**15, 257, 257, **meta).to(memory_format=torch.channels_last)[:, :1]
+    assert cl[0].numel() == 257 * 257 and mod.sample_span_reason(cl) is not None
+
+    monkeypatch.setattr(mod, "SAMPLE_SPAN_LIMIT", 100)  # 4 x 5 x 5 = 100 input elements per sample
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(2, 3, 4, 3, 3)
+    if _backend.HAS_TRITON and _backend.TRITON_INTERPRET:
+        with pytest.raises(ValueError, match="per_sample_conv2d_triton: .*32-bit"):
+            torch.ops.repkernels.per_sample_conv2d_triton(x, w, None, [1, 1], [1, 1], [1, 1], 1)
+    assert "32-bit" in mod.fast_reasons(x, w)["triton"]() or not _backend.HAS_TRITON
+    assert mod.fast_reasons(x[:, :3], w[:, :, :3])["triton"]() is None or not _backend.HAS_TRITON

@@ -40,6 +40,29 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if _validation.channels_last_output(t) else torch.contiguous_format
 
 
+SAMPLE_SPAN_LIMIT = 2**31
+
+
+def sample_span_reason(*tensors: torch.Tensor, out_elems: int = 0) -> str | None:
+    """Why the Triton kernels cannot address these tensors (None if they can): they compute offsets inside one
+    sample in 32 bits, so every tensor's sample (dims 1..), and the ``out_elems`` of an output sample, must span
+    fewer than 2**31 elements."""
+    spans = [(f"a {tuple(t.shape)} tensor", 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape[1:], t.stride()[1:])))
+             for t in tensors if t.numel() > 0]
+    spans.append(("the output", out_elems))
+    for what, span in spans:
+        if span >= SAMPLE_SPAN_LIMIT:
+            return (f"a sample of {what} spans {span} elements; the Triton kernels address a sample with 32-bit "
+                    f"offsets (< 2**31)")
+    return None
+
+
+def _check_span(op: str, *tensors: torch.Tensor) -> None:
+    reason = sample_span_reason(*tensors)
+    if reason is not None:
+        raise ValueError(f"{op}: {reason}; use the CUDA or reference backend")
+
+
 def _fake(input, weight, bias, stride, padding, dilation, groups):
     oh, ow = out_hw(input.shape[2], input.shape[3], weight.shape[3:], stride, padding, dilation)
     return torch.empty((input.shape[0], weight.shape[1], oh, ow), dtype=input.dtype, device=input.device,
@@ -81,6 +104,7 @@ if _backend.HAS_TRITON:
         stride, padding, dilation, groups = _op_checks.per_sample_conv2d(
             "per_sample_conv2d_triton", input, weight, bias, stride, padding, dilation, groups)
         out = _fake(input, weight, bias, stride, padding, dilation, groups)
+        _check_span("per_sample_conv2d_triton", input, weight, out)
         return per_sample_conv2d_fwd(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups, out)
 
     @torch.library.custom_op("repkernels::per_sample_conv2d_backward_input_triton", mutates_args=())
@@ -92,6 +116,7 @@ if _backend.HAS_TRITON:
         stride, padding, dilation, groups = _op_checks.per_sample_conv2d_backward(
             "per_sample_conv2d_backward_input_triton", grad, input, weight, stride, padding, dilation, groups)
         out = _fake_bwd_input(grad, input, weight, stride, padding, dilation, groups)
+        _check_span("per_sample_conv2d_backward_input_triton", grad, weight, out)
         return per_sample_conv2d_bwd_input(grad, weight, tuple(stride), tuple(padding), tuple(dilation), groups, out)
 
     @torch.library.custom_op("repkernels::per_sample_conv2d_backward_weight_triton", mutates_args=())
@@ -103,6 +128,7 @@ if _backend.HAS_TRITON:
         stride, padding, dilation, groups = _op_checks.per_sample_conv2d_backward(
             "per_sample_conv2d_backward_weight_triton", grad, input, weight, stride, padding, dilation, groups)
         out = _fake_bwd_weight(grad, input, weight, stride, padding, dilation, groups)
+        _check_span("per_sample_conv2d_backward_weight_triton", input, grad, out)
         return per_sample_conv2d_bwd_weight(input, grad, tuple(stride), tuple(padding), tuple(dilation), groups, out)
 
     register_op_family("per_sample_conv2d_triton", ("per_sample_conv2d_backward_input_triton",
@@ -160,14 +186,17 @@ def _normalize(input, weight, bias, stride, padding, dilation, groups):
     return input, stride, padding, dilation, groups
 
 
-def fast_reasons(*tensors: torch.Tensor) -> dict:
+def fast_reasons(*tensors: torch.Tensor, out_elems: int = 0) -> dict:
+    """Why each fast backend cannot serve a call on ``tensors`` = (input, weight[, bias]) whose output samples
+    have ``out_elems`` elements."""
     def cuda():
         if not _has_c_op("per_sample_conv2d"):
             return _extension.LOAD_ERROR or "repkernels._C was built without the KernelWarehouse ops"
         return _backend.cuda_unavailable_reason(*tensors) or autodiff_unsupported_reason(*tensors)
 
     return {"cuda": cuda,
-            "triton": lambda: _backend.triton_unavailable_reason(*tensors) or autodiff_unsupported_reason(*tensors)}
+            "triton": lambda: (_backend.triton_unavailable_reason(*tensors) or autodiff_unsupported_reason(*tensors)
+                               or sample_span_reason(*tensors, out_elems=out_elems))}
 
 
 def per_sample_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -191,7 +220,9 @@ def per_sample_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """
     input, stride, padding, dilation, groups = _normalize(input, weight, bias, stride, padding, dilation, groups)
     tensors = (input, weight) if bias is None else (input, weight, bias)
-    which = _backend.select(OP, fast_reasons(*tensors), on_gpu=input.is_cuda, prefer=PREFER)
+    oh, ow = out_hw(input.shape[2], input.shape[3], weight.shape[3:], stride, padding, dilation)
+    reasons = fast_reasons(*tensors, out_elems=weight.shape[1] * oh * ow)
+    which = _backend.select(OP, reasons, on_gpu=input.is_cuda, prefer=PREFER)
     if which == "cuda":
         return torch.ops.repkernels.per_sample_conv2d(input, weight, bias, stride, padding, dilation, groups)
     if which == "triton":
