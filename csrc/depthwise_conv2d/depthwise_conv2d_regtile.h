@@ -11,7 +11,9 @@
 //
 //   for each tap phase σ, chunk of tap rows (kc) and chunk of phase taps (mc, a multiple of 4):
 //     stage:   the block copies the input window (zero outside the image; columns every L) and the
-//              chunk's taps (rows padded to a multiple of 4 with zeros) into shared memory, as Acc
+//              chunk's taps (rows padded to a multiple of 4 with zeros) into shared memory, as Acc;
+//              stage_window: rows contiguous in memory as 16-byte loads between the plane's 16-byte
+//              boundaries (scalar heads and tails), other planes element by element, no division per item
 //     barrier
 //     compute: each thread accumulates its kRH x kRW outputs: per tap row and output row it keeps a
 //              window of kRW + 4 inputs in registers, slides it by 4 taps per step (one 16-byte load)
@@ -137,19 +139,156 @@ RK_HD void for_each_tap_chunk(const RtParams& q, F&& f) {
   }
 }
 
-// Stage a rows x cols input window of one plane into dst (row-major, cols a row): element (a, e) is input row
-// ih0 + a, column iw0 + e·q.L, zero outside the image. Threads tid, tid + kThreads, ... share the elements.
-template <int kThreads, typename T, typename Acc>
-RK_HD void stage_window(const RtParams& q, const T* __restrict__ plane, int ih0, int iw0, int rows, int cols, int tid,
-                        Acc* dst) {
-  for (int e = tid; e < rows * cols; e += kThreads) {
-    const int a = e / cols;
-    const int ih = ih0 + a;
-    const int iw = iw0 + (e - a * cols) * q.L;
-    Acc v = Acc(0);
-    if (ih >= 0 && ih < q.h && iw >= 0 && iw < q.w) v = Cvt<T, Acc>::load(plane[ih * q.in_h + iw * q.in_w]);
-    dst[e] = v;
+// 16-byte shared-memory store of 4 consecutive Acc (p 16-byte aligned for float; the emulation checks it). The
+// store is written in PTX: the compiler would otherwise merge it with the scalar stores of the misaligned path.
+template <typename Acc>
+RK_HD void sts4(Acc* p, const Acc* s) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<Acc, float>) {
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(p))),
+                 "f"(s[0]), "f"(s[1]), "f"(s[2]), "f"(s[3])
+                 : "memory");
+    return;
   }
+#else
+  if (reinterpret_cast<uintptr_t>(p) % (4 * sizeof(Acc)) != 0) throw std::logic_error("rk::dw::sts4: misaligned");
+#endif
+  p[0] = s[0];
+  p[1] = s[1];
+  p[2] = s[2];
+  p[3] = s[3];
+}
+
+// Elements of T in one 16-byte global load.
+template <typename T>
+constexpr int kVec = int(16 / sizeof(T));
+
+// Global loads of the input (read-only for the kernel's lifetime): one T, and kVec<T> consecutive T at p
+// (16-byte aligned; the emulation checks it), as Acc.
+template <typename T, typename Acc>
+RK_HD Acc ldg1(const T* __restrict__ p) {
+#if defined(__CUDA_ARCH__)
+  return Cvt<T, Acc>::load(__ldg(p));
+#else
+  return Cvt<T, Acc>::load(*p);
+#endif
+}
+
+template <typename T, typename Acc>
+RK_HD void ldg_vec(const T* __restrict__ p, Acc* d) {
+#if defined(__CUDA_ARCH__)
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const T* t = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int j = 0; j < kVec<T>; ++j) d[j] = Cvt<T, Acc>::load(t[j]);
+#else
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) throw std::logic_error("rk::dw::ldg_vec: misaligned");
+  for (int j = 0; j < kVec<T>; ++j) d[j] = Cvt<T, Acc>::load(p[j]);
+#endif
+}
+
+// i / n for 0 <= i, i·n < 2^32 (staged windows are far smaller): i·m / 2^32 with m = ceil(2^32 / n), exact there.
+struct FastDiv {
+  uint32_t m;
+  int n;
+  RK_HD explicit FastDiv(int n_) : m(n_ > 1 ? 0xffffffffu / uint32_t(n_) + 1u : 0u), n(n_) {}
+  RK_HD int operator()(int i) const {
+    if (n == 1) return i;
+#if defined(__CUDA_ARCH__)
+    return int(__umulhi(uint32_t(i), m));
+#else
+    return int((uint64_t(uint32_t(i)) * m) >> 32);
+#endif
+  }
+};
+
+// f(a, k) for the items of a rows x n grid that thread tid takes: flat indices tid, tid + kThreads, ...
+template <int kThreads, typename F>
+RK_HD void for_each_item(int rows, int n, int tid, F&& f) {
+  if (n <= 0) return;
+  const FastDiv div(n);
+  const int total = rows * n;
+  for (int i = tid; i < total; i += kThreads) {
+    const int a = div(i);
+    f(a, i - a * n);
+  }
+}
+
+// The plane a window is staged from: h x w elements, row and column strides (elements), and `step`, the
+// plane columns between two staged columns.
+struct StageSrc {
+  int h, w, row_stride, col_stride, step;
+};
+
+RK_HD StageSrc input_src(const RtParams& q) { return StageSrc{q.h, q.w, q.in_h, q.in_w, q.L}; }
+
+// Stage a rows x cols window of plane `src` into dst (row-major, cols a row, 16-byte aligned): element (a, e) is
+// plane row r0 + a, column c0 + e·step, zero outside the plane. The block's kThreads threads share the work.
+//
+// Rows contiguous in memory (step 1, column stride 1): each row splits at the 16-byte boundaries of global
+// memory (its own split: rows need not be aligned alike) into a head of f < kVec elements, whole runs of kVec
+// elements and a tail. Pass 1: one item per run: a 16-byte load (zeros for a run outside the plane, scalar loads
+// for one across its edge), stored as 16-byte shared stores where the shared address is aligned (the run starts
+// at a multiple of 4 of the row), scalar stores otherwise. Pass 2: one item per head or tail element. Other
+// planes (channels_last, W phases): one item per element.
+// No cp.async: with the usual odd paddings a row's 16-byte global runs start 1-3 floats off the shared row's
+// 16-byte boundaries, so 16-byte copies rarely apply and 4-byte ones cost an instruction per element like the
+// register path; double buffering would double the shared memory the planner budgets per stage.
+template <int kThreads, typename T, typename Acc>
+RK_HD void stage_window(const StageSrc& g, const T* __restrict__ plane, int r0, int c0, int rows, int cols, int tid,
+                        Acc* dst) {
+#if defined(__CUDA_ARCH__)
+  asm("" : "+l"(plane));  // keeps plane one 64-bit pointer (else every address re-adds the 64-bit plane offset)
+#endif
+  auto scalar = [&](int r, int c) {
+    return unsigned(r) < unsigned(g.h) && unsigned(c) < unsigned(g.w)
+               ? ldg1<T, Acc>(plane + (r * g.row_stride + c * g.col_stride))
+               : Acc(0);
+  };
+  if (g.step != 1 || g.col_stride != 1) {
+    for_each_item<kThreads>(rows, cols, tid,
+                            [&](int a, int e) { dst[a * cols + e] = scalar(r0 + a, c0 + e * g.step); });
+    return;
+  }
+  constexpr int V = kVec<T>;
+  // plane element (r, c0 + e) is 16-byte aligned for e ≡ head(r) mod V (modular arithmetic, any sign of r)
+  const uint32_t base = uint32_t(reinterpret_cast<uintptr_t>(plane) / sizeof(T)) + uint32_t(c0);
+  auto head = [&](int r) { return int((0u - (base + uint32_t(r) * uint32_t(g.row_stride))) & uint32_t(V - 1)); };
+  for_each_item<kThreads>(rows, cols / V, tid, [&](int a, int j) {
+    const int r = r0 + a;
+    const int e = head(r) + j * V;
+    if (e + V > cols) return;
+    const int c = c0 + e;
+    Acc v[V];
+    if (unsigned(r) < unsigned(g.h) && c >= 0 && c <= g.w - V) {
+      ldg_vec(plane + (r * g.row_stride + c), v);
+    } else {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+      for (int jj = 0; jj < V; ++jj) v[jj] = scalar(r, c + jj);
+    }
+    const int o = a * cols + e;
+    if ((o & 3) == 0) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+      for (int jj = 0; jj < V; jj += 4) sts4(dst + o + jj, v + jj);
+    } else {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+      for (int jj = 0; jj < V; ++jj) dst[o + jj] = v[jj];
+    }
+  });
+  // a row's head and tail hold f + (cols - f) mod V elements: at most cols mod V, or that + V when f can exceed it
+  const int rem = cols % V;
+  for_each_item<kThreads>(rows, rem == V - 1 ? rem : rem + V, tid, [&](int a, int t) {
+    const int r = r0 + a;
+    const int f = head(r);
+    const int e = t < f ? t : t + (cols - f) / V * V;
+    if (e < cols) dst[a * cols + e] = scalar(r, c0 + e);
+  });
 }
 
 // Stage the taps of phase σ, tap rows [i0, i0 + kc), phase taps [m0, m0 + mt) of one channel's filter w into
@@ -162,7 +301,7 @@ RK_HD void stage_taps(const RtParams& q, const T* __restrict__ w, int sigma, int
     const int i = e / wp;
     const int mm = e - i * wp;
     const int j = sigma + (m0 + mm) * q.S;
-    s_w[e] = (mm < mt && j < q.kw) ? Cvt<T, Acc>::load(w[(i0 + i) * q.kw + j]) : Acc(0);
+    s_w[e] = (mm < mt && j < q.kw) ? ldg1<T, Acc>(w + ((i0 + i) * q.kw + j)) : Acc(0);
   }
 }
 
@@ -201,7 +340,8 @@ struct RtTile {
     const int cols = Shape::kTileW + 4 * ns;
     const int ih0 = b.oh0 * q.sh - q.ph + i0 * q.dh;
     const int iw0 = (b.u0 + m0) * q.L + b.rho * q.sw + sigma * q.dw - q.pw;
-    stage_window<Shape::kThreads>(q, input + b.n * q.in_n + b.c * q.in_c, ih0, iw0, rows, cols, tid, smem);
+    stage_window<Shape::kThreads>(input_src(q), input + b.n * q.in_n + b.c * q.in_c, ih0, iw0, rows, cols, tid,
+                                  smem);
     stage_taps<Shape::kThreads>(q, weight + b.c * q.kh * q.kw, sigma, i0, kc, m0, mt, ns, tid, smem + rows * cols);
   }
 

@@ -7,7 +7,7 @@
 // positions u). Per chunk of taps (phase σ, tap rows [i0, i0 + kc), phase taps [m0, m0 + mc)):
 //   for each tile of the slice:
 //     stage:   the input window (zero outside the image) and the grad_out tile (zero outside) into
-//              shared memory, as Acc
+//              shared memory, as Acc, both with stage_window (RtTile's staging)
 //     barrier
 //     compute: thread = (tap micro-tile of kTI x kTJ taps, group g); group g takes the units (one grad_out
 //              row, kSeg positions) g, g + G, ...: per tap row a window of kTJ + 4 inputs in registers slides
@@ -94,14 +94,9 @@ struct RtWgradTile {
     const int cols = Shape::in_cols(mt);
     const int ih0 = oh0 * q.sh - q.ph + i0 * q.dh;
     const int iw0 = (u0 + m0) * q.L + rho * q.sw + sigma * q.dw - q.pw;
-    stage_window<Shape::kThreads>(q, input + n * q.in_n + b.c * q.in_c, ih0, iw0, rows, cols, tid, smem);
-    Acc* s_go = smem + rows * cols;
-    const T* go = grad_out + n * q.out_n + b.c * q.out_c;
-    for (int e = tid; e < Shape::kTileH * Shape::kTileW; e += Shape::kThreads) {
-      const int oh = oh0 + e / Shape::kTileW;
-      const int ow = rho + q.R * (u0 + e % Shape::kTileW);
-      s_go[e] = (oh < q.oh && ow < q.ow) ? Cvt<T, Acc>::load(go[oh * q.out_h + ow * q.out_w]) : Acc(0);
-    }
+    stage_window<Shape::kThreads>(input_src(q), input + n * q.in_n + b.c * q.in_c, ih0, iw0, rows, cols, tid, smem);
+    stage_window<Shape::kThreads>(StageSrc{q.oh, q.ow, q.out_h, q.out_w, q.R}, grad_out + n * q.out_n + b.c * q.out_c,
+                                  oh0, rho + q.R * u0, Shape::kTileH, Shape::kTileW, tid, smem + rows * cols);
   }
 
   RK_HD static void compute(const RtParams& q, int kc, int mt, int tid, const Acc* smem, Acc* acc /* [kAcc] */) {

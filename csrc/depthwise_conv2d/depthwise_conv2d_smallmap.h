@@ -8,7 +8,8 @@
 //
 //   for each tap phase σ, chunk of tap rows (kc) and chunk of phase taps (mc):
 //     stage:   for each plane of the block, the block copies the plane's whole input window (zero outside
-//              the image) and its channel's taps into shared memory: P windows, then P tap chunks
+//              the image; stage_window, as RtTile) and its channel's taps into shared memory: P windows,
+//              then P tap chunks
 //     barrier
 //     compute: RtTile's inner loop on the thread's plane (sliding window of kRW + 4 inputs in
 //              registers, 16-byte loads, 4-tap broadcasts)
@@ -97,7 +98,7 @@ struct SmTile {
     for (int pl = 0; pl < b.planes; ++pl) {
       const Plane pc = plane(q, b.plane0 + pl);
       const int iw0 = m0 * q.L + pc.rho * q.sw + sigma * q.dw - q.pw;
-      stage_window<Shape::kThreads>(q, input + pc.in_off, ih0, iw0, rows, cols, tid, smem + pl * win);
+      stage_window<Shape::kThreads>(input_src(q), input + pc.in_off, ih0, iw0, rows, cols, tid, smem + pl * win);
       stage_taps<Shape::kThreads>(q, weight + pc.c * q.kh * q.kw, sigma, i0, kc, m0, mt, ns, tid, s_w0 + pl * kc * wp);
     }
   }
