@@ -43,6 +43,24 @@ def mac(acc, wv, xv, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: t
 
 
 @triton.jit
+def chunked_mac(acc, a_ptr, a_off, a_step, a_ok, b_ptr, b_off, b_step, b_ok, N,
+                USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc (M, P) += A (M, N) · B (N, P)`` in chunks of BLOCK_K, both operands gathered: chunk ``k0`` of A at
+    ``a_ptr + k0·a_step + a_off`` (``a_off`` (M, BLOCK_K), rows masked by ``a_ok`` (M,)), of B at
+    ``b_ptr + k0·b_step + b_off`` (``b_off`` (BLOCK_K, P), columns masked by ``b_ok`` (P,)); the scalar pointers
+    advance, the offsets are computed once by the caller."""
+    kk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, N, BLOCK_K):
+        k_ok = kk < N - k0
+        av = tl.load(a_ptr + a_off, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        bv = tl.load(b_ptr + b_off, mask=k_ok[:, None] & b_ok[None, :], other=0.0)
+        acc = mac(acc, av, bv, USE_DOT, DOT_FP32, PRECISION)
+        a_ptr += BLOCK_K * a_step
+        b_ptr += BLOCK_K * b_step
+    return acc
+
+
+@triton.jit
 def implicit_gemm_acc(acc, x_base, pix_off, w_base, w_off, sxc, sxh, sxw, swc, swh, sww, ih0, iw0, p_ok, o_ok,
                       CIG, H, W, KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                       TAP_MAJOR: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -57,15 +75,8 @@ def implicit_gemm_acc(acc, x_base, pix_off, w_base, w_off, sxc, sxh, sxw, swc, s
             pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             xo = (pix_off + ih * sxh + iw * sxw)[None, :] + (kk * sxc)[:, None]
             wo = w_off + ((tap // KW) * swh + (tap % KW) * sww) + (kk * swc)[None, :]
-            xc = x_base
-            wc = w_base
-            for c0 in range(0, CIG, BLOCK_K):
-                c_ok = kk < CIG - c0
-                xv = tl.load(xc + xo, mask=c_ok[:, None] & pix_ok[None, :], other=0.0)
-                wv = tl.load(wc + wo, mask=o_ok[:, None] & c_ok[None, :], other=0.0)
-                acc = mac(acc, wv, xv, USE_DOT, DOT_FP32, PRECISION)
-                xc += BLOCK_K * sxc
-                wc += BLOCK_K * swc
+            acc = chunked_mac(acc, w_base, wo, swc, o_ok, x_base, xo, sxc, pix_ok, CIG,
+                              USE_DOT, DOT_FP32, PRECISION, BLOCK_K)
     else:
         K = CIG * KH * KW
         for k0 in range(0, K, BLOCK_K):

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .implicit_gemm import mac
+from .implicit_gemm import chunked_mac
 from .kw_common import conv_precision, dot_in_fp32, pow2_clamp
 
 
@@ -64,15 +64,8 @@ def per_sample_conv2d_bwd_input_kernel(
             pix_ok = p_ok & h_ok & (tw >= 0) & (tw_c % SW == 0) & (ow < OW)
             gy_off = (oo * sgc)[:, None] + (oh * sgh + ow * sgw)[None, :]
             w_off = w_tile + (kh * swh + kw * sww)
-            gc = gy_base
-            wc = w_base
-            for o0 in range(0, COG, BLOCK_O):
-                o_ok = oo < COG - o0
-                wv = tl.load(wc + w_off, mask=c_ok[:, None] & o_ok[None, :], other=0.0)
-                gv = tl.load(gc + gy_off, mask=o_ok[:, None] & pix_ok[None, :], other=0.0)
-                acc = mac(acc, wv, gv, USE_DOT, DOT_FP32, PRECISION)
-                gc += BLOCK_O * sgc
-                wc += BLOCK_O * swo
+            acc = chunked_mac(acc, w_base, w_off, swo, c_ok, gy_base, gy_off, sgc, pix_ok, COG,
+                              USE_DOT, DOT_FP32, PRECISION, BLOCK_O)
 
     gx = gx_ptr + b * sxn + (g * CIG + c).to(tl.int64)[:, None] * sxc + (ih * sxh + iw * sxw)[None, :]
     tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=c_ok[:, None] & p_ok[None, :])
