@@ -120,3 +120,20 @@ def test_small_map_tiles(case, dtype, monkeypatch):
     h, w, k, padding, kernel, off, row_pad = case
     x = _view(2, 3, h, w, dtype, off, row_pad)
     _check(x, k, 1, padding, 1, kernel, monkeypatch, go_view=_go_view(off, row_pad))
+
+
+@pytest.mark.parametrize("row_pad", [0, 1, 2])
+def test_window_wider_than_the_block_has_threads(row_pad, monkeypatch):
+    # 1 x 191 taps on the generic tile: a staged row of 64 + 192 columns is 65 fp32 slots for 64 threads, so
+    # thread 0 also takes slot 64 (the row's tail); row strides 300, 301, 302 keep every row's cut alike, change it
+    # every row, or every other row
+    x = _view(1, 2, 5, 298, torch.float32, 1, row_pad)
+    _check(x, (1, 191), 1, (0, 95), 1, "generic", monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_window_rows_above_inside_and_below_the_plane(dtype, monkeypatch):
+    # 3 input rows under 31 x 31 taps with padding 15: most staged rows of a tile lie above or below the plane,
+    # each thread's walk crosses both borders; a narrow plane (9 columns) puts most slots outside it too
+    x = _view(1, 2, 3, 9, dtype, 3, 1)
+    _check(x, (31, 31), 1, 15, 1, "31", monkeypatch)

@@ -12,8 +12,9 @@
 //   for each tap phase σ, chunk of tap rows (kc) and chunk of phase taps (mc, a multiple of 4):
 //     stage:   the block copies the input window (zero outside the image; columns every L) and the
 //              chunk's taps (rows padded to a multiple of 4 with zeros) into shared memory, as Acc;
-//              stage_window: rows contiguous in memory as 16-byte loads between the plane's 16-byte
-//              boundaries (scalar heads and tails), other planes element by element, no division per item
+//              stage_window: rows contiguous in memory cut at the plane's 16-byte boundaries into slots,
+//              each thread keeping one slot and walking rows at a fixed stride (16-byte loads, masked
+//              heads and tails), other planes element by element; no division per item
 //     barrier
 //     compute: each thread accumulates its kRH x kRW outputs: per tap row and output row it keeps a
 //              window of kRW + 4 inputs in registers, slides it by 4 taps per step (one 16-byte load)
@@ -225,12 +226,16 @@ RK_HD StageSrc input_src(const RtParams& q) { return StageSrc{q.h, q.w, q.in_h, 
 // Stage a rows x cols window of plane `src` into dst (row-major, cols a row, 16-byte aligned): element (a, e) is
 // plane row r0 + a, column c0 + e·step, zero outside the plane. The block's kThreads threads share the work.
 //
-// Rows contiguous in memory (step 1, column stride 1): each row splits at the 16-byte boundaries of global
-// memory (its own split: rows need not be aligned alike) into a head of f < kVec elements, whole runs of kVec
-// elements and a tail. Pass 1: one item per run: a 16-byte load (zeros for a run outside the plane, scalar loads
-// for one across its edge), stored as 16-byte shared stores where the shared address is aligned (the run starts
-// at a multiple of 4 of the row), scalar stores otherwise. Pass 2: one item per head or tail element. Other
-// planes (channels_last, W phases): one item per element.
+// Rows contiguous in memory (step 1, column stride 1): row a is cut at the 16-byte boundaries of global memory
+// (its own cut: rows need not be aligned alike): with f = head(r0 + a), slot j (0 <= j < J) holds window columns
+// [f + (j-1)·kVec, f + j·kVec) that lie in [0, cols): slot 0 the head, then whole runs, then the tail. Each
+// thread keeps one slot j and walks rows a0, a0 + G, ... (thread tid: a0 = tid / J, j = tid mod J, G = kThreads / J
+// groups; J > kThreads: G = 1 and slots j, j + kThreads, ...). G is lowered to a multiple of the period of
+// head() along rows when it stays >= 1, so that a thread's rows share f: its slot's column tests are then taken
+// once, and the walk is split into rows above, inside and below the plane. A slot whose 16 bytes lie in the
+// plane's row is one 16-byte load (else masked scalar loads; zeros outside the plane); whole slots are stored
+// with 16-byte shared stores where aligned (slot start a multiple of 4 of the row), else element by element, only
+// the window's columns. Other planes (channels_last, W phases): one item per element.
 // No cp.async: with the usual odd paddings a row's 16-byte global runs start 1-3 floats off the shared row's
 // 16-byte boundaries, so 16-byte copies rarely apply and 4-byte ones cost an instruction per element like the
 // register path; double buffering would double the shared memory the planner budgets per stage.
@@ -254,41 +259,117 @@ RK_HD void stage_window(const StageSrc& g, const T* __restrict__ plane, int r0, 
   // plane element (r, c0 + e) is 16-byte aligned for e ≡ head(r) mod V (modular arithmetic, any sign of r)
   const uint32_t base = uint32_t(reinterpret_cast<uintptr_t>(plane) / sizeof(T)) + uint32_t(c0);
   auto head = [&](int r) { return int((0u - (base + uint32_t(r) * uint32_t(g.row_stride))) & uint32_t(V - 1)); };
-  for_each_item<kThreads>(rows, cols / V, tid, [&](int a, int j) {
-    const int r = r0 + a;
-    const int e = head(r) + j * V;
-    if (e + V > cols) return;
-    const int c = c0 + e;
-    Acc v[V];
-    if (unsigned(r) < unsigned(g.h) && c >= 0 && c <= g.w - V) {
-      ldg_vec(plane + (r * g.row_stride + c), v);
+  const int J = (cols + 2 * V - 1) / V;  // slots per row: enough for every head
+  int j = tid, a0 = 0, G = 1;
+  if (J <= kThreads) {
+    const FastDiv div(J);
+    a0 = div(tid);
+    j = tid - a0 * J;
+    G = div(kThreads);
+    // head(r + P) = head(r) for the P that row_stride·P ≡ 0 mod V (a power of 2)
+    const uint32_t low = uint32_t(g.row_stride) & (0u - uint32_t(g.row_stride));
+    const int P = low == 0 || low >= uint32_t(V) ? 1 : V / int(low);
+    if (G >= P) G &= ~(P - 1);
+    if (a0 >= G) return;
+  }
+  const bool same_head = ((uint32_t(G) * uint32_t(g.row_stride)) & uint32_t(V - 1)) == 0;
+  // rows [a_lo, a_hi) of the window lie in the plane
+  const int a_lo = r0 >= 0 ? 0 : (-r0 < rows ? -r0 : rows);
+  const int a_hi = g.h - r0 < a_lo ? a_lo : (g.h - r0 < rows ? g.h - r0 : rows);
+  for (; j < J; j += kThreads) {
+    // slot j of row a with head f, row inside the plane or not
+    auto slot = [&](int a, int f, bool inside) {
+      const int e = f + (j - 1) * V;
+      const int c = c0 + e;
+      const bool whole = e >= 0 && e <= cols - V;
+      Acc v[V];
+      if (inside && c >= 0 && c <= g.w - V && e > -V && e < cols) {
+        ldg_vec(plane + ((r0 + a) * g.row_stride + c), v);
+      } else {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+        for (int jj = 0; jj < V; ++jj)
+          v[jj] = inside && unsigned(c + jj) < unsigned(g.w) && unsigned(e + jj) < unsigned(cols)
+                      ? ldg1<T, Acc>(plane + ((r0 + a) * g.row_stride + c + jj))
+                      : Acc(0);
+      }
+      const int o = a * cols + e;
+      if (whole && (o & 3) == 0) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+        for (int jj = 0; jj < V; jj += 4) sts4(dst + o + jj, v + jj);
+      } else {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+        for (int jj = 0; jj < V; ++jj)
+          if (whole || unsigned(e + jj) < unsigned(cols)) dst[o + jj] = v[jj];
+      }
+    };
+    if (same_head) {
+      const int e = head(r0 + a0) + (j - 1) * V;
+      const int c = c0 + e;
+      if (e <= -V || e >= cols) continue;
+      const bool whole = e >= 0 && e <= cols - V;
+      bool in_win[V], in_plane[V];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+      for (int jj = 0; jj < V; ++jj) {
+        in_win[jj] = unsigned(e + jj) < unsigned(cols);
+        in_plane[jj] = in_win[jj] && unsigned(c + jj) < unsigned(g.w);
+      }
+      // the slot's rows: above the plane, inside, below; stores whole and aligned, or element by element
+      auto walk = [&](auto aligned, auto vector, auto masked) {
+        const Acc zero[V] = {};
+        int a = a0;
+        int o = a0 * cols + e;
+        auto put = [&](const Acc* v) {
+          if constexpr (decltype(aligned)::value) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+            for (int jj = 0; jj < V; jj += 4) sts4(dst + o + jj, v + jj);
+          } else {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+            for (int jj = 0; jj < V; ++jj)
+              if (!decltype(masked)::value || in_win[jj]) dst[o + jj] = v[jj];
+          }
+        };
+        for (; a < a_lo; a += G, o += G * cols) put(zero);
+        for (; a < a_hi; a += G, o += G * cols) {
+          const int off = (r0 + a) * g.row_stride + c;
+          Acc v[V];
+          if constexpr (decltype(vector)::value) {
+            ldg_vec(plane + off, v);
+          } else {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+            for (int jj = 0; jj < V; ++jj) v[jj] = in_plane[jj] ? ldg1<T, Acc>(plane + (off + jj)) : Acc(0);
+          }
+          put(v);
+        }
+        for (; a < rows; a += G, o += G * cols) put(zero);
+      };
+      using Yes = std::true_type;
+      using No = std::false_type;
+      if (!(c >= 0 && c <= g.w - V))
+        walk(No{}, No{}, Yes{});
+      else if (!whole)
+        walk(No{}, Yes{}, Yes{});
+      else if ((cols & 3) == 0 && (e & 3) == 0)
+        walk(Yes{}, Yes{}, No{});
+      else
+        walk(No{}, Yes{}, No{});
     } else {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-      for (int jj = 0; jj < V; ++jj) v[jj] = scalar(r, c + jj);
+      for (int a = a0; a < rows; a += G) slot(a, head(r0 + a), a >= a_lo && a < a_hi);
     }
-    const int o = a * cols + e;
-    if ((o & 3) == 0) {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-      for (int jj = 0; jj < V; jj += 4) sts4(dst + o + jj, v + jj);
-    } else {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-      for (int jj = 0; jj < V; ++jj) dst[o + jj] = v[jj];
-    }
-  });
-  // a row's head and tail hold f + (cols - f) mod V elements: at most cols mod V, or that + V when f can exceed it
-  const int rem = cols % V;
-  for_each_item<kThreads>(rows, rem == V - 1 ? rem : rem + V, tid, [&](int a, int t) {
-    const int r = r0 + a;
-    const int f = head(r);
-    const int e = t < f ? t : t + (cols - f) / V * V;
-    if (e < cols) dst[a * cols + e] = scalar(r, c0 + e);
-  });
+  }
 }
 
 // Stage the taps of phase σ, tap rows [i0, i0 + kc), phase taps [m0, m0 + mt) of one channel's filter w into
