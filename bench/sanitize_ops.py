@@ -1,9 +1,9 @@
 """Call every CUDA and Triton kernel once, forward and backward, on small shapes (for compute-sanitizer).
 
 ``python -m repkernels.bench.sanitize_ops [--device cuda|cpu] [--only cuda|triton]`` runs each kernel path of
-repkernels (depthwise register tiles and Toeplitz, stride-2 dgrad, deterministic wgrad; KernelWarehouse assembly,
-per-sample conv, fused assemble-in-conv; the multi-branch statistics kernel) through the public ops with the
-backend forced, and checks each result against the reference backend, so that
+repkernels (depthwise register tiles and Toeplitz, the tiles' 16-byte staging on misaligned views, stride-2
+dgrad, deterministic wgrad; KernelWarehouse assembly, per-sample conv in both reduction walks, fused
+assemble-in-conv; the multi-branch statistics kernel) through the public ops with the backend forced, and checks each result against the reference backend, so that
 ``compute-sanitizer --tool memcheck|racecheck python -m repkernels.bench.sanitize_ops`` sees every launch once.
 One line per path; exit status 1 when a path raises or disagrees. Without a GPU the same paths run through
 the CUDA emulation and the Triton interpreter (``--device cpu``), which keeps this script tested in CI.
@@ -65,16 +65,21 @@ def _paths(device: str) -> list[tuple[str, str, Callable[[], tuple[list, list]]]
             else:
                 os.environ["REPKERNELS_DW_TOEPLITZ"] = saved
 
-    def dw(sfx, n, c, h, w, k, stride, padding, direct=False, deterministic=False):
+    def dw(sfx, n, c, h, w, k, stride, padding, direct=False, deterministic=False, dtype=torch.float32,
+           view=False):
+        """``view``: the input is a view one column into rows of w + 3 elements (plane and rows misaligned)."""
         op = getattr(R, "depthwise_conv2d" + sfx)
         st, pd = [stride] * 2, list(padding)
-        tensors = [torch.randn(n, c, h, w, device=device), torch.randn(c, 1, *k, device=device),
-                   torch.randn(c, device=device)]
+        tensors = [torch.randn(n, c, h, w, device=device, dtype=dtype), torch.randn(c, 1, *k, device=device,
+                                                                                     dtype=dtype),
+                   torch.randn(c, device=device, dtype=dtype)]
+
+        def fast(x, wt, b):
+            return op(F.pad(x, (1, 2))[..., 1:-2] if view else x, wt, b, st, pd, one)
 
         def run():
             with depthwise_mode(direct, deterministic):
-                return compare(lambda x, wt, b: op(x, wt, b, st, pd, one),
-                               lambda x, wt, b: F.conv2d(x, wt, b, st, pd, 1, c), tensors)
+                return compare(fast, lambda x, wt, b: F.conv2d(x, wt, b, st, pd, 1, c), tensors)
         return run
 
     def assemble(sfx):
@@ -83,9 +88,10 @@ def _paths(device: str) -> list[tuple[str, str, Callable[[], tuple[list, list]]]
         return lambda: compare(lambda a, w: getattr(R, "kw_assemble" + sfx)(a, w, layout),
                                lambda a, w: kw_ref.kw_assemble(a, w, layout), tensors)
 
-    def per_sample(sfx, groups):
-        tensors = [torch.randn(2, 4, 7, 6, device=device).to(memory_format=torch.channels_last),
-                   torch.randn(2, 8, 4 // groups, 3, 3, device=device)]
+    def per_sample(sfx, groups, c=4):
+        """c >= 16 channels per group: the Triton kernels' tap-major walk (fewer: the flattened one)."""
+        tensors = [torch.randn(2, c, 7, 6, device=device).to(memory_format=torch.channels_last),
+                   torch.randn(2, 8, c // groups, 3, 3, device=device)]
         return lambda: compare(
             lambda x, w: getattr(R, "per_sample_conv2d" + sfx)(x, w, None, one, one, one, groups),
             lambda x, w: kw_ref.per_sample_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), groups), tensors)
@@ -138,12 +144,17 @@ def _paths(device: str) -> list[tuple[str, str, Callable[[], tuple[list, list]]]
             ("kw_assemble", assemble(sfx)),
             ("per_sample_conv2d", per_sample(sfx, 1)),
             ("per_sample_conv2d groups=2", per_sample(sfx, 2)),
+            ("per_sample_conv2d, 16 channels (tap-major)", per_sample(sfx, 1, 16)),
             ("kw_conv2d (assemble + per-sample conv)", kw_layer(sfx, False)),
         ]
 
     out = []
     if _extension.HAS_C:
         out += [("cuda", name, run) for name, run in common("")]
+        # the register tiles' 16-byte window staging: misaligned plane and rows, fp32 and bf16 vectors
+        out += [("cuda", f"depthwise 7x7 register tile, {dt} misaligned view",
+                 dw("", 2, 3, 9, 10, (7, 7), 1, (3, 3), direct=True, dtype=getattr(torch, dt), view=True))
+                for dt in ("float32", "bfloat16")]
     if _backend.HAS_TRITON and (device == "cuda" or _backend.TRITON_INTERPRET):
         out += [("triton", name, run) for name, run in common("_triton")]
         out += [("triton", "kw_conv2d fused (assembly inside the conv)", kw_layer("_triton", True)),
@@ -158,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("cuda", "triton"), default=None, help="one backend's kernels")
     args = parser.parse_args(argv)
     import torch
+
+    from .harness import CHECK_TOL
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
@@ -176,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                     for g, w in zip(got, want)]
             if device == "cuda":
                 torch.cuda.synchronize()
-            status = "ok" if max(errs) < 1e-3 else f"MISMATCH (max rel. error {max(errs):.1e})"
+            tol = max(1e-3, CHECK_TOL.get(got[0].dtype, 0.0))
+            status = "ok" if max(errs) < tol else f"MISMATCH (max rel. error {max(errs):.1e})"
         except Exception as exc:  # noqa: BLE001 - reported per path
             status = f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         failed += status != "ok"
