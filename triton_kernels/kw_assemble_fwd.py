@@ -114,7 +114,8 @@ def plan(m: int, n: int, t: int, grid: tuple[int, ...], itemsize: int,
 
     Sizes from the sm_90 code (``python -m repkernels.bench --static``), 8 warps: 64 x 64 bf16 tiles with a
     resident slice of up to 256 cells take <= 174 registers and no spill (with 4 warps: 255 and 96-288 B of
-    spills); fp32 (FMA dots) uses 64 x 32 tiles in chunks of 32 cells (64 x 64: 236-255 registers)."""
+    spills); fp32 (FMA dots) uses 64 x 32 tiles in chunks of 32 cells (64 x 64: 236-255 registers), 16 when
+    stored rows fastest (32: 8 B of spill at 128 registers with Triton's argument specialization; 16: 127, none)."""
     go, co, gi, ci, ns, ce, ks = grid
     if strides is None:
         strides = (go * co * gi * ci * ks, gi * ci * ks, ks, 1)
@@ -135,7 +136,8 @@ def plan(m: int, n: int, t: int, grid: tuple[int, ...], itemsize: int,
     row_steps = (s_b, co * s_o if go > 1 else 0, ci * s_c if gi > 1 else 0, ce * s_tap if ns > 1 else 0)
     if rows_fast or run % vec or block_t % vec or any(v % vec for v in (*run_starts, *row_steps)):
         vec = 1
-    return dict(BLOCK_T=block_t, BLOCK_N=n_pad if resident else pow2_clamp(n, 16, 32), RESIDENT=resident,
+    chunk = 16 if rows_fast and itemsize == 4 else 32
+    return dict(BLOCK_T=block_t, BLOCK_N=n_pad if resident else pow2_clamp(n, 16, chunk), RESIDENT=resident,
                 ROWS_FAST=rows_fast, C_FAST=c_fast, VEC=vec)
 
 
