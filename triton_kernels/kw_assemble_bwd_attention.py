@@ -70,7 +70,7 @@ def kw_assemble_bwd_attention(grad_out: torch.Tensor, warehouse: torch.Tensor,
     axis, :func:`.kw_common.kernel_strides`; else copied contiguous), ``warehouse`` (n, co, ci, *cell_kernel) into
     ``out`` (B, m, n), contiguous. Returns ``out``."""
     b, m, n = out.shape
-    go, co, gi, ci, ns, ce, ks = grid
+    go, co, gi, ci, ns, ce, _ = grid
     rows, t = b * m, co * ci * ce
     if out.numel() == 0:
         return out

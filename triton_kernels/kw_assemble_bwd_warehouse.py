@@ -82,7 +82,7 @@ def kw_assemble_bwd_warehouse(attention: torch.Tensor, grad_out: torch.Tensor,
     dims collapse into one tap axis, :func:`.kw_common.kernel_strides`; else copied contiguous) into ``out``
     (n, co, ci, *cell_kernel), contiguous. Returns ``out``."""
     b, m, n = attention.shape
-    go, co, gi, ci, ns, ce, ks = grid
+    go, co, gi, ci, ns, ce, _ = grid
     rows, t = b * m, co * ci * ce
     if out.numel() == 0:
         return out

@@ -53,7 +53,6 @@ def kernel_strides(kernels: torch.Tensor) -> tuple[int, int, int, int] | None:
     return (*strides[:3], tap)
 
 
-
 @triton.jit
 def cell_columns(u, CI, CE, s_o, s_c, s_tap, C_FAST: tl.constexpr):
     """Cell element ``t = (a·ci + c)·E + e`` of a program's column index ``u``, and its offset in the kernels.
@@ -88,6 +87,6 @@ def contiguous_axis(grid: tuple[int, ...], strides: tuple[int, int, int, int]) -
     """(ROWS_FAST, C_FAST) for kernels of ``grid = (Go, co, Gi, ci, S, E, KS)`` with (sample, output channel,
     input channel, tap) ``strides``: rows (taps of a spatial partition) are consecutive addresses, or the input
     channels are (columns enumerated channels fastest, :func:`cell_columns`)."""
-    go, co, gi, ci, ns, ce, ks = grid
+    ci, ns, ce = grid[3], grid[4], grid[5]
     rows_fast = ce == 1 and ns > 1 and strides[3] == 1
     return rows_fast, not rows_fast and ci > 1 and strides[2] == 1
