@@ -226,8 +226,8 @@ def triton_report(arch: int = 90, workloads: Iterable[str] | None = None) -> lis
         raise RuntimeError(f"this Triton cannot compile ahead of time: {reason}")
     reports = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (fn, signature, constexprs, options) in enumerate(tl.record_launches(workloads)):
-            kernel = tl.compile_launch(fn, signature, constexprs, options, arch)
+        for i, (fn, signature, constexprs, attrs, options) in enumerate(tl.record_launches(workloads)):
+            kernel = tl.compile_launch(fn, signature, constexprs, attrs, options, arch)
             cubin = Path(tmp) / f"k{i}.cubin"
             cubin.write_bytes(kernel.asm["cubin"])
             res = next(iter(_resource_usage(cubin).values()), {})

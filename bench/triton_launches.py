@@ -2,7 +2,9 @@
 
 :func:`record_launches` replaces ``JITFunction.run`` with a recorder and lets the Triton paths of the ops run on
 CPU tensors (their kernels are recorded, not launched; the rest of a model computes on uninitialized buffers);
-each distinct launch (kernel, argument types, constexprs, ``num_warps``, ``num_stages``) is kept once.
+each distinct launch (kernel, argument types, constexprs, Triton's specialization of the arguments — ints equal
+to 1 as constants, 16-divisible ints and 16-byte aligned pointers marked — ``num_warps``, ``num_stages``) is
+kept once, so the compiled code is the code a GPU launch gets (e.g. a unit channel stride lets loads vectorize).
 :func:`compile_launch` compiles one through Triton's full pipeline (TTIR → TTGIR → LLVM → PTX → cubin via ptxas)
 for a GPU target. Used by the ahead-of-time compile test (``tests/_triton_aot.py``) and the static report
 (``python -m repkernels.bench --static``). Run with ``TRITON_INTERPRET`` unset.
@@ -35,6 +37,8 @@ def aot_available() -> str | None:
 @contextlib.contextmanager
 def _recording(launches: dict):
     import torch
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import JITFunction
 
     from repkernels import _backend
@@ -43,25 +47,34 @@ def _recording(launches: dict):
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
         bound = dict(zip(self.arg_names, args))
         bound.update(kwargs)
-        signature, constexprs = {}, {}
+        signature, constexprs, attrs = {}, {}, {}
         for i, name in enumerate(self.arg_names):
             value = bound[name]
             if i in self.constexprs or value is None:
                 signature[name] = "constexpr"
                 constexprs[(i,)] = value
-            elif isinstance(value, torch.Tensor):
-                signature[name] = "*" + TRITON_TYPES[str(value.dtype).removeprefix("torch.")]
-            elif isinstance(value, bool):
-                signature[name] = "i1"
-            elif isinstance(value, int):
-                signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            elif isinstance(value, float):
-                signature[name] = "fp32"
-            else:
+                continue
+            if not isinstance(value, (torch.Tensor, bool, int, float)):
                 raise TypeError(f"{self.__name__}: argument {name} of type {type(value).__name__}")
+            # Triton's own specialization, as a launch on the GPU gets it: ints equal to 1 become constants,
+            # ints divisible by 16 and 16-byte aligned pointers get the divisibility attribute.
+            param = self.params[i]
+            kind, spec = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
+                                                not param.do_not_specialize_on_alignment)
+            if kind == "constexpr":
+                signature[name] = "constexpr"
+                constexprs[(i,)] = spec
+                continue
+            if isinstance(value, torch.Tensor):
+                kind = "*" + TRITON_TYPES[str(value.dtype).removeprefix("torch.")]
+            elif isinstance(value, int) and not isinstance(value, bool):
+                kind = "i32" if -2**31 <= value < 2**31 else "i64"
+            signature[name] = kind
+            if isinstance(spec, str) and BaseBackend.parse_attr(spec):
+                attrs[(i,)] = BaseBackend.parse_attr(spec)
         key = (self.__name__, tuple(signature.items()), tuple(sorted(constexprs.items(), key=repr)),
-               tuple(sorted(options.items())))
-        launches.setdefault(key, (self, signature, constexprs, options))
+               tuple(sorted(attrs)), tuple(sorted(options.items())))
+        launches.setdefault(key, (self, signature, constexprs, attrs, options))
 
     saved_run, saved_interpret = JITFunction.run, _backend.TRITON_INTERPRET
     JITFunction.run = record
@@ -74,7 +87,7 @@ def _recording(launches: dict):
 
 
 def record_launches(workloads=None, dtypes=None) -> list[tuple]:
-    """(fn, signature, constexprs, options) of every distinct launch the workloads make (default: all of
+    """(fn, signature, constexprs, attrs, options) of every distinct launch the workloads make (default: all of
     :data:`WORKLOADS`, fp32 and bf16, then the depthwise ones again under deterministic algorithms)."""
     import torch
 
@@ -102,13 +115,14 @@ def label_of(fn, signature, constexprs) -> str:
     return f"{fn.__name__} {pointers} {consts}"
 
 
-def compile_launch(fn, signature, constexprs, options, cc: int):
-    """The compiled kernel (``.asm['ptx'|'cubin']``, ``.metadata.shared``) of one launch for sm_<cc>."""
+def compile_launch(fn, signature, constexprs, attrs, options, cc: int):
+    """The compiled kernel (``.asm['ptx'|'cubin']``, ``.metadata.shared``) of one launch for sm_<cc>, with the
+    launch's specialization (``attrs``: divisibility of pointers and ints, as recorded)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(options))
 
 

@@ -27,8 +27,8 @@ def main() -> int:
         print("SKIP", reason)
         return 0
     launches = tl.record_launches()
-    jobs = [(tl.label_of(fn, signature, constexprs), fn, signature, constexprs, options, cc)
-            for fn, signature, constexprs, options in launches for cc in (90, 80)]
+    jobs = [(tl.label_of(fn, signature, constexprs), fn, signature, constexprs, attrs, options, cc)
+            for fn, signature, constexprs, attrs, options in launches for cc in (90, 80)]
     _JOBS[:] = jobs
     with multiprocessing.get_context("fork").Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
         results = pool.map(_compile, range(len(jobs)), chunksize=1)
@@ -45,16 +45,16 @@ def main() -> int:
     return 0
 
 
-_JOBS: list[tuple] = []   # (label, fn, signature, constexprs, options, cc), read by the forked workers
+_JOBS: list[tuple] = []   # (label, fn, signature, constexprs, attrs, options, cc), read by the forked workers
 
 
 def _compile(index: int) -> tuple[int, str]:
     """(shared memory bytes, "ok" or what is wrong) for one launch on one target."""
     from repkernels.bench.triton_launches import SHARED_LIMIT, compile_launch
 
-    label, fn, signature, constexprs, options, cc = _JOBS[index]
+    label, fn, signature, constexprs, attrs, options, cc = _JOBS[index]
     try:
-        kernel = compile_launch(fn, signature, constexprs, options, cc)
+        kernel = compile_launch(fn, signature, constexprs, attrs, options, cc)
     except Exception as exc:  # noqa: BLE001 - every compile error is a failure to report
         return -1, f"COMPILE ERROR {type(exc).__name__}: {str(exc)[-600:]}"
     shared = kernel.metadata.shared

@@ -8,6 +8,7 @@ The reference itself is checked against independent per-sample loops and with gr
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -763,3 +764,172 @@ def test_per_sample_span_limit_keeps_triton_off_tensors_it_cannot_address(monkey
             torch.ops.repkernels.per_sample_conv2d_triton(x, w, None, [1, 1], [1, 1], [1, 1], 1)
     assert "32-bit" in mod.fast_reasons(x, w)["triton"]() or not _backend.HAS_TRITON
     assert mod.fast_reasons(x[:, :3], w[:, :, :3])["triton"]() is None or not _backend.HAS_TRITON
+
+
+# ---------------------------------------------------------------- channel-innermost per-sample kernels
+def cin_inner(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (B, Cout, Cin_g, *kernel) copied into memory order (B, Cout, *kernel, Cin_g)."""
+    return t.movedim(2, -1).contiguous().movedim(-1, 2)
+
+
+def cin_inner_strides(b, layout):
+    return cin_inner(torch.empty(b, *layout)).stride()
+
+
+@pytest.mark.parametrize("case", [ASM_CASES[i] for i in (0, 1, 4, 5)], ids=[ASM_IDS[i] for i in (0, 1, 4, 5)])
+def test_reference_assemble_channels_innermost(case):
+    """Same values, memory order (B, Cout, *kernel, Cin_g): strides (Cout·KS·Cin_g, KS·Cin_g, 1, ..., Cin_g)."""
+    att, wh, layout = make_asm(case, torch.float64)
+    std = ref.kw_assemble(att, wh, layout)
+    inner = ref.kw_assemble(att, wh, layout, channels_innermost=True)
+    assert std.is_contiguous() and torch.equal(inner, std)
+    ks = math.prod(layout[2:])
+    assert inner.stride()[:3] == (layout[0] * ks * layout[1], ks * layout[1], 1)
+    assert inner.stride()[3:] == tuple(layout[1] * math.prod(layout[3 + i:]) for i in range(len(layout) - 2))
+    assert kw_assemble(att, wh, layout, channels_innermost=True).stride() == inner.stride()   # public op on CPU
+
+
+# (case, dtype, resident, (ROWS_FAST, C_FAST, VEC)): the forward's store paths for channel-innermost kernels,
+# several column tiles (partial last one), row tiles in several ranges, 16-byte vectors where the runs allow.
+ASM_INNER_CASES = [
+    (ASM_TILE_CASES[1][0], torch.float32, False, (False, True, 4)),    # whole-kernel cells: runs of ci across taps
+    (ASM_TILE_CASES[1][0], torch.bfloat16, True, (False, True, 8)),
+    (ASM_TILE_CASES[2][0], torch.float16, True, (False, True, 8)),     # spatial partition: no longer rows fastest
+    (ASM_TILE_CASES[2][0], torch.bfloat16, False, (False, True, 8)),
+    (ASM_CASES[0], torch.float32, False, (False, True, 1)),            # ci = 3: channels fastest, scalar stores
+    (ASM_CASES[5], torch.float32, False, (False, True, 1)),            # conv1d kernel
+]
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("case, dtype, resident, flags", ASM_INNER_CASES,
+                         ids=[f"inner{i}_{str(c[1])[6:]}" for i, c in enumerate(ASM_INNER_CASES)])
+def test_triton_assemble_channels_innermost(case, dtype, resident, flags, monkeypatch):
+    from repkernels.triton_kernels import kw_assemble_fwd as fwd
+    from repkernels.triton_kernels.kw_common import kernel_strides
+
+    if not resident:
+        monkeypatch.setattr(fwd, "RESIDENT_BYTES", 0)
+    att, wh, layout = make_asm(case, dtype)
+    grid = ref.layout_grid(wh.shape, layout)
+    out = R.kw_assemble_triton(att, wh, layout, True)
+    ref_out = ref.kw_assemble(att.double(), wh.double(), layout, channels_innermost=True)
+    assert out.stride() == ref_out.stride() == cin_inner_strides(att.shape[0], layout)
+    cfg = fwd.plan(att.shape[1], att.shape[2], grid[1] * grid[3] * grid[5], grid, wh.element_size(),
+                   kernel_strides(out))
+    assert (cfg["RESIDENT"], cfg["ROWS_FAST"], cfg["C_FAST"], cfg["VEC"]) == (resident, *flags)
+    assert_close(out, ref_out, dtype)
+    grad = torch.randn(out.shape, dtype=dtype)
+    _, ref_ga, ref_gw = asm_ref64(att, wh, layout, grad)
+    for g in (cin_inner(grad), grad):   # the gradient read through its strides, in either order
+        assert_close(R.kw_assemble_backward_attention_triton(g, wh, layout), ref_ga, dtype, "grad attention")
+        assert_close(R.kw_assemble_backward_warehouse_triton(g, att, wh, layout), ref_gw, dtype, "grad warehouse")
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("case", [CONV_CASES[0], (2, 16, 5, 6, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1)],
+                         ids=["flattened", "tap_major"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_triton_conv_channel_innermost_weight_and_wgrad_order(case, channels_last):
+    """Channel-innermost kernels are read in place; the weight gradient comes back in the weight's order."""
+    x, wt, bias, s, p, d, g = make_conv(case, torch.float32, channels_last=channels_last)
+    wt = cin_inner(wt)
+    out = R.per_sample_conv2d_triton(x, wt, bias, s, p, d, g)
+    gy = torch.randn_like(out)
+    ref_out, ref_gx, ref_gw = conv_ref64(x, wt, bias, s, p, d, g, gy)
+    assert_close(out, ref_out, torch.float32)
+    assert_close(R.per_sample_conv2d_backward_input_triton(gy, x, wt, s, p, d, g), ref_gx, torch.float32, "grad x")
+    gw = R.per_sample_conv2d_backward_weight_triton(gy, x, wt, s, p, d, g)
+    assert gw.stride() == wt.stride()
+    assert_close(gw, ref_gw, torch.float32, "grad weight")
+
+
+@requires_triton_cpu
+def test_triton_ops_opcheck_channels_innermost():
+    att, wh, layout = make_asm(ASM_CASES[0], torch.float32)
+    torch.library.opcheck(R.kw_assemble_triton.default, (att.requires_grad_(), wh.requires_grad_(), layout, True))
+    grad = cin_inner(torch.randn(att.shape[0], *layout))
+    torch.library.opcheck(R.kw_assemble_backward_attention_triton.default, (grad, wh.detach(), layout))
+    torch.library.opcheck(R.kw_assemble_backward_warehouse_triton.default, (grad, att.detach(), wh.detach(), layout))
+    x, wt, bias, s, p, d, g = make_conv((1, 16, 3, 3, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1), torch.float32,
+                                        channels_last=True)
+    wt = cin_inner(wt)
+    torch.library.opcheck(R.per_sample_conv2d_triton.default,
+                          (x.requires_grad_(), wt.requires_grad_(), bias, s, p, d, g))
+    gy = R.per_sample_conv2d_triton(x.detach(), wt.detach(), None, s, p, d, g)
+    torch.library.opcheck(R.per_sample_conv2d_backward_weight_triton.default,
+                          (gy, x.detach(), wt.detach(), s, p, d, g))
+
+
+def test_channel_innermost_routing_follows_the_layer_not_the_batch():
+    from repkernels.ops.kw_conv2d import kernels_channels_innermost
+
+    def inner(b, c, backend_name):
+        x = torch.randn(b, c, 5, 5)
+        att, wh = torch.randn(b, 9, 4), torch.randn(4, 8, c, 1, 1)
+        with repkernels.backend(backend_name):
+            return kernels_channels_innermost(x, att, wh, [8, c, 3, 3], None, 25)
+
+    assert not inner(2, 16, "reference")
+    if _backend.HAS_TRITON and _backend.triton_unavailable_reason(torch.empty(1)) is None:
+        assert inner(1, 16, "triton") and inner(5, 16, "triton") and inner(2, 64, "triton")
+        assert not inner(1, 8, "triton") and not inner(5, 15, "triton")   # the flattened walk: standard order
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_unfused_kw_conv2d_passes_channel_innermost_kernels_without_copies(channels_last, monkeypatch):
+    """The kernels reach the per-sample conv as kw_assemble wrote them (channel-innermost, same storage), the
+    wgrad's output reaches the assembly backward as written and is read in place; gradients match the reference."""
+    from repkernels.triton_kernels import (kw_assemble_bwd_attention, kw_assemble_bwd_warehouse, kw_assemble_fwd,
+                                           per_sample_conv2d_bwd_weight, per_sample_conv2d_fwd)
+
+    seen = {}
+
+    def spy(module, name, key, pick):
+        real = getattr(module, name)
+
+        def wrapped(*args):
+            t = pick(args)
+            seen.setdefault(key, []).append((t.data_ptr(), t.stride()))
+            return real(*args)
+        monkeypatch.setattr(module, name, wrapped)
+
+    spy(kw_assemble_fwd, "kw_assemble_fwd", "assembled", lambda a: a[-1])
+    spy(per_sample_conv2d_fwd, "per_sample_conv2d_fwd", "conv weight", lambda a: a[1])
+    spy(per_sample_conv2d_bwd_weight, "per_sample_conv2d_bwd_weight", "wgrad", lambda a: a[-1])
+    spy(kw_assemble_bwd_attention, "kw_assemble_bwd_attention", "grad to attention", lambda a: a[0])
+    spy(kw_assemble_bwd_warehouse, "kw_assemble_bwd_warehouse", "grad to warehouse", lambda a: a[1])
+    strides_seen = []
+    for module in (kw_assemble_bwd_attention, kw_assemble_bwd_warehouse):
+        real_strides = module.kernel_strides
+        monkeypatch.setattr(module, "kernel_strides", lambda t, f=real_strides: strides_seen.append(f(t)) or f(t))
+
+    x, att, wh, layout, bias, s, p, d = make_fused(FUSED_CASES[0], torch.float32, channels_last)
+    args = [t.requires_grad_(True) for t in (x, att, wh, bias)]
+    with repkernels.backend("triton"):
+        out = kw_conv2d(args[0], args[1], args[2], layout, args[3], s, p, d, fused=False)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, args, g)
+    expect = ref.kw_conv2d(args[0], args[1], args[2], layout, args[3], s, p, d, 1)
+    for a, b_, name in zip(grads, torch.autograd.grad(expect, args, g), ("input", "attention", "warehouse", "bias")):
+        assert_close(a, b_.double(), torch.float32, f"grad {name}")
+
+    inner = cin_inner_strides(x.shape[0], layout)
+    assert seen["assembled"] == seen["conv weight"] and seen["assembled"][0][1] == inner
+    assert seen["wgrad"][0][1] == inner
+    assert seen["grad to attention"] == seen["grad to warehouse"] == seen["wgrad"]
+    assert strides_seen and None not in strides_seen     # read in place, never copied to the standard order
+
+
+@requires_c
+def test_cuda_ops_take_no_channel_innermost_flag_and_copy_other_orders():
+    """The CUDA ops' schema has no memory-order flag (a direct call with one is an error, never a wrong result);
+    their backward ops copy a channel-innermost gradient to the standard order (CPU emulation)."""
+    att, wh, layout = make_asm(ASM_CASES[0], torch.float32)
+    with pytest.raises(RuntimeError, match="argument"):
+        R.kw_assemble(att, wh, layout, True)
+    grad = torch.randn(att.shape[0], *layout)
+    _, ref_ga, ref_gw = asm_ref64(att, wh, layout, grad)
+    assert_close(R.kw_assemble_backward_attention(cin_inner(grad), wh, layout), ref_ga, torch.float32)
+    assert_close(R.kw_assemble_backward_warehouse(cin_inner(grad), att, wh, layout), ref_gw, torch.float32)

@@ -1,8 +1,9 @@
 """KernelWarehouse cell assembly, backward to the attentions.
 
 ``grad_attention[r, n] = Σ_t grad_out[addr(r, t)] · warehouse[n, t]`` with rows ``r = b·m + j``, ``t`` an
-element of a cell and ``addr`` the conv-layout address of :mod:`.kw_assemble_fwd`. The gradient of the
-per-sample kernels is read in place, in its conv layout (no permuted copy); each program computes a
+element of a cell and ``addr`` the address of :mod:`.kw_assemble_fwd`, from the gradient's strides. The gradient
+of the per-sample kernels is read in place, in its memory order (standard or channel-innermost, columns enumerated
+along its contiguous axis; no permuted copy); each program computes a
 BLOCK_R x BLOCK_N tile with ``tl.dot`` over chunks of BLOCK_T cell elements, accumulating in fp32.
 """
 
@@ -12,15 +13,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .kw_common import dot_in_fp32, matmul_precision, pow2_clamp
+from .kw_common import (cell_columns, cell_rows, contiguous_axis, dot_in_fp32, kernel_strides, matmul_precision,
+                        pow2_clamp)
 
 
 @triton.jit(do_not_specialize=["R"])
 def kw_assemble_bwd_attention_kernel(
     g_ptr, wh_ptr, out_ptr,
     R, N, T, M_MIX,
-    GI, NS, CO, CI, CE, CIN_G, KS, W_SAMPLE,
+    GI, NS, CO, CI, CE, s_b, s_o, s_c, s_tap,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_FAST: tl.constexpr,
+    C_FAST: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -31,21 +34,13 @@ def kw_assemble_bwd_attention_kernel(
     n_ok = nn < N
     r64 = r.to(tl.int64)
 
-    b = r64 // M_MIX
-    j = r64 % M_MIX
-    s = j % NS
-    oi = j // NS
-    i = oi % GI
-    o = oi // GI
-    row_off = b * W_SAMPLE + o * CO * CIN_G * KS + i * CI * KS + s * CE
+    row_off = cell_rows(r64, M_MIX, GI, NS, CO, CI, CE, s_b, s_o, s_c, s_tap)
 
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = t < T
-        e = t % CE
-        ac = t // CE
-        col_off = (ac // CI).to(tl.int64) * CIN_G * KS + (ac % CI) * KS + e
+        u = t0 + tl.arange(0, BLOCK_T)
+        t_ok = u < T
+        t, col_off = cell_columns(u, CI, CE, s_o, s_c, s_tap, C_FAST)
         if ROWS_FAST:  # spatial partition: consecutive rows (taps) are consecutive addresses, columns KS apart
             g = tl.trans(tl.load(g_ptr + col_off[:, None] + row_off[None, :], mask=t_ok[:, None] & r_ok[None, :],
                                  other=0.0))
@@ -71,22 +66,27 @@ def warps(itemsize: int, block_r: int, block_n: int) -> int:
 
 def kw_assemble_bwd_attention(grad_out: torch.Tensor, warehouse: torch.Tensor,
                               grid: tuple[int, int, int, int, int, int, int], out: torch.Tensor) -> torch.Tensor:
-    """``grad_out`` (B, Cout, Cin_g, *kernel), ``warehouse`` (n, co, ci, *cell_kernel) into ``out`` (B, m, n),
-    contiguous. Returns ``out``."""
+    """``grad_out`` (B, Cout, Cin_g, *kernel) (read through its strides when its kernel dims collapse into one tap
+    axis, :func:`.kw_common.kernel_strides`; else copied contiguous), ``warehouse`` (n, co, ci, *cell_kernel) into
+    ``out`` (B, m, n), contiguous. Returns ``out``."""
     b, m, n = out.shape
-    go, co, gi, ci, ns, ce, ks = grid
+    go, co, gi, ci, ns, ce, _ = grid
     rows, t = b * m, co * ci * ce
     if out.numel() == 0:
         return out
-    grad_out = grad_out.contiguous()
+    strides = kernel_strides(grad_out)
+    if strides is None:
+        grad_out = grad_out.contiguous()
+        strides = kernel_strides(grad_out)
+    rows_fast, c_fast = contiguous_axis(grid, strides)
     warehouse = warehouse.contiguous()
     block_r, block_t, block_n = pow2_clamp(m, 16, 64), 64, pow2_clamp(n, 16, 64)
     launch = (triton.cdiv(rows, block_r), triton.cdiv(n, block_n))
     kw_assemble_bwd_attention_kernel[launch](
         grad_out, warehouse, out,
         rows, n, t, m,
-        gi, ns, co, ci, ce, gi * ci, ks, grad_out[0].numel(),
-        BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_N=block_n, ROWS_FAST=ce == 1 and ns > 1,
+        gi, ns, co, ci, ce, *strides,
+        BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_N=block_n, ROWS_FAST=rows_fast, C_FAST=c_fast,
         DOT_FP32=dot_in_fp32(warehouse.dtype), PRECISION=matmul_precision(warehouse.dtype),
         num_warps=warps(warehouse.element_size(), block_r, block_n),
     )

@@ -1,9 +1,10 @@
 """Per-sample conv2d backward to the weights (wgrad, one kernel gradient per sample) as a batched GEMM.
 
 ``grad_w[b, g·COG + o, k] = Σ_p grad_y[b, g·COG + o, p] · im2col(x[b])[g·CIG + k, p]`` with ``k = (c, kh, kw)``
-and ``p = (oh, ow)``. Each program computes a BLOCK_O x BLOCK_K tile of one (sample, group), reducing over the
-output pixels in chunks of BLOCK_P with ``tl.dot`` (or a broadcast multiply-add for thin problems); ``x`` and
-``grad_y`` are gathered in place. The columns of a tile (:func:`~.implicit_gemm.tap_major`): BLOCK_K input
+and ``p = (oh, ow)``, written through the strides of ``grad_w`` (any memory format: the op gives it the weight's,
+e.g. channel-innermost, where a tap-major tile's columns are consecutive). Each program computes a BLOCK_O x
+BLOCK_K tile of one (sample, group), reducing over the output pixels in chunks of BLOCK_P with ``tl.dot`` (or a
+broadcast multiply-add for thin problems); ``x`` and ``grad_y`` are gathered in place. The columns of a tile (:func:`~.implicit_gemm.tap_major`): BLOCK_K input
 channels at one tap, so each pixel chunk's input rows and masks are computed once per pixel (and channels_last
 input is read along its channels), or, for fewer than 16 input channels per group, BLOCK_K consecutive
 ``(c, kh, kw)`` with per-element index math. Tiles depend on the layer, not on the batch.
@@ -25,6 +26,7 @@ def per_sample_conv2d_bwd_weight_kernel(
     H, W, COUT, OH, OW, GROUPS, CIG, COG,
     sxn, sxc, sxh, sxw,
     sgn, sgc, sgh, sgw,
+    swn, swo, swc, swh, sww,
     KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
@@ -49,15 +51,18 @@ def per_sample_conv2d_bwd_weight_kernel(
         tap = pid_k // c_tiles
         c = (pid_k % c_tiles) * BLOCK_K + kk
         k_ok = c < CIG
-        col = c * (KH * KW) + tap
+        col = c * swc + ((tap // KW) * swh + (tap % KW) * sww)
         kh_off = (tap // KW) * DH
         kw_off = (tap % KW) * DW
     else:                                                 # columns: k = (c, kh, kw)
-        col = pid_k * BLOCK_K + kk
-        k_ok = col < K
-        c = col // (KH * KW)
-        kh_off = ((col % (KH * KW)) // KW) * DH
-        kw_off = (col % KW) * DW
+        k = pid_k * BLOCK_K + kk
+        k_ok = k < K
+        c = k // (KH * KW)
+        kh = (k % (KH * KW)) // KW
+        kw = k % KW
+        col = c * swc + kh * swh + kw * sww
+        kh_off = kh * DH
+        kw_off = kw * DW
 
     x_base = x_ptr + b * sxn + (g * CIG).to(tl.int64) * sxc
     gy_base = gy_ptr + b * sgn
@@ -83,7 +88,7 @@ def per_sample_conv2d_bwd_weight_kernel(
             xv = tl.load(x_base + ((c * sxc)[None, :] + ih * sxh + iw * sxw), mask=x_ok, other=0.0)
         acc = mac(acc, gv, xv, USE_DOT, DOT_FP32, PRECISION)
 
-    gw = gw_ptr + b * COUT * K + (oc * K)[:, None] + col[None, :]
+    gw = gw_ptr + b * swn + (oc * swo)[:, None] + col[None, :]
     tl.store(gw, acc.to(gw_ptr.dtype.element_ty), mask=o_ok[:, None] & k_ok[None, :])
 
 
@@ -98,8 +103,9 @@ def tiles(cog: int, k: int, p: int, chunk: int) -> tuple[bool, int, int, int]:
 def per_sample_conv2d_bwd_weight(x: torch.Tensor, grad_out: torch.Tensor, stride: tuple[int, int],
                                  padding: tuple[int, int], dilation: tuple[int, int], groups: int,
                                  out: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, C, H, W) and ``grad_out`` (B, Cout, OH, OW), any strides, into the preallocated contiguous
-    ``out`` (B, Cout, C/groups, KH, KW). Returns ``out``."""
+    """``x`` (B, C, H, W) and ``grad_out`` (B, Cout, OH, OW), any strides, into the preallocated ``out``
+    (B, Cout, C/groups, KH, KW), written through its strides (the ops allocate it in the weight's memory order).
+    Returns ``out``."""
     nb, cin, h, w = x.shape
     _, cout, cig, kh, kw = out.shape
     oh, ow = grad_out.shape[-2:]
@@ -114,7 +120,7 @@ def per_sample_conv2d_bwd_weight(x: torch.Tensor, grad_out: torch.Tensor, stride
     per_sample_conv2d_bwd_weight_kernel[launch](
         x, grad_out, out,
         h, w, cout, oh, ow, groups, cig, cog,
-        *x.stride(), *grad_out.stride(),
+        *x.stride(), *grad_out.stride(), *out.stride(),
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
         TAP_MAJOR=walk, USE_DOT=use_dot, DOT_FP32=dot_in_fp32(x.dtype), PRECISION=conv_precision(x.dtype),
         BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p,

@@ -8,7 +8,8 @@ only ATen ops. Traced with a fast backend (CUDA tensors under ``auto``, or ``rep
 maps each forward op to standard ONNX ops (opset 18), valid for any batch size:
 
 * ``kw_assemble`` / ``kw_assemble_triton`` — ``MatMul(attention (B, m, n), warehouse (n, cell))``, then
-  ``Reshape``/``Transpose`` into the conv layout (as the reference);
+  ``Reshape``/``Transpose`` into the conv layout (as the reference; ``channels_innermost`` only sets the memory
+  order of the op's result, and ONNX works on the logical shape);
 * ``per_sample_conv2d`` / ``per_sample_conv2d_triton`` — the kernel taps: ``Pad`` once, one strided
   ``Slice`` per tap, concatenated, and one batched ``MatMul`` of the per-sample kernels
   ``(B, groups, Cout/groups, taps·C/groups)`` with them;
@@ -120,8 +121,8 @@ def onnx_translations() -> dict[torch._ops.OpOverload, Callable]:
     from onnxscript import opset18 as op
 
     # Plain Python functions: the exporter traces them (ONNX ops recorded with their Python-level arguments).
-    def kw_assemble(attention, warehouse, layout: Sequence[int]):
-        return _onnx_kw_assemble(op, attention, warehouse, layout)
+    def kw_assemble(attention, warehouse, layout: Sequence[int], channels_innermost: bool = False):
+        return _onnx_kw_assemble(op, attention, warehouse, layout)  # ONNX tensors have no memory order
 
     def per_sample_conv2d(input, weight, bias=None, stride: Sequence[int] = (1, 1),
                           padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1):

@@ -3,7 +3,12 @@
 Two fast paths:
 
 * unfused — :func:`~repkernels.ops.kw_assemble` writes the B per-sample kernels straight into the conv
-  layout, :func:`~repkernels.ops.per_sample_conv2d` convolves (each op picks its own backend);
+  layout, :func:`~repkernels.ops.per_sample_conv2d` convolves (each op picks its own backend). When the
+  per-sample conv runs on Triton and reduces tap-major (``C/groups >= 16``,
+  :func:`~repkernels.triton_kernels.implicit_gemm.tap_major`), the kernels are written channel-innermost
+  (memory order (B, Cout, kh, kw, C/groups): the conv's weight tiles are contiguous along their channels) and the
+  wgrad returns their gradient in that order, which the assembly backward reads in place: no permute copy
+  either way (:func:`kernels_channels_innermost`, decided from the layer, backend and dtype, never the batch);
 * fused (Triton, ``repkernels::kw_conv2d_fused_triton``) — each program assembles its kernel tiles from the
   attentions and the warehouse inside the convolution, so per-sample kernels never reach memory. Its
   backward re-assembles the kernels (``kw_assemble``) and runs the per-sample dgrad / wgrad and the assembly
@@ -34,6 +39,8 @@ from ._op_checks import check_spatial as _check_spatial
 from ._op_checks import out_hw as _out_hw
 from ._registration import autodiff_unsupported_reason
 from .kw_assemble import kw_assemble as _kw_assemble
+from .per_sample_conv2d import PREFER as _PSC_PREFER
+from .per_sample_conv2d import fast_reasons as _psc_fast_reasons
 from .per_sample_conv2d import per_sample_conv2d as _per_sample_conv2d
 from .per_sample_conv2d import resolve_padding as _resolve_padding
 
@@ -60,6 +67,25 @@ def fused_wins(warehouse_shape: Sequence[int], layout: Sequence[int], groups: in
         return False
     p_tiles = -(-out_pixels // t[2])
     return int(warehouse_shape[0]) * (p_tiles - 1) <= FUSED_MAX_EXTRA
+
+
+def kernels_channels_innermost(input: torch.Tensor, attention: torch.Tensor, warehouse: torch.Tensor,
+                               layout: Sequence[int], bias: torch.Tensor | None, out_pixels: int) -> bool:
+    """Whether the unfused path assembles channel-innermost kernels: the per-sample conv of this call goes to
+    Triton (same backend choice as :func:`~repkernels.ops.per_sample_conv2d`, the warehouse standing in for the
+    kernels' device and dtype) and walks tap-major. From the layer, device, dtype and backend, not the batch."""
+    if not _backend.HAS_TRITON:
+        return False
+    from ..triton_kernels.implicit_gemm import tap_major
+
+    if not tap_major(int(layout[1])):
+        return False
+    kernel_elems = 1
+    for v in layout:
+        kernel_elems *= int(v)
+    tensors = (input, warehouse, attention) if bias is None else (input, warehouse, attention, bias)
+    reasons = _psc_fast_reasons(*tensors, out_elems=max(int(layout[0]) * out_pixels, kernel_elems))
+    return _backend.select("per_sample_conv2d", reasons, on_gpu=input.is_cuda, prefer=_PSC_PREFER) == "triton"
 
 
 def _fake(input, attention, warehouse, layout, bias, stride, padding, dilation):
@@ -165,8 +191,10 @@ def kw_conv2d(input: torch.Tensor, attention: torch.Tensor, warehouse: torch.Ten
                                                                 padding, dilation)
     if wanted == "reference" or (wanted == "auto" and not input.is_cuda):
         return _ref.kw_conv2d(input, attention, warehouse, layout, bias, stride, padding, dilation, groups)
-    weight = _kw_assemble(attention, warehouse, layout)
+    oh, ow = _out_hw(input.shape[2], input.shape[3], layout[2:], stride, padding, dilation)
+    inner = kernels_channels_innermost(input, attention, warehouse, layout, bias, oh * ow)
+    weight = _kw_assemble(attention, warehouse, layout, channels_innermost=inner)
     return _per_sample_conv2d(input, weight, bias, stride, padding, dilation, groups)
 
 
-__all__ = ["kw_conv2d", "fused_wins", "FUSED_MAX_EXTRA"]
+__all__ = ["kw_conv2d", "fused_wins", "kernels_channels_innermost", "FUSED_MAX_EXTRA"]

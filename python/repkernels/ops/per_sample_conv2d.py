@@ -77,6 +77,13 @@ def _fake_bwd_weight(grad, input, weight, stride, padding, dilation, groups):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
+def _fake_bwd_weight_like(grad, input, weight, stride, padding, dilation, groups):
+    """The Triton wgrad's result: in the weight's memory order (``empty_like`` keeps the strides of a dense
+    weight, e.g. channel-innermost kernels from ``kw_assemble``), so the gradient reaches the weight's producer
+    without a copy."""
+    return torch.empty_like(weight)
+
+
 def _setup_context(ctx, inputs, output):
     input, weight, bias, stride, padding, dilation, groups = inputs
     ctx.save_for_backward(input, weight)
@@ -127,13 +134,13 @@ if _backend.HAS_TRITON:
 
         stride, padding, dilation, groups = _op_checks.per_sample_conv2d_backward(
             "per_sample_conv2d_backward_weight_triton", grad, input, weight, stride, padding, dilation, groups)
-        out = _fake_bwd_weight(grad, input, weight, stride, padding, dilation, groups)
+        out = _fake_bwd_weight_like(grad, input, weight, stride, padding, dilation, groups)
         _check_span("per_sample_conv2d_backward_weight_triton", input, grad, out)
         return per_sample_conv2d_bwd_weight(input, grad, tuple(stride), tuple(padding), tuple(dilation), groups, out)
 
     register_op_family("per_sample_conv2d_triton", ("per_sample_conv2d_backward_input_triton",
                                                     "per_sample_conv2d_backward_weight_triton"),
-                       (_fake, _fake_bwd_input, _fake_bwd_weight), _make_backward, _setup_context)
+                       (_fake, _fake_bwd_input, _fake_bwd_weight_like), _make_backward, _setup_context)
     register_conv_double_backward("per_sample_conv2d_triton", "per_sample_conv2d_backward_input_triton",
                                   "per_sample_conv2d_backward_weight_triton")
 
@@ -208,7 +215,10 @@ def per_sample_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
     Args:
         input: (B, C, H, W), NCHW or channels_last.
-        weight: (B, Cout, C/groups, kh, kw).
+        weight: (B, Cout, C/groups, kh, kw), any strides. The Triton kernels read it in place: channel-innermost
+            kernels (memory order (B, Cout, kh, kw, C/groups), ``kw_assemble(..., channels_innermost=True)``)
+            give the tap-major walk (C/groups >= 16) weight tiles contiguous along their channels; the Triton
+            weight gradient comes back in the weight's memory order (``empty_like``), the CUDA one contiguous.
         bias: (Cout,) shared by all samples, or None.
         stride, padding, dilation: int or (h, w) pair; padding may also be 'same' or 'valid'.
         groups: divides C and Cout.

@@ -40,21 +40,29 @@ def layout_grid(warehouse_shape: Sequence[int], layout: Sequence[int]) -> tuple[
     return int(layout[0]) // co, co, int(layout[1]) // ci, ci, ks // e, e, ks
 
 
-def kw_assemble(attention: torch.Tensor, warehouse: torch.Tensor, layout: Sequence[int]) -> torch.Tensor:
+def kw_assemble(attention: torch.Tensor, warehouse: torch.Tensor, layout: Sequence[int],
+                channels_innermost: bool = False) -> torch.Tensor:
     """Per-sample kernels from attentions and a warehouse.
 
     Args:
         attention: (B, m, n) mixing weights (the zero cell of CAF already dropped).
         warehouse: (n, co, ci, *cell_kernel) kernel cells.
         layout: (Cout, Cin/groups, *kernel), the kernel shape of the layer; ``m = Go·Gi·S`` (module docstring).
+        channels_innermost: the memory order of the result (below).
 
     Returns:
-        (B, Cout, Cin/groups, *kernel): ``out[b]`` is the layer's kernel for sample ``b``.
+        (B, Cout, Cin/groups, *kernel): ``out[b]`` is the layer's kernel for sample ``b``. Contiguous, or with
+        ``channels_innermost`` in memory order (B, Cout, *kernel, Cin/groups) (input channels innermost; strides
+        ``(Cout·KS·Cin_g, KS·Cin_g, 1, ..., Cin_g)`` with ``KS = prod(kernel)``).
     """
     b, m, n = attention.shape
     go, co, gi, ci, s, e, _ = layout_grid(warehouse.shape, layout)
     cells = torch.mm(attention.reshape(b * m, n), warehouse.reshape(n, -1))  # (B·m, co·ci·E)
-    cells = cells.view(b, go, gi, s, co, ci, e).permute(0, 1, 4, 2, 5, 3, 6)  # (B, Go, co, Gi, ci, S, E)
+    cells = cells.view(b, go, gi, s, co, ci, e)
+    if channels_innermost:
+        cells = cells.permute(0, 1, 4, 3, 6, 2, 5)  # (B, Go, co, S, E, Gi, ci)
+        return cells.reshape(b, layout[0], *layout[2:], layout[1]).movedim(-1, 2)
+    cells = cells.permute(0, 1, 4, 2, 5, 3, 6)  # (B, Go, co, Gi, ci, S, E)
     return cells.reshape(b, *layout)
 
 
