@@ -20,13 +20,18 @@
 //              window of kRW + 4 inputs in registers, slides it by 4 taps per step (one 16-byte load)
 //              and reads the 4 taps with one 16-byte broadcast load
 //     barrier
-//   store:     each thread adds the bias and writes its outputs
+//   store:     each thread adds the bias and writes its outputs (store_outputs): row by row, 16-byte vectors
+//              (fp32: 4 outputs; fp16/bf16: 8, converted and packed; 8-byte vectors of 4 where a half row is
+//              only 8-byte aligned) when the output row is contiguous, the thread's kRW columns lie inside it and
+//              their start is aligned; else one output at a time (right edge, misaligned rows, channels_last,
+//              W phases R > 1)
 //
 // KW > 0: compile-time tap count (whole taps row in one chunk, S = 1); KW = 0: any count.
 // All indices are 32-bit (the host checks that every plane offset fits).
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #if !defined(__CUDA_ARCH__)
 #include <stdexcept>
@@ -186,6 +191,129 @@ RK_HD void ldg_vec(const T* __restrict__ p, Acc* d) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) throw std::logic_error("rk::dw::ldg_vec: misaligned");
   for (int j = 0; j < kVec<T>; ++j) d[j] = Cvt<T, Acc>::load(p[j]);
 #endif
+}
+
+// Two outputs converted to half type T and packed into one 32-bit word, lo in the low half (the lower address).
+template <typename T>
+RK_HD uint32_t pack2(float lo, float hi) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+#else
+  const T a = Cvt<T, float>::store(lo), b = Cvt<T, float>::store(hi);
+  uint16_t x, y;
+  std::memcpy(&x, &a, 2);
+  std::memcpy(&y, &b, 2);
+  return uint32_t(x) | uint32_t(y) << 16;
+#endif
+}
+
+// Global store of N consecutive outputs v at p, N·sizeof(T) = 16 or 8 bytes and p aligned to it (the emulation
+// checks it); T = float or a half type.
+template <typename T, int N>
+RK_HD void stg_vec(T* __restrict__ p, const float* v) {
+  constexpr int kBytes = N * int(sizeof(T));
+  static_assert(kBytes == 16 || kBytes == 8, "8- or 16-byte stores");
+#if !defined(__CUDA_ARCH__)
+  if (reinterpret_cast<uintptr_t>(p) % kBytes != 0) throw std::logic_error("rk::dw::stg_vec: misaligned");
+#endif
+  if constexpr (sizeof(T) == 4) {
+#if defined(__CUDA_ARCH__)
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+#else
+    for (int j = 0; j < N; ++j) p[j] = Cvt<T, float>::store(v[j]);
+#endif
+  } else {
+    uint32_t w[N / 2];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int k = 0; k < N / 2; ++k) w[k] = pack2<T>(v[2 * k], v[2 * k + 1]);
+#if defined(__CUDA_ARCH__)
+    if constexpr (N == 8)
+      *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+    else
+      *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]);
+#else
+    std::memcpy(p, w, kBytes);
+#endif
+  }
+}
+
+// Writes a thread's kRH x kRW outputs acc + bv: output rows oh0 + r, columns ρ + R·(u + cc) of `plane`. When the
+// kRW columns of a row are contiguous (R = 1, column stride 1) and inside the output, each row takes 16-byte vectors
+// where its column u is 16-byte aligned, 8-byte vectors of 4 (half types) where only that holds, else scalar stores;
+// otherwise every output is stored alone with its own bounds test.
+template <typename T, typename Acc, int kRH, int kRW>
+RK_HD void store_outputs(const RtParams& q, T* __restrict__ plane, int oh0, int rho, int u, const Acc* acc, Acc bv) {
+  constexpr bool kVecT = std::is_same_v<Acc, float> && (sizeof(T) == 4 || sizeof(T) == 2);
+  const int rows = q.oh - oh0 < kRH ? q.oh - oh0 : kRH;
+  if constexpr (kVecT) {
+    if (q.R == 1 && q.out_w == 1 && u + kRW <= q.ow) {
+      constexpr int V = kVec<T>;
+      static_assert(kRW % V == 0, "whole vectors per row");
+      T* p = plane + (oh0 * q.out_h + u);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+      for (int r = 0; r < kRH; ++r, p += q.out_h) {
+        if (r >= rows) break;
+        const Acc* a = acc + r * kRW;
+        const unsigned al = unsigned(reinterpret_cast<uintptr_t>(p)) & 15u;
+        if (al == 0) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+          for (int k = 0; k < kRW; k += V) {
+            float v[V];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+            for (int j = 0; j < V; ++j) v[j] = a[k + j] + bv;
+            stg_vec<T, V>(p + k, v);
+          }
+        } else if (sizeof(T) == 2 && (al & 7u) == 0) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+          for (int k = 0; k < kRW; k += 4) {
+            float v[4];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+            for (int j = 0; j < 4; ++j) v[j] = a[k + j] + bv;
+            stg_vec<T, 4>(p + k, v);
+          }
+        } else {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+          for (int cc = 0; cc < kRW; ++cc) p[cc] = Cvt<T, Acc>::store(a[cc] + bv);
+        }
+      }
+      return;
+    }
+  }
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int r = 0; r < kRH; ++r) {
+    if (r >= rows) break;
+    const int oh = oh0 + r;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int cc = 0; cc < kRW; ++cc) {
+      const int ow = rho + q.R * (u + cc);
+      if (ow >= q.ow) break;
+      plane[oh * q.out_h + ow * q.out_w] = Cvt<T, Acc>::store(acc[r * kRW + cc] + bv);
+    }
+  }
 }
 
 // i / n for 0 <= i, i·n < 2^32 (staged windows are far smaller): i·m / 2^32 with m = ceil(2^32 / n), exact there.
@@ -496,16 +624,8 @@ struct RtTile {
     const int tx = tid % Shape::kThreadsW;
     const int ty = tid / Shape::kThreadsW;
     const Acc bv = bias != nullptr ? Cvt<T, Acc>::load(bias[b.c]) : Acc(0);
-    T* plane = output + b.n * q.out_n + b.c * q.out_c;
-    for (int r = 0; r < kRH; ++r) {
-      const int oh = b.oh0 + ty * kRH + r;
-      if (oh >= q.oh) break;
-      for (int cc = 0; cc < kRW; ++cc) {
-        const int ow = b.rho + q.R * (b.u0 + tx * kRW + cc);
-        if (ow >= q.ow) break;
-        plane[oh * q.out_h + ow * q.out_w] = Cvt<T, Acc>::store(acc[r * kRW + cc] + bv);
-      }
-    }
+    store_outputs<T, Acc, kRH, kRW>(q, output + b.n * q.out_n + b.c * q.out_c, b.oh0 + ty * kRH, b.rho,
+                                    b.u0 + tx * kRW, acc, bv);
   }
 };
 

@@ -14,7 +14,8 @@
 //     compute: RtTile's inner loop on the thread's plane (sliding window of kRW + 4 inputs in
 //              registers, 16-byte loads, 4-tap broadcasts)
 //     barrier
-//   store:     each thread adds its plane's bias and writes its outputs
+//   store:     each thread adds its plane's bias and writes its outputs (store_outputs, as RtTile: 16-byte
+//              vectors along contiguous aligned rows, else one by one)
 //
 // A kh x 1 filter is planned transposed (H and W swapped through the strides; the contiguous (kh, 1)
 // taps are the same memory as (1, kh)), so that its taps run along the register window.
@@ -130,16 +131,7 @@ struct SmTile {
     if (pl >= b.planes) return;
     const Plane pc = plane(q, b.plane0 + pl);
     const Acc bv = bias != nullptr ? Cvt<T, Acc>::load(bias[pc.c]) : Acc(0);
-    T* dst = output + pc.out_off;
-    for (int r = 0; r < kRH; ++r) {
-      const int oh = ty * kRH + r;
-      if (oh >= q.oh) break;
-      for (int cc = 0; cc < kRW; ++cc) {
-        const int ow = pc.rho + q.R * (tx * kRW + cc);
-        if (ow >= q.ow) break;
-        dst[oh * q.out_h + ow * q.out_w] = Cvt<T, Acc>::store(acc[r * kRW + cc] + bv);
-      }
-    }
+    store_outputs<T, Acc, kRH, kRW>(q, output + pc.out_off, ty * kRH, pc.rho, tx * kRW, acc, bv);
   }
 };
 
