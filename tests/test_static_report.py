@@ -26,7 +26,7 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("static") / "static.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "repkernels.bench", "--static", "--triton-workloads",
-                           "depthwise,kernelwarehouse", "--json", str(out)],
+                           "depthwise,kernelwarehouse,multibranch", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())["kernels"]
@@ -124,3 +124,11 @@ def test_kernelwarehouse_kernels_do_not_spill(report):
         "per_sample_conv2d_bwd_weight_kernel"}
     assert not [k["kernel"] for k in cuda + triton if k["spill_bytes"]]
     assert all("BLOCK_R=64" in k["kernel"] for k in triton if k["kernel"].startswith("kw_assemble_fwd_kernel"))
+
+
+def test_multibranch_stats_kernels_do_not_spill(report):
+    """The PBConv statistics kernel (implicit GEMM, tap-major for >= 16 channels per group): with 4 warps its fp32
+    3x3 tiles spilled 24 B once the report compiled with Triton's argument specialization; 8 warps, no spill."""
+    stats = [k for k in report if k["source"] == "triton" and k["kernel"].startswith("multibranch_conv_stats_kernel")]
+    assert any("TAP_MAJOR=True" in k["kernel"] for k in stats)
+    assert not [k["kernel"] for k in stats if k["spill_bytes"]]
