@@ -35,6 +35,7 @@
 #include <type_traits>
 #if !defined(__CUDA_ARCH__)
 #include <stdexcept>
+#include <string>
 #endif
 
 #include "depthwise_conv2d/depthwise_conv2d_params.h"
@@ -108,6 +109,14 @@ struct RtCoord {
   int rho, oh0, u0;
 };
 
+// The emulation's check of a vector access the GPU makes at p: it must be `bytes`-aligned (no-op on the GPU).
+RK_HD void check_aligned(const void* p, uintptr_t bytes, const char* what) {
+#if !defined(__CUDA_ARCH__)
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0)
+    throw std::logic_error(std::string("rk::dw::") + what + ": misaligned");
+#endif
+}
+
 // 16-byte load of 4 consecutive Acc (p 16-byte aligned for float; the emulation checks it).
 template <typename Acc>
 RK_HD void ld4(const Acc* p, Acc* d) {
@@ -120,13 +129,9 @@ RK_HD void ld4(const Acc* p, Acc* d) {
     d[3] = v.w;
     return;
   }
-#else
-  if (reinterpret_cast<uintptr_t>(p) % (4 * sizeof(Acc)) != 0) throw std::logic_error("rk::dw::ld4: misaligned");
 #endif
-  d[0] = p[0];
-  d[1] = p[1];
-  d[2] = p[2];
-  d[3] = p[3];
+  check_aligned(p, 4 * sizeof(Acc), "ld4");
+  for (int i = 0; i < 4; ++i) d[i] = p[i];
 }
 
 // Taps of W phase σ of the filter (j = σ + S·m).
@@ -156,13 +161,9 @@ RK_HD void sts4(Acc* p, const Acc* s) {
                  : "memory");
     return;
   }
-#else
-  if (reinterpret_cast<uintptr_t>(p) % (4 * sizeof(Acc)) != 0) throw std::logic_error("rk::dw::sts4: misaligned");
 #endif
-  p[0] = s[0];
-  p[1] = s[1];
-  p[2] = s[2];
-  p[3] = s[3];
+  check_aligned(p, 4 * sizeof(Acc), "sts4");
+  for (int i = 0; i < 4; ++i) p[i] = s[i];
 }
 
 // Elements of T in one 16-byte global load.
@@ -188,7 +189,7 @@ RK_HD void ldg_vec(const T* __restrict__ p, Acc* d) {
 #pragma unroll
   for (int j = 0; j < kVec<T>; ++j) d[j] = Cvt<T, Acc>::load(t[j]);
 #else
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) throw std::logic_error("rk::dw::ldg_vec: misaligned");
+  check_aligned(p, 16, "ldg_vec");
   for (int j = 0; j < kVec<T>; ++j) d[j] = Cvt<T, Acc>::load(p[j]);
 #endif
 }
@@ -219,9 +220,7 @@ template <typename T, int N>
 RK_HD void stg_vec(T* __restrict__ p, const float* v) {
   constexpr int kBytes = N * int(sizeof(T));
   static_assert(kBytes == 16 || kBytes == 8, "8- or 16-byte stores");
-#if !defined(__CUDA_ARCH__)
-  if (reinterpret_cast<uintptr_t>(p) % kBytes != 0) throw std::logic_error("rk::dw::stg_vec: misaligned");
-#endif
+  check_aligned(p, kBytes, "stg_vec");
   if constexpr (sizeof(T) == 4) {
 #if defined(__CUDA_ARCH__)
     *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
@@ -351,6 +350,24 @@ struct StageSrc {
 
 RK_HD StageSrc input_src(const RtParams& q) { return StageSrc{q.h, q.w, q.in_h, q.in_w, q.L}; }
 
+// The V staged values v of one slot into shared memory at p: 16-byte stores when `aligned` (p 16-byte aligned,
+// V a multiple of 4), else one by one where keep(jj).
+template <int V, typename Acc, typename Keep>
+RK_HD void put_slot(Acc* p, const Acc* v, bool aligned, Keep&& keep) {
+  if (aligned) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int jj = 0; jj < V; jj += 4) sts4(p + jj, v + jj);
+  } else {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int jj = 0; jj < V; ++jj)
+      if (keep(jj)) p[jj] = v[jj];
+  }
+}
+
 // Stage a rows x cols window of plane `src` into dst (row-major, cols a row, 16-byte aligned): element (a, e) is
 // plane row r0 + a, column c0 + e·step, zero outside the plane. The block's kThreads threads share the work.
 //
@@ -423,18 +440,8 @@ RK_HD void stage_window(const StageSrc& g, const T* __restrict__ plane, int r0, 
                       : Acc(0);
       }
       const int o = a * cols + e;
-      if (whole && (o & 3) == 0) {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-        for (int jj = 0; jj < V; jj += 4) sts4(dst + o + jj, v + jj);
-      } else {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-        for (int jj = 0; jj < V; ++jj)
-          if (whole || unsigned(e + jj) < unsigned(cols)) dst[o + jj] = v[jj];
-      }
+      put_slot<V>(dst + o, v, whole && (o & 3) == 0,
+                  [&](int jj) { return whole || unsigned(e + jj) < unsigned(cols); });
     };
     if (same_head) {
       const int e = head(r0 + a0) + (j - 1) * V;
@@ -455,18 +462,8 @@ RK_HD void stage_window(const StageSrc& g, const T* __restrict__ plane, int r0, 
         int a = a0;
         int o = a0 * cols + e;
         auto put = [&](const Acc* v) {
-          if constexpr (decltype(aligned)::value) {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-            for (int jj = 0; jj < V; jj += 4) sts4(dst + o + jj, v + jj);
-          } else {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-            for (int jj = 0; jj < V; ++jj)
-              if (!decltype(masked)::value || in_win[jj]) dst[o + jj] = v[jj];
-          }
+          put_slot<V>(dst + o, v, decltype(aligned)::value,
+                      [&](int jj) { return !decltype(masked)::value || in_win[jj]; });
         };
         for (; a < a_lo; a += G, o += G * cols) put(zero);
         for (; a < a_hi; a += G, o += G * cols) {
