@@ -882,7 +882,7 @@ def test_unfused_kw_conv2d_passes_channel_innermost_kernels_without_copies(chann
     """The kernels reach the per-sample conv as kw_assemble wrote them (channel-innermost, same storage), the
     wgrad's output reaches the assembly backward as written and is read in place; gradients match the reference."""
     from repkernels.triton_kernels import (kw_assemble_bwd_attention, kw_assemble_bwd_warehouse, kw_assemble_fwd,
-                                           per_sample_conv2d_bwd_weight, per_sample_conv2d_fwd)
+                                           kw_common, per_sample_conv2d_bwd_weight, per_sample_conv2d_fwd)
 
     seen = {}
 
@@ -900,10 +900,9 @@ def test_unfused_kw_conv2d_passes_channel_innermost_kernels_without_copies(chann
     spy(per_sample_conv2d_bwd_weight, "per_sample_conv2d_bwd_weight", "wgrad", lambda a: a[-1])
     spy(kw_assemble_bwd_attention, "kw_assemble_bwd_attention", "grad to attention", lambda a: a[0])
     spy(kw_assemble_bwd_warehouse, "kw_assemble_bwd_warehouse", "grad to warehouse", lambda a: a[1])
-    strides_seen = []
-    for module in (kw_assemble_bwd_attention, kw_assemble_bwd_warehouse):
-        real_strides = module.kernel_strides
-        monkeypatch.setattr(module, "kernel_strides", lambda t, f=real_strides: strides_seen.append(f(t)) or f(t))
+    strides_seen = []  # both assembly backward launchers read the gradient through kw_common.kernels_in_place
+    real_strides = kw_common.kernel_strides
+    monkeypatch.setattr(kw_common, "kernel_strides", lambda t, f=real_strides: strides_seen.append(f(t)) or f(t))
 
     x, att, wh, layout, bias, s, p, d = make_fused(FUSED_CASES[0], torch.float32, channels_last)
     args = [t.requires_grad_(True) for t in (x, att, wh, bias)]

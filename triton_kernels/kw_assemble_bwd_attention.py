@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kw_common import (cell_columns, cell_rows, contiguous_axis, dot_in_fp32, kernel_strides, matmul_precision,
+from .kw_common import (cell_columns, cell_rows, contiguous_axis, dot_in_fp32, kernels_in_place, matmul_precision,
                         pow2_clamp)
 
 
@@ -74,10 +74,7 @@ def kw_assemble_bwd_attention(grad_out: torch.Tensor, warehouse: torch.Tensor,
     rows, t = b * m, co * ci * ce
     if out.numel() == 0:
         return out
-    strides = kernel_strides(grad_out)
-    if strides is None:
-        grad_out = grad_out.contiguous()
-        strides = kernel_strides(grad_out)
+    grad_out, strides = kernels_in_place(grad_out)
     rows_fast, c_fast = contiguous_axis(grid, strides)
     warehouse = warehouse.contiguous()
     block_r, block_t, block_n = pow2_clamp(m, 16, 64), 64, pow2_clamp(n, 16, 64)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kw_common import (cell_columns, cell_rows, contiguous_axis, dot_in_fp32, kernel_strides, matmul_precision,
+from .kw_common import (cell_columns, cell_rows, contiguous_axis, dot_in_fp32, kernels_in_place, matmul_precision,
                         pow2_clamp)
 
 
@@ -89,10 +89,7 @@ def kw_assemble_bwd_warehouse(attention: torch.Tensor, grad_out: torch.Tensor,
     if rows == 0:
         return out.zero_()
     attention = attention.contiguous()
-    strides = kernel_strides(grad_out)
-    if strides is None:
-        grad_out = grad_out.contiguous()
-        strides = kernel_strides(grad_out)
+    grad_out, strides = kernels_in_place(grad_out)
     rows_fast, c_fast = contiguous_axis(grid, strides)
     block_r, block_t, block_n = pow2_clamp(m, 16, 64), pow2_clamp(t, 16, 64), pow2_clamp(n, 16, 64)
     tiles = triton.cdiv(n, block_n) * triton.cdiv(t, block_t)

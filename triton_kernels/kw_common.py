@@ -53,6 +53,16 @@ def kernel_strides(kernels: torch.Tensor) -> tuple[int, int, int, int] | None:
     return (*strides[:3], tap)
 
 
+def kernels_in_place(kernels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """``kernels`` and their :func:`kernel_strides`, copied contiguous first only when their kernel dims do not
+    collapse into one tap axis."""
+    strides = kernel_strides(kernels)
+    if strides is None:
+        kernels = kernels.contiguous()
+        strides = kernel_strides(kernels)
+    return kernels, strides
+
+
 @triton.jit
 def cell_columns(u, CI, CE, s_o, s_c, s_tap, C_FAST: tl.constexpr):
     """Cell element ``t = (a·ci + c)·E + e`` of a program's column index ``u``, and its offset in the kernels.

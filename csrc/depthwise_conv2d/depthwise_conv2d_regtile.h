@@ -244,6 +244,22 @@ RK_HD void stg_vec(T* __restrict__ p, const float* v) {
   }
 }
 
+// One row of kRW outputs a plus bias bv at p as vector stores of N (stg_vec: p aligned to N·sizeof(T)).
+template <typename T, int N, int kRW>
+RK_HD void store_row(T* __restrict__ p, const float* a, float bv) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int k = 0; k < kRW; k += N) {
+    float v[N];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int j = 0; j < N; ++j) v[j] = a[k + j] + bv;
+    stg_vec<T, N>(p + k, v);
+  }
+}
+
 // Writes a thread's kRH x kRW outputs acc + bv: output rows oh0 + r, columns ρ + R·(u + cc) of `plane`. When the
 // kRW columns of a row are contiguous (R = 1, column stride 1) and inside the output, each row takes 16-byte vectors
 // where its column u is 16-byte aligned, 8-byte vectors of 4 (half types) where only that holds, else scalar stores;
@@ -265,29 +281,9 @@ RK_HD void store_outputs(const RtParams& q, T* __restrict__ plane, int oh0, int 
         const Acc* a = acc + r * kRW;
         const unsigned al = unsigned(reinterpret_cast<uintptr_t>(p)) & 15u;
         if (al == 0) {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-          for (int k = 0; k < kRW; k += V) {
-            float v[V];
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-            for (int j = 0; j < V; ++j) v[j] = a[k + j] + bv;
-            stg_vec<T, V>(p + k, v);
-          }
+          store_row<T, V, kRW>(p, a, bv);
         } else if (sizeof(T) == 2 && (al & 7u) == 0) {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-          for (int k = 0; k < kRW; k += 4) {
-            float v[4];
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-            for (int j = 0; j < 4; ++j) v[j] = a[k + j] + bv;
-            stg_vec<T, 4>(p + k, v);
-          }
+          store_row<T, 4, kRW>(p, a, bv);
         } else {
 #if defined(__CUDACC__)
 #pragma unroll

@@ -159,7 +159,7 @@ def kw_assemble(attention: torch.Tensor, warehouse: torch.Tensor, layout: Sequen
     if which == "cuda":
         out = torch.ops.repkernels.kw_assemble(attention, warehouse, layout)
         if channels_innermost:
-            out = out.movedim(2, -1).contiguous().movedim(-1, 2)
+            out = empty_kernels(out, out.shape[0], layout, out.dtype, True).copy_(out)
         return out
     if which == "triton":
         return torch.ops.repkernels.kw_assemble_triton(attention, warehouse, layout, channels_innermost)
