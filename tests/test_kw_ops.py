@@ -876,15 +876,18 @@ def test_channel_innermost_routing_follows_the_layer_not_the_batch():
         assert not inner(1, 8, "triton") and not inner(5, 15, "triton")   # the flattened walk: standard order
 
 
-@requires_triton_cpu
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_unfused_kw_conv2d_passes_channel_innermost_kernels_without_copies(channels_last, monkeypatch):
-    """The kernels reach the per-sample conv as kw_assemble wrote them (channel-innermost, same storage), the
-    wgrad's output reaches the assembly backward as written and is read in place; gradients match the reference."""
+@pytest.fixture
+def kernel_traffic(monkeypatch):
+    """Records what the Triton launchers receive: ``{key: [(data_ptr, strides), ...]}`` for the kernels assembled
+    (``"assembled"``), read by the conv (``"conv weight"``) and by the dgrad (``"dgrad weight"``), the wgrad's
+    output (``"wgrad"``), the gradient reaching the assembly backward (``"grad to attention"`` /
+    ``"grad to warehouse"``), and under ``"in place"`` the :func:`~repkernels.triton_kernels.kw_common.kernel_strides`
+    both assembly backward launchers read that gradient with (through ``kernels_in_place``: None = copied)."""
     from repkernels.triton_kernels import (kw_assemble_bwd_attention, kw_assemble_bwd_warehouse, kw_assemble_fwd,
-                                           kw_common, per_sample_conv2d_bwd_weight, per_sample_conv2d_fwd)
+                                           kw_common, per_sample_conv2d_bwd_input, per_sample_conv2d_bwd_weight,
+                                           per_sample_conv2d_fwd)
 
-    seen = {}
+    seen = {"in place": []}
 
     def spy(module, name, key, pick):
         real = getattr(module, name)
@@ -897,28 +900,104 @@ def test_unfused_kw_conv2d_passes_channel_innermost_kernels_without_copies(chann
 
     spy(kw_assemble_fwd, "kw_assemble_fwd", "assembled", lambda a: a[-1])
     spy(per_sample_conv2d_fwd, "per_sample_conv2d_fwd", "conv weight", lambda a: a[1])
+    spy(per_sample_conv2d_bwd_input, "per_sample_conv2d_bwd_input", "dgrad weight", lambda a: a[1])
     spy(per_sample_conv2d_bwd_weight, "per_sample_conv2d_bwd_weight", "wgrad", lambda a: a[-1])
     spy(kw_assemble_bwd_attention, "kw_assemble_bwd_attention", "grad to attention", lambda a: a[0])
     spy(kw_assemble_bwd_warehouse, "kw_assemble_bwd_warehouse", "grad to warehouse", lambda a: a[1])
-    strides_seen = []  # both assembly backward launchers read the gradient through kw_common.kernels_in_place
     real_strides = kw_common.kernel_strides
-    monkeypatch.setattr(kw_common, "kernel_strides", lambda t, f=real_strides: strides_seen.append(f(t)) or f(t))
+    monkeypatch.setattr(kw_common, "kernel_strides",
+                        lambda t, f=real_strides: seen["in place"].append(f(t)) or f(t))
+    return seen
 
-    x, att, wh, layout, bias, s, p, d = make_fused(FUSED_CASES[0], torch.float32, channels_last)
+
+def kw_conv2d_grads_match_reference(x, att, wh, layout, bias, s, p, d, dtype, fused):
+    """Runs kw_conv2d (Triton backend) forward and backward and checks output and gradients against the float64
+    reference; the gradients have the inputs' memory formats."""
     args = [t.requires_grad_(True) for t in (x, att, wh, bias)]
     with repkernels.backend("triton"):
-        out = kw_conv2d(args[0], args[1], args[2], layout, args[3], s, p, d, fused=False)
+        out = kw_conv2d(args[0], args[1], args[2], layout, args[3], s, p, d, fused=fused)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, args, g)
-    expect = ref.kw_conv2d(args[0], args[1], args[2], layout, args[3], s, p, d, 1)
-    for a, b_, name in zip(grads, torch.autograd.grad(expect, args, g), ("input", "attention", "warehouse", "bias")):
-        assert_close(a, b_.double(), torch.float32, f"grad {name}")
+    ref_args = [t.detach().double().requires_grad_(True) for t in args]
+    expect = ref.kw_conv2d(ref_args[0], ref_args[1], ref_args[2], layout, ref_args[3], s, p, d, 1)
+    assert_close(out, expect, dtype)
+    for a, b_, name in zip(grads, torch.autograd.grad(expect, ref_args, g.double()),
+                           ("input", "attention", "warehouse", "bias")):
+        assert a.dtype == dtype
+        assert_close(a, b_, dtype, f"grad {name}")
 
-    inner = cin_inner_strides(x.shape[0], layout)
-    assert seen["assembled"] == seen["conv weight"] and seen["assembled"][0][1] == inner
-    assert seen["wgrad"][0][1] == inner
+
+def assert_kernels_passed_in_place(seen, like, convs):
+    """The kernels reach each conv launcher in ``convs`` as kw_assemble wrote them (same storage, the memory order
+    of ``like``: strides equal but for size-1 dims), the wgrad writes their gradient in that order and both
+    assembly backward launchers read it in place."""
+    def order(strides):
+        return [st for st, size in zip(strides, like.shape) if size > 1]
+
+    assert order(seen["assembled"][0][1]) == order(like.stride())
+    for key in convs:
+        assert seen[key] == seen["assembled"], key
+    assert seen["wgrad"][0][1] == seen["assembled"][0][1]
     assert seen["grad to attention"] == seen["grad to warehouse"] == seen["wgrad"]
-    assert strides_seen and None not in strides_seen     # read in place, never copied to the standard order
+    assert seen["in place"] and None not in seen["in place"]     # never copied to the standard order
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_unfused_kw_conv2d_passes_channel_innermost_kernels_without_copies(channels_last, kernel_traffic):
+    """The kernels reach the per-sample conv and dgrad as kw_assemble wrote them (channel-innermost, same storage),
+    the wgrad's output reaches the assembly backward as written and is read in place; gradients match the
+    reference."""
+    x, att, wh, layout, bias, s, p, d = make_fused(FUSED_CASES[0], torch.float32, channels_last)
+    kw_conv2d_grads_match_reference(x, att, wh, layout, bias, s, p, d, torch.float32, fused=False)
+    assert_kernels_passed_in_place(kernel_traffic, cin_inner(torch.empty(x.shape[0], *layout)),
+                                   ("conv weight", "dgrad weight"))
+
+
+@pytest.fixture(params=[True, False], ids=["tap_major", "flattened"])
+def layer_walk(request, monkeypatch):
+    """The Triton per-sample convs' walk for the fused cases' layers (C/groups 16 or 32: tap-major by the layer
+    rule). ``flattened`` raises the rule's channel threshold above them, so every kernel and the fused backward's
+    memory-order choice see a flattened layer."""
+    from repkernels.triton_kernels import implicit_gemm
+
+    if not request.param:
+        monkeypatch.setattr(implicit_gemm, "TAP_MAJOR_MIN_CHANNELS", 64)
+    return request.param
+
+
+# (case, dtype, channels_last): stride 2 with whole-kernel cells, dilation with one cell per tap over two sample
+# groups, 1x1 with 32-wide cells; every dtype the fused path takes, NCHW and channels_last input
+FUSED_GRAD_RUNS = [
+    (FUSED_CASES[1], torch.float32, True),
+    (FUSED_CASES[2], torch.float32, False),
+    (FUSED_CASES[1], torch.float16, False),
+    (FUSED_CASES[2], torch.bfloat16, True),
+    (FUSED_CASES[3], torch.bfloat16, False),
+]
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("case, dtype, channels_last", FUSED_GRAD_RUNS,
+                         ids=[f"fused{FUSED_CASES.index(c)}-{str(t)[6:]}-{'nhwc' if cl else 'nchw'}"
+                              for c, t, cl in FUSED_GRAD_RUNS])
+def test_fused_kw_conv2d_backward_assembles_in_the_walks_order(case, dtype, channels_last, layer_walk,
+                                                               kernel_traffic):
+    """The fused op's backward assembles its kernels in the order the per-sample Triton convs read them along
+    (channel-innermost for a tap-major layer, standard for a flattened one), the dgrad reads them and the wgrad
+    writes their gradient in that order, the assembly backward reads it in place; gradients match the reference."""
+    x, att, wh, layout, bias, s, p, d = make_fused(case, dtype, channels_last)
+    kw_conv2d_grads_match_reference(x, att, wh, layout, bias, s, p, d, dtype, fused=True)
+    assert "conv weight" not in kernel_traffic                  # the forward assembled inside the fused kernel
+    std = torch.empty(x.shape[0], *layout)
+    assert_kernels_passed_in_place(kernel_traffic, cin_inner(std) if layer_walk else std, ("dgrad weight",))
+
+
+def test_fused_backward_memory_order_follows_the_layer_not_the_batch():
+    from repkernels.ops.kw_conv2d import fused_kernels_channels_innermost
+
+    assert fused_kernels_channels_innermost([32, 16, 3, 3]) and fused_kernels_channels_innermost([64, 512, 1, 1])
+    assert not fused_kernels_channels_innermost([32, 15, 3, 3]) and not fused_kernels_channels_innermost([8, 3, 7, 7])
 
 
 @requires_c

@@ -128,7 +128,12 @@ def test_kernelwarehouse_kernels_do_not_spill(report):
 
 def test_multibranch_stats_kernels_do_not_spill(report):
     """The PBConv statistics kernel (implicit GEMM, tap-major for >= 16 channels per group): with 4 warps its fp32
-    3x3 tiles spilled 24 B once the report compiled with Triton's argument specialization; 8 warps, no spill."""
+    3x3 tiles spilled 24 B once the report compiled with Triton's argument specialization; 8 warps, no spill. With
+    Triton's 3 pipeline stages the fp32 tiles took 170-255 registers (one block per SM); one stage: at most 128,
+    two blocks per SM."""
     stats = [k for k in report if k["source"] == "triton" and k["kernel"].startswith("multibranch_conv_stats_kernel")]
     assert any("TAP_MAJOR=True" in k["kernel"] for k in stats)
     assert not [k["kernel"] for k in stats if k["spill_bytes"]]
+    fp32 = [k for k in stats if k["kernel"].split()[1].startswith("*fp32")]
+    assert fp32 and not [k["kernel"] for k in fp32 if k["blocks_per_sm"] < 2]
+    assert not [k["kernel"] for k in stats if k["regs"] >= 200]

@@ -73,9 +73,23 @@ def tiles(cog: int, k: int, chunk: int) -> tuple[bool, int, int, int]:
 
 
 def warps(use_dot: bool, block_o: int, block_p: int) -> int:
-    """8 warps for 64 x 64 tensor-core tiles: with 4, the tap-major fp32 3x3 tiles took 255 registers and spilled
-    24 B on sm_90 (static report with Triton's argument specialization)."""
+    """8 warps for 64 x 64 tensor-core tiles (at most 136 registers on sm_90, 16 warps per SM for most layers):
+    with 4 they take 168-255 registers (one stage; 8-12 warps per SM), and with 3 stages the tap-major fp32 3x3
+    tiles spilled 24 B (static report with Triton's argument specialization)."""
     return 8 if use_dot and block_o * block_p >= 64 * 64 else 4
+
+
+def stages(use_dot: bool) -> int:
+    """One stage (no software pipeline) for tensor-core tiles, Triton's default 3 for the broadcast ones.
+
+    With 3 stages the fp32 tiles' gathers became ``cp.async`` copies whose addresses and masks for the chunks in
+    flight stay live across each tap's loop: 170-255 registers on sm_90 (3x3: 230, 3x2: 255), one 8-warp block per
+    SM. With one stage they take at most 128 registers: 2 blocks of 8 warps per SM, the other block's warps rather
+    than a copy pipeline hiding the load latency (not yet timed on a GPU), and fewer instructions per 64 x 64 x 32
+    dot step (NCHW input 114-125 instead of 129-131, channels_last 71-75 instead of 106-111). bf16 tiles with NCHW
+    input (2-byte gathers: no ``cp.async``) compile to the same code either way. From the layer's tiles, never the
+    batch."""
+    return 1 if use_dot else 3
 
 
 def multibranch_conv_stats(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int],
@@ -108,7 +122,7 @@ def multibranch_conv_stats(x: torch.Tensor, weight: torch.Tensor, stride: tuple[
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
         TAP_MAJOR=walk, USE_DOT=use_dot, DOT_FP32=dot_in_fp32(x.dtype), PRECISION=conv_precision(x.dtype),
         BLOCK_O=block_o, BLOCK_P=block_p, BLOCK_K=block_k,
-        num_warps=warps(use_dot, block_o, block_p),
+        num_warps=warps(use_dot, block_o, block_p), num_stages=stages(use_dot),
     )
     counts = torch.full((p_tiles, 1), float(block_p), dtype=torch.float32, device=x.device)
     counts[-1] = npix - (p_tiles - 1) * block_p

@@ -11,8 +11,10 @@ Two fast paths:
   either way (:func:`kernels_channels_innermost`, decided from the layer, backend and dtype, never the batch);
 * fused (Triton, ``repkernels::kw_conv2d_fused_triton``) — each program assembles its kernel tiles from the
   attentions and the warehouse inside the convolution, so per-sample kernels never reach memory. Its
-  backward re-assembles the kernels (``kw_assemble``) and runs the per-sample dgrad / wgrad and the assembly
-  backward. Called directly, the op checks its arguments (:func:`repkernels.ops._op_checks.kw_conv2d_fused`).
+  backward re-assembles the kernels (``kw_assemble``) and runs the per-sample Triton dgrad / wgrad and the
+  assembly backward, in the unfused path's memory order: channel-innermost for a tap-major layer
+  (:func:`fused_kernels_channels_innermost`, from the layer only), the wgrad's gradient read in place, no
+  permute copy. Called directly, the op checks its arguments (:func:`repkernels.ops._op_checks.kw_conv2d_fused`).
 
 Routing rule (:func:`fused_wins`, independent of the batch size). The fused kernel recomputes a tile's
 assembly for every pixel tile of BLOCK_P outputs: per weight element and sample it costs
@@ -69,16 +71,20 @@ def fused_wins(warehouse_shape: Sequence[int], layout: Sequence[int], groups: in
     return int(warehouse_shape[0]) * (p_tiles - 1) <= FUSED_MAX_EXTRA
 
 
+def fused_kernels_channels_innermost(layout: Sequence[int]) -> bool:
+    """Whether the fused op's backward assembles channel-innermost kernels: its per-sample Triton dgrad / wgrad
+    walk the layer (``layout`` = (Cout, C/groups, kh, kw)) tap-major. From the layer only, never the batch."""
+    from ..triton_kernels.implicit_gemm import tap_major
+
+    return tap_major(int(layout[1]))
+
+
 def kernels_channels_innermost(input: torch.Tensor, attention: torch.Tensor, warehouse: torch.Tensor,
                                layout: Sequence[int], bias: torch.Tensor | None, out_pixels: int) -> bool:
     """Whether the unfused path assembles channel-innermost kernels: the per-sample conv of this call goes to
     Triton (same backend choice as :func:`~repkernels.ops.per_sample_conv2d`, the warehouse standing in for the
     kernels' device and dtype) and walks tap-major. From the layer, device, dtype and backend, not the batch."""
-    if not _backend.HAS_TRITON:
-        return False
-    from ..triton_kernels.implicit_gemm import tap_major
-
-    if not tap_major(int(layout[1])):
+    if not _backend.HAS_TRITON or not fused_kernels_channels_innermost(layout):
         return False
     kernel_elems = 1
     for v in layout:
@@ -99,6 +105,7 @@ def _setup_context(ctx, inputs, output):
     input, attention, warehouse, layout, bias, stride, padding, dilation = inputs
     ctx.save_for_backward(input, attention, warehouse)
     ctx.layout = list(layout)
+    ctx.channels_innermost = fused_kernels_channels_innermost(layout)
     ctx.has_bias = bias is not None
     ctx.args = (list(stride), list(padding), list(dilation), 1)
 
@@ -107,7 +114,9 @@ def _backward(ctx, grad):
     input, attention, warehouse = ctx.saved_tensors
     r = torch.ops.repkernels
     need_x, need_a, need_w, _, need_b = ctx.needs_input_grad[:5]
-    weight = r.kw_assemble_triton(attention, warehouse, ctx.layout)
+    # the dgrad reads these kernels through their strides and the wgrad returns grad_k in their memory order,
+    # which the assembly backward reads in place
+    weight = r.kw_assemble_triton(attention, warehouse, ctx.layout, ctx.channels_innermost)
     grad_x = r.per_sample_conv2d_backward_input_triton(grad, input, weight, *ctx.args) if need_x else None
     grad_a = grad_w = None
     if need_a or need_w:
@@ -197,4 +206,5 @@ def kw_conv2d(input: torch.Tensor, attention: torch.Tensor, warehouse: torch.Ten
     return _per_sample_conv2d(input, weight, bias, stride, padding, dilation, groups)
 
 
-__all__ = ["kw_conv2d", "fused_wins", "kernels_channels_innermost", "FUSED_MAX_EXTRA"]
+__all__ = ["kw_conv2d", "fused_wins", "kernels_channels_innermost", "fused_kernels_channels_innermost",
+           "FUSED_MAX_EXTRA"]
