@@ -55,10 +55,13 @@ class Skipped(Exception):
 class Case:
     """One benchmarked problem.
 
-    ``setup(device, small)`` returns ``(impls, reference)`` or ``(impls, reference, ran)``: ``impls`` maps
-    implementation names ('torch_nchw', 'auto', 'cuda', 'triton', ...) to zero-argument callables over prebuilt
-    inputs; ``reference`` is a zero-argument callable computing the float64 result; ``ran`` (optional) describes
-    the shape actually built (recorded as ``ran``; the name keeps the full shape for goals matching).
+    ``setup(device, small)`` returns ``(impls, reference)``, ``(impls, reference, ran)`` or ``(impls, reference,
+    ran, picks)``: ``impls`` maps implementation names ('torch_nchw', 'auto', 'cuda', 'triton', ...) to
+    zero-argument callables over prebuilt inputs; ``reference`` is a zero-argument callable computing the float64
+    result; ``ran`` (optional) describes the shape actually built (recorded as ``ran``; the name keeps the full
+    shape for goals matching); ``picks`` (optional) maps implementation names (a router: 'auto') to zero-argument
+    callables returning a JSON-able dict of what that implementation chose to run, asked once after its first
+    call, outside any timing (recorded as ``pick``; ``pick_error`` when it raises).
     ``small=True`` asks for a shrunken problem that CPU backends (emulation, Triton interpreter) can check in
     seconds.
 
@@ -312,6 +315,7 @@ def _run_cases(cases: list[Case], quick: bool, log: Callable[[str], None]) -> li
             impls, reference = built[0], built[1]
             if len(built) > 2 and built[2]:
                 base["ran"] = str(built[2])
+            picks = built[3] if len(built) > 3 and built[3] else {}
         except Exception as exc:  # noqa: BLE001 - reported, never hidden
             records.append({**base, "impl": "(setup)", "check": "ERROR", "error": f"{type(exc).__name__}: {exc}"})
             _free_memory()
@@ -343,6 +347,8 @@ def _run_cases(cases: list[Case], quick: bool, log: Callable[[str], None]) -> li
             except Exception as exc:  # noqa: BLE001 - reported, never hidden
                 rec.update(check="ERROR", error=f"{type(exc).__name__}: {exc}")
                 _free_memory()
+            if name in picks and rec["check"] not in ("ERROR", "skipped"):
+                _pick_record(rec, picks[name])
             if gpu and rec["check"] in TIMED_CHECKS:
                 _time_record(rec, fn, case, quick, ceilings)
             results[name] = rec
@@ -361,6 +367,14 @@ def _run_cases(cases: list[Case], quick: bool, log: Callable[[str], None]) -> li
         del impls, reference, ref, results, built
         _free_memory()
     return records
+
+
+def _pick_record(rec: dict, pick: Callable[[], dict]) -> None:
+    """Record what a router chose (``pick``), after its first call has made the choice."""
+    try:
+        rec["pick"] = pick()
+    except Exception as exc:  # noqa: BLE001 - the row is still timed, without its pick
+        rec["pick_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 def _compare(case: Case, results: dict[str, dict]) -> None:

@@ -3,8 +3,9 @@
 Reads, where present: ``stages.tsv`` (stage, exit status, seconds, budget: written by bench/gpu_check.sh),
 ``env.txt``, ``bench_<suite>.json``, ``pytest.xml`` (JUnit), ``canary.json`` and ``sanitizer.txt``; writes
 ``summary.md``: the run's stages, one table of every speed goal (:mod:`repkernels.bench.goals`) with its
-target, the measured value and whether it is met, then every failure found. Safe to run after any stage,
-so a run cut short still leaves a summary of what it finished.
+target, the measured value and whether it is met, the routing table (:mod:`repkernels.bench.routing`: what
+``auto`` ran per case against the fastest option, and the rule to re-tune where it is slower), then every
+failure found. Safe to run after any stage, so a run cut short still leaves a summary of what it finished.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from pathlib import Path
 
 try:
     from .goals import GOALS
+    from .routing import routing_section
 except ImportError:  # run as a script (python bench/summary.py OUTDIR), before the package is built
     from goals import GOALS
+    from routing import routing_section
 
 SANITIZER_ERROR_MARKERS = ("========= Invalid", "========= Race", "========= Error", "========= Program hit",
                            "========= Uninitialized", "========= Barrier", "========= Malloc")
@@ -138,6 +141,8 @@ def summarize(outdir: Path) -> str:
                 res["measured"] = "not measured (no timed row" + (")" if timed else ": no GPU)")
         met = {True: "yes", False: "**no**", None: "-"}[res["met"]]
         lines.append(f"| {goal.source} | {goal.text} | {goal.target_text()} | {res['measured']} | {met} |")
+
+    lines += routing_section(suites)
 
     failures: list[tuple[str, list[str]]] = []
     test_line, test_failures = _pytest(outdir)

@@ -160,3 +160,89 @@ def test_depthwise_cuda_tiles_switches_toeplitz_off_for_the_call_only(monkeypatc
         suite._without_toeplitz(lambda: fn(fail=True))()
     assert seen == ["0", "0"]
     assert os.environ.get(suite.TOEPLITZ_ENV) == before
+
+
+def test_picks_are_recorded_after_the_first_call_and_never_break_a_row():
+    """A setup's fourth element asks a router what it chose, once, after its first call (the choice exists by then);
+    a pick that raises is reported on the row, and a row that raised gets no pick."""
+    x = torch.arange(4.0)
+    calls = []
+
+    def setup(device, small):
+        def auto():
+            calls.append("auto")
+            return x * 2
+
+        def fails():
+            raise ValueError("bad kernel")
+        impls = {"reference": lambda: x * 2, "auto": auto, "router": lambda: x * 2, "broken": fails}
+        picks = {"auto": lambda: {"impl": "reference", "calls": list(calls)},
+                 "router": lambda: {}["no such key"], "broken": lambda: {"impl": "never asked"}}
+        return impls, lambda: (x * 2).double(), "b1", picks
+
+    by = {r["impl"]: r for r in harness.run_cases([_case("p", setup)], quick=True)}
+    assert by["auto"]["pick"] == {"impl": "reference", "calls": ["auto"]} and by["auto"]["check"] == "ok"
+    assert "pick" not in by["router"] and "KeyError" in by["router"]["pick_error"] and by["router"]["check"] == "ok"
+    assert "pick" not in by["broken"] and by["broken"]["check"] == "ERROR"
+    assert "pick" not in by["reference"]
+
+
+def test_depthwise_pick_names_bench_rows_and_the_rule_per_faster_row():
+    from repkernels.bench.suites import depthwise_conv2d as suite
+
+    planner = "csrc/depthwise_conv2d/depthwise_conv2d_toeplitz.h: plan_toeplitz (...)"
+    static = {"backend": "triton", "rule": "Toeplitz rule -> Triton", "where": "toeplitz.py: plan",
+              "cuda_plan": "Toeplitz GEMMs", "cuda_plan_where": planner}
+    autotuned = {"backend": "cuda", "rule": "autotune: ...", "where": "_autotune.py", "static": static,
+                 "cuda_plan": "Toeplitz GEMMs", "cuda_plan_where": planner}
+    pick = suite.pick_rows(autotuned)
+    assert (pick["impl"], pick["detail"], pick["rule"]) == ("cuda", "Toeplitz GEMMs", "autotune: ...")
+    assert pick["retune"]["cuda_tiles"] == f"the C++ planner's Toeplitz rule ({planner})"
+    assert set(pick["retune"]) == {"cuda_tiles", "torch_channels_last", "torch_compile"}  # not autotune candidates
+    assert pick["static"]["impl"] == "triton" and "detail" not in pick["static"]
+    assert pick["static"]["retune"] == {"cuda_tiles": f"Toeplitz rule -> Triton (toeplitz.py: plan) and the C++ "
+                                                      f"planner's Toeplitz rule ({planner})"}
+    tiles = suite.pick_rows({**static, "backend": "cuda", "rule": "other kernels -> CUDA",
+                             "cuda_plan": "register tiles"})
+    assert tiles["same"] == ["cuda_tiles"] and "retune" not in tiles and tiles["detail"] == "register tiles"
+    cudnn = {"backend": "reference", "rule": "K <= CUDNN_MAX_KERNEL (7) -> cuDNN", "where": "w"}
+    assert suite.pick_rows(cudnn)["impl"] == "torch_nchw"
+    # the planner runs the register tiles anyway: the cuda_tiles row is the cuda row, no rule of its own
+    assert "retune" not in suite.pick_rows({**cudnn, "cuda_plan": "register tiles", "cuda_plan_where": planner})
+    assert suite.pick_rows(cudnn, channels_last=True)["impl"] == "torch_channels_last"
+    unmeasured = suite.pick_rows({**autotuned, "backend": None})
+    assert unmeasured["impl"] is None and "detail" not in unmeasured
+
+
+def test_kernelwarehouse_layer_pick_names_bench_rows():
+    from repkernels.bench.suites import kernelwarehouse as suite
+
+    assert suite.layer_pick({"fused": True, "backend": "triton", "rule": "r", "where": "w"}) == \
+        {"impl": "triton fused", "rule": "r", "where": "w"}
+    assert suite.layer_pick({"fused": False, "backend": "cuda", "rule": "r", "where": "w"})["impl"] == "cuda"
+
+
+def test_depthwise_auto_pick_asks_the_router_with_the_calls_grad_flags(monkeypatch):
+    """The auto row's pick (GPU only in the bench) reads the autotuner's choice for the problem auto ran: forward
+    and forward+backward apart. Here on CPU tensors, with the GPU simulated."""
+    from repkernels import _autotune, _backend
+    from repkernels.bench.suites import depthwise_conv2d as suite
+
+    x, wt, b = torch.randn(2, 2, 14, 14), torch.randn(2, 1, 13, 13), torch.randn(2)
+    assert suite._auto_pick((x, wt, b), 1, (6, 6), training=False)()["rule"] == "CPU tensors -> reference"
+    real = suite._dw_ops.routing_decision
+    monkeypatch.setattr(suite._dw_ops, "routing_decision", lambda *a, **k: real(*a, **k, on_gpu=True))
+    monkeypatch.setattr(_backend, "cuda_unavailable_reason", lambda *t: None)
+    monkeypatch.setattr(_backend, "triton_unavailable_reason", lambda *t: None)
+    _autotune.clear()
+    try:
+        xg, wg, bg = (t.clone().requires_grad_() for t in (x, wt, b))
+        times = iter([3.0, 1.0, 2.0])                      # cuDNN, cuda, triton: cuda wins
+        _autotune.choose("depthwise_conv2d", xg, wg, bg, ((1, 1), (6, 6), (1, 1)), ["reference", "cuda", "triton"],
+                         lambda which, xx, ww, bb: xx * ww.sum(), lambda step: next(times))
+        fwd_bwd = suite._auto_pick((x, wt, b), 1, (6, 6), training=True)()
+        assert (fwd_bwd["impl"], fwd_bwd["detail"], fwd_bwd["static"]["impl"]) == ("cuda", "Toeplitz GEMMs", "triton")
+        assert fwd_bwd["rule"].startswith("autotune") and "cuda_tiles" in fwd_bwd["retune"]
+        assert suite._auto_pick((x, wt, b), 1, (6, 6), training=False)()["impl"] is None   # forward: not measured
+    finally:
+        _autotune.clear()

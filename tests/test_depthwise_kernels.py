@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import repkernels
 from helpers import assert_close, requires_c, requires_triton_cpu
-from repkernels import _backend
+from repkernels import _autotune, _backend
 
 dw_ops = importlib.import_module("repkernels.ops.depthwise_conv2d")
 
@@ -237,6 +237,78 @@ def test_named_backends_on_a_simulated_gpu(simulated_gpu):
         _choice(1, 128, 200, 304, (13, 13))
     with repkernels.backend("reference"):
         assert _choice(64, 128, 56, 56, (31, 31)) == "reference"
+
+
+# what the GPU check records next to auto's time: the decision and the rule that made it
+RULE_OF = {"reference": "K <= CUDNN_MAX_KERNEL (7) -> cuDNN", "triton": "Toeplitz rule -> Triton",
+           "cuda": "other kernels -> CUDA"}
+
+
+def _decision(n, c, h, w, k, stride=1, x=None, wt=None):
+    if x is None:
+        x, wt = _meta(n, c, h, w, k)
+    return dw_ops.routing_decision(x, wt, None, stride, (k[0] // 2, k[1] // 2), on_gpu=True)
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=[r[0] for r in ROUTES])
+def test_routing_decision_is_the_static_choice_with_its_rule(route, simulated_gpu, monkeypatch):
+    label, n, c, h, w, k, stride, with_c, triton_only = route
+    monkeypatch.setattr(_autotune, "_ENABLED", False)
+    simulated_gpu(has_c=True)
+    d = _decision(n, c, h, w, k, stride)
+    assert (d["backend"], d["rule"]) == (with_c, RULE_OF[with_c]), label
+    assert "static" not in d and d["cuda_plan"] == ("Toeplitz GEMMs" if with_c == "triton" else "register tiles")
+    assert d["cuda_plan_where"].startswith("csrc/depthwise_conv2d/depthwise_conv2d_toeplitz.h")
+    simulated_gpu(has_c=False)
+    d = _decision(n, c, h, w, k, stride)
+    assert d["backend"] == triton_only, label
+    if with_c == "cuda":
+        assert d["rule"] == "other kernels -> CUDA, unavailable: cuDNN"
+    simulated_gpu(has_c=True, has_triton=False)
+    d = _decision(n, c, h, w, k, stride)
+    if with_c == "triton":   # the Toeplitz rule needs Triton's plan: CUDA, planner path unknown
+        assert (d["backend"], d["cuda_plan"]) == ("cuda", None) and d["rule"] == "other kernels -> CUDA"
+    x, wt = _meta(n, c, h, w, k)
+    cpu = dw_ops.routing_decision(x, wt, None, stride, (k[0] // 2, k[1] // 2), on_gpu=False)
+    assert cpu == {"backend": "reference", "rule": "CPU tensors -> reference", "where": cpu["where"]}
+
+
+def test_routing_decision_names_the_toeplitz_rule_when_triton_is_missing(simulated_gpu, monkeypatch):
+    monkeypatch.setattr(_autotune, "_ENABLED", False)
+    simulated_gpu(has_c=True)
+    monkeypatch.setattr(_backend, "triton_unavailable_reason", lambda *t: "Triton is broken (simulated)")
+    d = _decision(64, 128, 56, 56, (31, 31))
+    assert (d["backend"], d["rule"], d["cuda_plan"]) == ("cuda", "Toeplitz rule -> Triton, unavailable: CUDA",
+                                                         "Toeplitz GEMMs")
+    assert d["where"].startswith("triton_kernels/depthwise_conv2d_toeplitz.py")
+    monkeypatch.setenv("REPKERNELS_DW_TOEPLITZ", "0")      # the C++ planner reads it per call
+    assert _decision(64, 128, 56, 56, (31, 31))["cuda_plan"] == "register tiles"
+    with repkernels.backend("cuda"):
+        d = _decision(64, 128, 56, 56, (31, 31))
+    assert (d["backend"], d["rule"]) == ("cuda", "backend 'cuda' asked for")
+
+
+def test_routing_decision_reads_the_autotuner_cache(simulated_gpu):
+    """With autotuning on (the GPU check's default) the decision is the autotuner's cached pick for the same problem
+    (forward and forward+backward apart), None before it measured; the static rule's decision comes with it."""
+    simulated_gpu(has_c=True)
+    _autotune.clear()
+    try:
+        x, wt = torch.randn(2, 2, 14, 14), torch.randn(2, 1, 13, 13)
+        d = _decision(2, 2, 14, 14, (13, 13), x=x, wt=wt)
+        assert d["backend"] is None and d["rule"] == "autotune: the fastest measured of cuDNN, cuda, triton"
+        assert d["static"]["backend"] == "triton" and d["static"]["rule"] == "Toeplitz rule -> Triton"
+        assert d["cuda_plan"] == "Toeplitz GEMMs"                       # 196 <= 2 * 169: the 2-D plane
+        costs = {"reference": 3.0, "cuda": 1.0, "triton": 2.0}
+        xg, wg = x.clone().requires_grad_(), wt.clone().requires_grad_()
+        times = iter(costs.values())                                   # the candidates are timed in order
+        pick = _autotune.choose(dw_ops.OP, xg, wg, None, ((1, 1), (6, 6), (1, 1)), list(costs),
+                                lambda which, xx, ww, bb: xx * ww.sum(), lambda step: next(times))
+        assert pick == "cuda"
+        assert _decision(2, 2, 14, 14, (13, 13), x=xg, wt=wg)["backend"] == "cuda"
+        assert _decision(2, 2, 14, 14, (13, 13), x=x, wt=wt)["backend"] is None   # forward only: not measured
+    finally:
+        _autotune.clear()
 
 
 # ---------------------------------------------------------------- NaN / Inf locality

@@ -51,6 +51,8 @@ def test_dry_run_writes_every_result(tmp_path):
     for goal in goals.GOALS:
         assert goal.text in text
     assert "every goal is unmeasured" in text and "None." in text  # no failures
+    # no auto row without a GPU: the routing section says so
+    assert "## Routing" in text and "No case with an `auto` row next to our own paths" in text
     with tarfile.open(tmp_path / "results.tgz") as tar:
         assert "results/summary.md" in tar.getnames()
 
@@ -115,6 +117,114 @@ def test_summary_lists_goals_stages_and_failures(tmp_path):
     assert "| tests | TIMED OUT | 120 | 120 |" in text
     assert "suite kernelwarehouse did not run" in text
     assert "triton: FAIL" in text and "crashed (SIGABRT)" in text and "tests: exit 124" in text
+
+
+def _timed(case, impl, ms, dtype="bfloat16", op="depthwise_conv2d", **fields):
+    return _record(case, impl, dtype, op=op, ms=ms, torch=impl.startswith("torch_") or impl == "reference", **fields)
+
+
+K7 = "convnext s1 k7 fwd b64 c96 56x56 k7x7"
+K31 = "replknet s1 k31 fwd+bwd b64 c128 56x56 k31x31"
+K13 = "replknet s3 k13 fwd b64 c512 14x14 k13x13"
+DET = "det b1 k13 fwd b1 c128 200x304 k13x13"
+PARC = "parcv2 7 full fwd b64 c512 7x7 k13x13"
+K3 = "mobilenet k3 fwd+bwd b64 c144 56x56 k3x3"
+PLANNER = "csrc/depthwise_conv2d/depthwise_conv2d_toeplitz.h: plan_toeplitz (kToeplitzWaste)"
+STATIC_TRITON = {"impl": "triton", "rule": "Toeplitz rule -> Triton", "where": "toeplitz.py: plan"}
+
+
+def _routing_rows():
+    k7_rule = {"impl": "torch_nchw", "rule": "K <= CUDNN_MAX_KERNEL (7) -> cuDNN",
+               "where": "ops/dw.py: CUDNN_MAX_KERNEL"}
+    return [
+        # auto slower: the K <= 7 rule sent it to cuDNN, the register tiles are faster (torch_compile was skipped)
+        *[_timed(K7, impl, ms) for impl, ms in (("torch_nchw", 1.0), ("torch_channels_last", 0.95), ("cuda", 0.82),
+                                               ("cuda_tiles", 0.8), ("triton", 2.0))],
+        {**_record(K7, "torch_compile", "bfloat16"), "check": "skipped", "torch": True},
+        _timed(K7, "auto", 1.0, pick=k7_rule),
+        # auto best: it ran Triton, fastest of all
+        *[_timed(K31, impl, ms) for impl, ms in (("torch_nchw", 9.0), ("torch_channels_last", 8.0), ("cuda", 3.0),
+                                                ("cuda_tiles", 4.0), ("triton", 1.02))],
+        _timed(K31, "auto", 1.0, pick={**STATIC_TRITON}),
+        # the autotuner ran CUDA's Toeplitz GEMMs; the register tiles win (the C++ planner's rule), and the static
+        # rule's Triton is slower still; a FAILing row faster than everything is no option
+        *[_timed(K13, impl, ms) for impl, ms in (("torch_nchw", 5.0), ("cuda", 1.0), ("cuda_tiles", 0.5),
+                                                ("triton", 2.0))],
+        {**_timed(K13, "torch_channels_last", 0.1), "check": "FAIL"},
+        _timed(K13, "auto", 1.0, pick={"impl": "cuda", "detail": "Toeplitz GEMMs", "rule": "autotune: measured",
+                                       "where": "_autotune.py", "static": STATIC_TRITON,
+                                       "retune": {"cuda_tiles": f"the C++ planner's Toeplitz rule ({PLANNER})"}}),
+        # a record without a pick; no PyTorch row (cut short) and no cuda_tiles row
+        _timed(DET, "cuda", 1.0), _timed(DET, "triton", 3.0), _timed(DET, "auto", 1.3),
+        # auto's own choice, timed as its own row, is faster than auto: overhead, no rule to change
+        _timed(PARC, "torch_nchw", 3.0), _timed(PARC, "triton", 0.5),
+        _timed(PARC, "auto", 0.6, pick={**STATIC_TRITON}),
+        # PyTorch's channels_last is the fastest option: the autotuner times cuDNN on the caller's layout only
+        *[_timed(K3, impl, ms) for impl, ms in (("torch_nchw", 1.0), ("torch_channels_last", 0.5), ("cuda", 1.1))],
+        _timed(K3, "auto", 1.0, pick={"impl": "torch_nchw", "rule": "autotune: measured", "where": "_autotune.py",
+                                      "retune": {"torch_channels_last": "the autotuner's candidates (NCHW only)"}}),
+    ]
+
+
+def test_summary_routing_table_names_the_rule_to_retune(tmp_path):
+    kw = [_timed("r50 s4 3x3 b64", impl, ms, op="kw_conv2d fwd+bwd", **extra)
+          for impl, ms, extra in (("static cudnn", 0.1, {"check": "baseline"}), ("reference", 3.0, {}),
+                                  ("triton", 1.2, {}), ("triton fused", 0.9, {}), ("cuda", 2.0, {}),
+                                  ("auto", 1.0, {"pick": {"impl": "triton fused", "rule": "fused_wins -> fused",
+                                                          "where": "kw_conv2d.py: FUSED_MAX_EXTRA"}}))]
+    network = [_timed("KW-ResNet-50 inference b64", impl, ms, op="kw_resnet50")
+               for impl, ms in (("reference", 2.0), ("auto", 1.0))]   # no per-path rows: not a routing row
+    for suite, records in (("depthwise_conv2d", _routing_rows()), ("kernelwarehouse", kw + network)):
+        (tmp_path / f"bench_{suite}.json").write_text(json.dumps({"environment": {}, "results": records}))
+    text = summary.summarize(tmp_path)
+    section = text[text.index("## Routing"):text.index("## Checks")]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in section.splitlines() if line.startswith("| ")}
+    assert "**6 of 7** cases" in section        # all but K31
+    k7 = rows[K7]
+    assert "torch_nchw · K <= CUDNN_MAX_KERNEL (7) -> cuDNN | 1.0000 |" in k7
+    assert "cuda_tiles 0.8000 (0.80x)" in k7 and "torch_channels_last 0.9500 (0.95x)" in k7
+    assert ("**auto 1.25x the fastest**: cuda_tiles 0.80x of auto → K <= CUDNN_MAX_KERNEL (7) -> cuDNN "
+            "(ops/dw.py: CUDNN_MAX_KERNEL) would gain") in k7
+    assert rows[K31].endswith("| auto fastest |") and "triton 1.0200 (1.02x)" in rows[K31]
+    k13 = rows[K13]
+    assert "cuda (Toeplitz GEMMs) · autotune: measured" in k13 and "torch_nchw 5.0000" in k13   # FAIL row left out
+    assert (f"**auto 2.00x the fastest**: cuda_tiles 0.50x of auto → the C++ planner's Toeplitz rule ({PLANNER})"
+            in k13)
+    assert ("static rule picks triton, 4.00x the fastest (cuda_tiles) → Toeplitz rule -> Triton (toeplitz.py: plan) "
+            "would gain") in k13
+    det = rows[DET]
+    assert "? (pick not recorded)" in det and "| cuda 1.0000 (0.77x) | - |" in det
+    assert "cuda 0.77x of auto; rule unknown (no pick recorded)" in det
+    assert "triton runs auto's choice in 0.83x of auto's time: overhead" in rows[PARC]
+    assert ("**auto 2.00x the fastest**: torch_channels_last 0.50x of auto → the autotuner's candidates (NCHW only) "
+            "would gain") in rows[K3] and "| cuda 1.1000 (1.10x) | torch_channels_last 0.5000 (0.50x) |" in rows[K3]
+    layer = rows["kw_conv2d fwd+bwd: r50 s4 3x3 b64"]
+    # the static cudnn row (0.1 ms) computes something else: no option
+    assert "triton fused 0.9000 (0.90x)" in layer and "reference 3.0000 (3.00x)" in layer
+    assert "**auto 1.11x the fastest**: triton fused runs auto's choice" in layer
+    assert not any("KW-ResNet-50" in line for line in rows)
+    assert "Not in this run" not in section
+
+
+def test_summary_routing_survives_a_run_cut_short(tmp_path):
+    assert "No bench results of depthwise_conv2d, kernelwarehouse" in summary.summarize(tmp_path)
+    cpu = [_record(K7, "torch_nchw", torch=True), _record(K7, "cuda (CPU emulation)", torch=False)]  # no auto on CPU
+    (tmp_path / "bench_depthwise_conv2d.json").write_text(json.dumps({"environment": {}, "results": cpu}))
+    text = summary.summarize(tmp_path)
+    assert "No case with an `auto` row next to our own paths" in text and "Not in this run: kernelwarehouse." in text
+    untimed = _routing_rows()[:6] + [{**_record(K7, "auto", "bfloat16"), "check": "ERROR", "error": "CUDA error: boom",
+                                      "torch": False}]
+    (tmp_path / "bench_depthwise_conv2d.json").write_text(json.dumps({"environment": {}, "results": untimed}))
+    row = next(line for line in summary.summarize(tmp_path).splitlines() if line.startswith(f"| {K7} "))
+    assert "| - |" in row and "auto not timed (ERROR: CUDA error: boom)" in row and "? (pick not recorded)" in row
+    odd = [_timed(DET, "cuda", None), _timed(DET, "triton", 2.0), _timed(DET, "auto", 1.0, pick="cuda"),
+           _timed(K31, "triton", 0.5), _timed(K31, "auto", 1.0, pick={"impl": None, "rule": "autotune: measured"})]
+    (tmp_path / "bench_depthwise_conv2d.json").write_text(json.dumps({"environment": {}, "results": odd}))
+    lines = summary.summarize(tmp_path).splitlines()
+    row = next(line for line in lines if line.startswith(f"| {DET} "))
+    assert "? (pick not recorded)" in row and "triton 2.0000 (2.00x)" in row and row.endswith("| auto fastest |")
+    row = next(line for line in lines if line.startswith(f"| {K31} "))   # the autotuner had not measured it
+    assert "? (not yet measured) · autotune" in row and "auto's choice is not known (autotune: measured)" in row
 
 
 def test_bench_rows_get_best_torch_and_roofline():

@@ -601,6 +601,30 @@ def test_fused_routing_rule():
     assert fused_wins((36, 16, 16, 1, 1), (32, 32, 3, 3), 1, 100) == (_backend.HAS_TRITON and 36 * 1 <= 128)
 
 
+@requires_triton_cpu
+def test_routing_decision_is_what_kw_conv2d_runs_with_its_rule():
+    """The GPU check records it next to auto's time: fused where fused_wins, else the per-sample conv's backend."""
+    from repkernels.ops.kw_conv2d import routing_decision
+
+    def decide(n, pixels, backend="triton"):    # cells of 16 x 16 channels, a 32 -> 32 3x3 layer
+        x = torch.randn(2, 32, pixels, 1)
+        att, wh = torch.randn(2, 12, n), torch.randn(n, 16, 16, 1, 1)   # m = 2 x 2 x 3 cells
+        with repkernels.backend(backend):
+            return routing_decision(x, att, wh, (32, 32, 3, 1), None, 1, (1, 0))
+
+    fused = decide(36, 100)                     # 36 x (1 - 1) <= FUSED_MAX_EXTRA: one pixel tile
+    assert (fused["fused"], fused["backend"]) == (True, "triton") and fused["rule"].endswith("-> fused")
+    assert "FUSED_MAX_EXTRA (128)" in fused["rule"] and fused["where"].startswith("python/repkernels/ops/kw_conv2d.py")
+    unfused = decide(129, 1000)                 # 129 x (P_tiles - 1) > 128
+    assert (unfused["fused"], unfused["backend"]) == (False, "triton")
+    assert "> FUSED_MAX_EXTRA (128) -> unfused; per_sample_conv2d PREFER triton>cuda -> triton" in unfused["rule"]
+    assert decide(36, 100, "reference") == {"fused": False, "backend": "reference",
+                                           "rule": "backend 'reference' asked for: unfused",
+                                           "where": fused["where"]}
+    assert decide(36, 100, "auto")["rule"] == "CPU tensors -> reference"
+    with pytest.raises(ValueError, match="`layout`"):
+        routing_decision(torch.randn(2, 32, 4, 4), torch.randn(2, 36, 5), torch.randn(5, 16, 16, 1, 1), (32, 32, 3))
+
 def test_bad_inputs_raise_clear_errors():
     att, wh, layout = make_asm(ASM_CASES[0], torch.float32)
     with pytest.raises(ValueError, match=r"kw_assemble: `attention` must have shape \(B, 36, 5\)"):

@@ -17,11 +17,14 @@ and writes y; backward reads grad_y twice and x once and writes grad_x. Run with
 profiler's kernel names for each are recorded once per family. Ours: ``cuda`` (the C++ planner's choice),
 ``triton``, ``auto`` and, on a GPU, ``cuda_tiles`` (the CUDA op with its Toeplitz GEMMs off: the register and
 small-map tiles on every shape, so that one run has the numbers to re-tune where the planner switches).
+Each ``auto`` row records its ``pick`` (:func:`pick_rows`): the row that runs the kernels ``auto`` chose and the
+rule that chose them, for the GPU check's re-tune table (``bench/summary.py``).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import torch
@@ -34,6 +37,11 @@ from ..harness import COMPILE_BUDGET, Case
 
 OP = "depthwise_conv2d"
 TOEPLITZ_ENV = "REPKERNELS_DW_TOEPLITZ"
+_dw_ops = importlib.import_module("repkernels.ops.depthwise_conv2d")
+# Rows the autotuner cannot pick (not among its candidates): the rule to change where one of them is fastest.
+AUTOTUNE_CANDIDATES = "the autotuner's candidates (python/repkernels/ops/depthwise_conv2d.py: _autotune_candidates)"
+AUTOTUNE_MISSES = {"torch_channels_last": f"{AUTOTUNE_CANDIDATES}: cuDNN is timed on the caller's layout only",
+                   "torch_compile": f"{AUTOTUNE_CANDIDATES}: no torch.compile kernel"}
 
 # (label, batch, channels, height, width, (kh, kw), stride). A kernel side given as "2h-1" / "2w-1"
 # is the oversized ParCNetV2 kernel of the (possibly shrunken) map.
@@ -97,6 +105,46 @@ def _without_toeplitz(fn):
     return call
 
 
+def pick_rows(decision: dict, channels_last: bool = False) -> dict:
+    """A routing decision (:func:`repkernels.ops.depthwise_conv2d.routing_decision`) in this suite's row names.
+
+    Returns ``{"impl": row or None, "rule", "where"}`` with, where they apply, ``"detail"`` (the C++ planner's
+    path when the CUDA op is chosen), ``"same"`` (other rows that run the same kernels), ``"retune"`` (row -> the
+    rule to change where that row is the fastest, when it is not the decision's own rule alone) and ``"static"``
+    (the static rule's decision in the same form, when the autotuner decided). ``channels_last``: the inputs
+    ``auto`` was given (cuDNN's row)."""
+    backend = decision["backend"]
+    out = {"impl": {"reference": "torch_channels_last" if channels_last else "torch_nchw", "cuda": "cuda",
+                    "triton": "triton"}.get(backend), "rule": decision["rule"], "where": decision["where"]}
+    plan = decision.get("cuda_plan")
+    retune = {}
+    if backend == "cuda" and plan:
+        out["detail"] = plan
+    if backend == "cuda" and plan == "register tiles":
+        out["same"] = ["cuda_tiles"]
+    elif plan == "Toeplitz GEMMs":  # the CUDA op would take its Toeplitz GEMMs: cuda_tiles needs the planner changed
+        planner = f"the C++ planner's Toeplitz rule ({decision['cuda_plan_where']})"
+        retune["cuda_tiles"] = planner if backend == "cuda" else \
+            f"{decision['rule']} ({decision['where']}) and {planner}"
+    if "static" in decision:
+        retune = {**{row: text for row, text in AUTOTUNE_MISSES.items() if row != out["impl"]}, **retune}
+        out["static"] = pick_rows(decision["static"], channels_last)
+    if retune:
+        out["retune"] = retune
+    return out
+
+
+def _auto_pick(inputs, stride, padding, training: bool):
+    """``pick`` of the ``auto`` row: :func:`pick_rows` of the router's decision for the inputs it was called with."""
+    def pick():
+        args = [t.detach().requires_grad_(training) for t in inputs]
+        with repkernels.backend("auto"):
+            decision = _dw_ops.routing_decision(*args, stride, padding)
+        return pick_rows(decision, args[0].is_contiguous(memory_format=torch.channels_last)
+                         and not args[0].is_contiguous())
+    return pick
+
+
 def _setup(n, c, h, w, kernel_spec, stride, mode, dtype, device, small):
     if small:  # CPU check: the emulation and the Triton interpreter are slow
         n, c, h, w = min(n, 2), 2, min(h, 9), min(w, 10)
@@ -148,8 +196,10 @@ def _setup(n, c, h, w, kernel_spec, stride, mode, dtype, device, small):
     if _backend.HAS_TRITON and (gpu or _backend.TRITON_INTERPRET):
         impls["triton" if gpu else "triton (interpreter)"] = wrap(
             lambda xx, ww, bb: torch.ops.repkernels.depthwise_conv2d_triton(xx, ww, bb, s2, p2, [1, 1]))
+    picks = {}
     if gpu:
         impls["auto"] = wrap(with_backend("auto"))
+        picks["auto"] = _auto_pick((x, wt, b), stride, padding, training=mode != "fwd")
 
     def ref64():
         args = [t.detach().double().requires_grad_() for t in (x, wt, b)]
@@ -159,7 +209,7 @@ def _setup(n, c, h, w, kernel_spec, stride, mode, dtype, device, small):
         grads = torch.autograd.grad(out, args, grad.double())
         return torch.cat([out.flatten()] + [g.flatten() for g in grads])
 
-    return impls, ref64, f"b{n} c{c} {h}x{w} k{kh}x{kw}"
+    return impls, ref64, f"b{n} c{c} {h}x{w} k{kh}x{kw}", picks
 
 
 def cases(dtypes: list[torch.dtype], quick: bool) -> list[Case]:

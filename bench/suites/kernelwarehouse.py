@@ -11,7 +11,8 @@ Cases (224x224 inputs, batch 64 and 256; ``--quick``: batch 64 only, fewer layer
   attentions and warehouse); ``static cudnn`` (the ``x_baseline`` row) is the *static* conv of the same shape
   (F.conv2d, channels_last; timed, not checked: a different computation), ``reference`` the public approach
   (grouped conv over B·groups) and the PyTorch option of the same computation;
-  ``auto`` what KWConv2d runs (fused where the routing rule picks it).
+  ``auto`` what KWConv2d runs (fused where the routing rule picks it; its ``pick``, :func:`layer_pick`, names the
+  row that runs the same kernels and the rule that chose it, for the GPU check's re-tune table).
 * ``KW-ResNet-50``, ``KW-MobileNetV2``, ``KW-ConvNeXt-T`` inference (τ = 0) / training step (forward + loss +
   backward, τ = 1: see _model_setup) at b = 1; ``static <network>`` (the ``x_baseline`` row) is the static
   torchvision network (channels_last, timed, not checked); ``reference`` the KW model on the reference ops (the
@@ -25,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,14 @@ LAYERS = [
 QUICK_LAYERS = ("r50 s1 3x3", "r50 s3 3x3", "r50 s4 3x3")
 BATCHES = (64, 256)
 R50_GMACS = 4.09  # multiply-adds of ResNet-50 per 224x224 image (static; KW adds the assembly)
+_kw_ops = importlib.import_module("repkernels.ops.kw_conv2d")
+
+
+def layer_pick(decision: dict) -> dict:
+    """A routing decision (:func:`repkernels.ops.kw_conv2d.routing_decision`) in the layer case's row names:
+    ``{"impl": row, "rule", "where"}``."""
+    row = "triton fused" if decision["fused"] else decision["backend"]
+    return {"impl": row, "rule": decision["rule"], "where": decision["where"]}
 
 
 def _layer_tensors(c, h, w, cout, k, cell, n, batch, dtype, device, small):
@@ -141,9 +151,16 @@ def _layer_setup(label, c, h, w, cout, k, stride, cell, n, batch, dtype, device,
         out = F.conv2d(xx, ww, None, stride, pad)
         return torch.autograd.grad(out, (xx, ww), grad)[0]
 
+    def auto_pick():
+        args = [t.detach().requires_grad_() for t in (x, att, wh)]
+        with repkernels.backend("auto"):
+            return layer_pick(_kw_ops.routing_decision(*args, layout, None, stride, pad))
+
     impls = {"static cudnn": cudnn, "reference": kw("reference")}
+    picks = {}
     if gpu:
         impls["auto"] = kw("auto")
+        picks["auto"] = auto_pick
     if _backend.HAS_TRITON and (gpu or _backend.TRITON_INTERPRET):
         suffix = "" if gpu else " (interpreter)"
         impls["triton" + suffix] = kw("triton", fused=False)
@@ -161,7 +178,7 @@ def _layer_setup(label, c, h, w, cout, k, stride, cell, n, batch, dtype, device,
         grads = torch.autograd.grad(out, args, grad.double())
         return torch.cat([out.flatten()] + [g.flatten() for g in grads])
 
-    return impls, reference64, _layer_ran(x, att, wh, layout)
+    return impls, reference64, _layer_ran(x, att, wh, layout), picks
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,6 +45,18 @@ def choices() -> dict[tuple, str]:
     return dict(_CACHE)
 
 
+def _training(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a call with these inputs is timed forward+backward (grad mode on and an input requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+
+
+def cached(op: str, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           extra: Sequence) -> str | None:
+    """The choice :func:`choose` made for this problem (same arguments, same grad mode), or None when it has not
+    measured it yet. Times nothing."""
+    return _CACHE.get(_key(op, input, weight, bias, extra, _training(input, weight, bias)))
+
+
 def _key(op: str, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, extra: Sequence,
          training: bool) -> tuple:
     cl = input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
@@ -72,8 +84,7 @@ def choose(op: str, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """The fastest of ``candidates`` for this problem; ``run(which, input, weight, bias)`` computes the op.
     ``timer(step) -> ms`` times one candidate (default: CUDA events); a candidate that raises is skipped."""
     timer = timer or _time_ms
-    training = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias))
+    training = _training(input, weight, bias)
     key = _key(op, input, weight, bias, extra, training)
     hit = _CACHE.get(key)
     if hit is not None:

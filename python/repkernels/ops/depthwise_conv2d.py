@@ -47,11 +47,13 @@ side larger than ``MAX_KERNEL_SIZE`` is served by the reference with a one-time 
 backend asked for. Inside ``torch.func`` transforms (and for ``C = 0``) ``auto`` uses the reference: the
 registered ops cannot be differentiated by ``torch.func``/forward-mode AD (PyTorch's limitation, see
 :mod:`repkernels.ops._registration`), so a ``cuda``/``triton`` backend asked for there raises
-``BackendUnavailableError`` naming the transform.
+``BackendUnavailableError`` naming the transform. :func:`routing_decision` tells what a call runs and which of
+these rules decided, without running it (the GPU check's routing table).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -73,6 +75,8 @@ IntPair = int | Sequence[int]
 MAX_KERNEL_SIZE = 1024
 #: Under ``auto`` on a GPU, kernels with both sides <= this go to cuDNN (F.conv2d).
 CUDNN_MAX_KERNEL = 7
+#: Set to "0", the C++ planner never takes its Toeplitz GEMMs (read per call).
+_TOEPLITZ_ENV = "REPKERNELS_DW_TOEPLITZ"
 _warned_too_large = False
 
 
@@ -333,9 +337,8 @@ def _run(which: str, input, weight, bias, stride, padding, dilation) -> torch.Te
     return _reference_forward(input, weight, bias, stride, padding, dilation)  # cuDNN on a GPU
 
 
-def _measured_choice(input, weight, bias, stride, padding, dilation, tensors) -> str | None:
-    """The fastest of cuDNN and the fast backends that can serve this call, timed once per problem (shape,
-    dtype, memory format, geometry, and whether gradients will be needed: forward+backward is timed then)."""
+def _autotune_candidates(tensors) -> list[str] | None:
+    """The backends the autotuner times for this call (cuDNN first), or None when it has nothing to choose."""
     candidates = ["reference"]
     if autodiff_unsupported_reason(*tensors) is not None:
         return None
@@ -343,10 +346,100 @@ def _measured_choice(input, weight, bias, stride, padding, dilation, tensors) ->
         candidates.append("cuda")
     if _backend.triton_unavailable_reason(*tensors) is None:
         candidates.append("triton")
-    if len(candidates) == 1:
+    return candidates if len(candidates) > 1 else None
+
+
+def _measured_choice(input, weight, bias, stride, padding, dilation, tensors) -> str | None:
+    """The fastest of cuDNN and the fast backends that can serve this call, timed once per problem (shape,
+    dtype, memory format, geometry, and whether gradients will be needed: forward+backward is timed then)."""
+    candidates = _autotune_candidates(tensors)
+    if candidates is None:
         return None
     return _autotune.choose(OP, input, weight, bias, (stride, padding, dilation), candidates,
                             lambda which, x, w, b: _run(which, x, w, b, stride, padding, dilation))
+
+
+# Where the rules of ``auto`` live, named in routing_decision()'s answers (the GPU check's re-tune table).
+_HERE = "python/repkernels/ops/depthwise_conv2d.py"
+_TOEPLITZ_RULE = "triton_kernels/depthwise_conv2d_toeplitz.py: plan (TOEPLITZ_WASTE, MAX_PLANE_1D, MAX_PLANE_2D)"
+_CUDA_PLANNER = ("csrc/depthwise_conv2d/depthwise_conv2d_toeplitz.h: plan_toeplitz (kToeplitzWaste, kMaxPlane1D, "
+                 "kMaxPlane2D)")
+
+
+def routing_decision(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     stride: IntPair = 1, padding: IntPair | str = 0, dilation: IntPair = 1,
+                     on_gpu: bool | None = None) -> dict:
+    """What :func:`depthwise_conv2d` runs for these arguments under the requested backend, and which rule decides;
+    runs and times nothing (the GPU check records it next to ``auto``'s time to re-tune the rules).
+
+    Args: those of :func:`depthwise_conv2d`, with the grad mode and ``requires_grad`` flags of the call (the
+    autotuner keys forward and forward+backward apart); ``on_gpu`` defaults to ``input.is_cuda``.
+
+    Returns:
+        ``{"backend": 'reference' | 'cuda' | 'triton' | None, "rule": str, "where": str}`` ('reference' =
+        ``F.conv2d``, cuDNN on a GPU; None: the autotuner decides and has not measured this problem yet), plus
+        ``"static"`` (the static rule's decision in the same form: what ``torch.compile`` tracing or
+        ``REPKERNELS_AUTOTUNE=0`` runs) when the autotuner decides, and on a GPU ``"cuda_plan"``: what the CUDA op
+        runs for this call whether or not it is chosen ('Toeplitz GEMMs' or 'register tiles': the C++ planner's
+        choice, from Triton's copy of its rule; None without Triton), with ``"cuda_plan_where"``.
+    """
+    input, stride, padding, dilation = _normalize(input, weight, bias, stride, padding, dilation)
+    on_gpu = input.is_cuda if on_gpu is None else on_gpu
+    kh, kw = weight.shape[2], weight.shape[3]
+    auto = _backend.get_backend() == "auto"
+    if max(kh, kw) > MAX_KERNEL_SIZE:
+        return {"backend": "reference", "rule": f"kernel side > MAX_KERNEL_SIZE ({MAX_KERNEL_SIZE}) -> reference",
+                "where": f"{_HERE}: MAX_KERNEL_SIZE"}
+    if auto and (input.shape[1] == 0 or functorch_transforms()):
+        return {"backend": "reference", "rule": "C = 0 or a torch.func transform -> reference",
+                "where": f"{_HERE}: depthwise_conv2d"}
+    static = _static_decision(input, weight, bias, stride, padding, dilation, on_gpu)
+    tensors = (input, weight) if bias is None else (input, weight, bias)
+    if auto and on_gpu and _autotune.enabled() and _autotune_candidates(tensors) is not None:
+        pick = _autotune.cached(OP, input, weight, bias, (stride, padding, dilation))
+        decision = {"backend": pick, "rule": "autotune: the fastest measured of " +
+                    ", ".join(_autotune_candidates(tensors)).replace("reference", "cuDNN"),
+                    "where": "python/repkernels/_autotune.py: choose (REPEATS); off with REPKERNELS_AUTOTUNE=0",
+                    "static": static}
+        return _with_cuda_plan(decision, input, weight, stride, padding, dilation, on_gpu)
+    return static
+
+
+def _static_decision(input, weight, bias, stride, padding, dilation, on_gpu: bool) -> dict:
+    """:func:`static_choice` for normalized arguments, with the rule that made it (see :func:`routing_decision`)."""
+    backend = static_choice(input, weight, bias, stride, padding, dilation, on_gpu=on_gpu)
+    wanted = _backend.get_backend()
+    kh, kw = weight.shape[2], weight.shape[3]
+    toeplitz = on_gpu and _backend.HAS_TRITON and _toeplitz_plan(input, weight, stride, padding,
+                                                                 dilation) is not None
+    if wanted != "auto":
+        rule, where = f"backend '{wanted}' asked for", "repkernels.backend / REPKERNELS_BACKEND"
+    elif not on_gpu:
+        rule, where = "CPU tensors -> reference", f"{_HERE}: static_choice"
+    elif max(kh, kw) <= CUDNN_MAX_KERNEL:
+        rule, where = f"K <= CUDNN_MAX_KERNEL ({CUDNN_MAX_KERNEL}) -> cuDNN", f"{_HERE}: CUDNN_MAX_KERNEL"
+    elif toeplitz:
+        rule, where = {"triton": "Toeplitz rule -> Triton",
+                       "cuda": "Toeplitz rule -> Triton, unavailable: CUDA"}.get(
+            backend, "Toeplitz rule -> Triton, no fast backend serves it: cuDNN"), _TOEPLITZ_RULE
+    else:
+        rule, where = ("other kernels -> CUDA" if backend == "cuda" else
+                       "other kernels -> CUDA, unavailable: cuDNN"), f"{_HERE}: static_choice"
+    return _with_cuda_plan({"backend": backend, "rule": rule, "where": where}, input, weight, stride, padding,
+                           dilation, on_gpu)
+
+
+def _with_cuda_plan(decision: dict, input, weight, stride, padding, dilation, on_gpu: bool) -> dict:
+    """``decision`` with, on a GPU, the C++ planner's choice for this call (what the CUDA op runs)."""
+    if not on_gpu:
+        return decision
+    plan = None
+    if os.environ.get(_TOEPLITZ_ENV) == "0":  # read per call by the C++ planner
+        plan = "register tiles"
+    elif _backend.HAS_TRITON:
+        toeplitz = _toeplitz_plan(input, weight, stride, padding, dilation) is not None
+        plan = "Toeplitz GEMMs" if toeplitz else "register tiles"
+    return {**decision, "cuda_plan": plan, "cuda_plan_where": _CUDA_PLANNER}
 
 
 def _warn_too_large(kh: int, kw: int) -> None:

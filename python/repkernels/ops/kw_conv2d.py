@@ -161,6 +161,33 @@ def kw_conv2d(input: torch.Tensor, attention: torch.Tensor, warehouse: torch.Ten
     Returns:
         (B, Cout, OH, OW), channels_last when ``input`` is.
     """
+    layout, groups, input, stride, padding, dilation = _normalize(input, attention, warehouse, layout, bias, stride,
+                                                                  padding, dilation, groups)
+    wanted = _backend.get_backend()
+    # The rule applies under 'triton' on any device (the interpreter runs it on CPU), under 'auto' on GPUs.
+    consider = fused is True or (fused is None and (wanted == "triton" or (wanted == "auto" and input.is_cuda)))
+    if consider:
+        if wanted not in ("auto", "triton"):
+            raise _backend.BackendUnavailableError(
+                f"{OP}: the fused kernel is a Triton kernel; backend '{wanted}' was asked for")
+        oh, ow = _out_hw(input.shape[2], input.shape[3], layout[2:], stride, padding, dilation)
+        why = _fused_unavailable_reason(input, attention, warehouse, layout, bias, groups, oh * ow)
+        if fused is True and why is not None:
+            raise _backend.BackendUnavailableError(f"{OP}: the fused Triton kernel cannot serve this call: {why}")
+        if why is None and (fused is True or fused_wins(warehouse.shape, layout, groups, oh * ow)):
+            return torch.ops.repkernels.kw_conv2d_fused_triton(input, attention, warehouse, layout, bias, stride,
+                                                                padding, dilation)
+    if wanted == "reference" or (wanted == "auto" and not input.is_cuda):
+        return _ref.kw_conv2d(input, attention, warehouse, layout, bias, stride, padding, dilation, groups)
+    oh, ow = _out_hw(input.shape[2], input.shape[3], layout[2:], stride, padding, dilation)
+    inner = kernels_channels_innermost(input, attention, warehouse, layout, bias, oh * ow)
+    weight = _kw_assemble(attention, warehouse, layout, channels_innermost=inner)
+    return _per_sample_conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+
+def _normalize(input, attention, warehouse, layout, bias, stride, padding, dilation, groups):
+    """Check :func:`kw_conv2d`'s arguments; return ``(layout, groups, input, stride, padding, dilation)`` with
+    'same'/'valid' padding resolved (input padded if needed)."""
     layout = _check_layout(attention, warehouse, layout, OP)
     if len(layout) != 4:
         raise ValueError(f"{OP}: `layout` must be (Cout, C/groups, kh, kw), got {tuple(layout)}")
@@ -180,31 +207,56 @@ def kw_conv2d(input: torch.Tensor, attention: torch.Tensor, warehouse: torch.Ten
     dilation = _validation.pair(dilation, "dilation", OP, 1)
     input, padding = _resolve_padding(input, layout[2:], stride, dilation, padding, OP)
     _check_spatial(input, layout[2:], padding, dilation, OP)
+    return layout, groups, input, stride, padding, dilation
 
+
+def _fused_unavailable_reason(input, attention, warehouse, layout, bias, groups, out_pixels: int) -> str | None:
+    """Why the fused Triton kernel cannot serve this call, or None."""
+    tensors = (input, attention, warehouse) if bias is None else (input, attention, warehouse, bias)
+    why = _backend.triton_unavailable_reason(*tensors) or autodiff_unsupported_reason(*tensors)
+    if why is None and fused_tiles(warehouse.shape, layout, groups, out_pixels) is None:
+        why = "it needs groups == 1 and kernel cells of at least 16 x 16 channels"
+    return why
+
+
+_HERE = "python/repkernels/ops/kw_conv2d.py"
+
+
+def routing_decision(input: torch.Tensor, attention: torch.Tensor, warehouse: torch.Tensor, layout: Sequence[int],
+                     bias: torch.Tensor | None = None, stride: IntPair = 1, padding: IntPair | str = 0,
+                     dilation: IntPair = 1, groups: int = 1) -> dict:
+    """What :func:`kw_conv2d` (``fused=None``) runs for these arguments under the requested backend, and which rule
+    decides; runs nothing (the GPU check records it next to ``auto``'s time to re-tune the rules).
+
+    Returns:
+        ``{"fused": bool, "backend": 'triton' | 'cuda' | 'reference', "rule": str, "where": str}``: the fused
+        Triton kernel, or the unfused path whose per-sample conv runs on ``backend`` (the assembly picks its own
+        backend by the same preference).
+    """
+    layout, groups, input, stride, padding, dilation = _normalize(input, attention, warehouse, layout, bias, stride,
+                                                                  padding, dilation, groups)
     wanted = _backend.get_backend()
-    # The rule applies under 'triton' on any device (the interpreter runs it on CPU), under 'auto' on GPUs.
-    consider = fused is True or (fused is None and (wanted == "triton" or (wanted == "auto" and input.is_cuda)))
-    if consider:
-        if wanted not in ("auto", "triton"):
-            raise _backend.BackendUnavailableError(
-                f"{OP}: the fused kernel is a Triton kernel; backend '{wanted}' was asked for")
-        oh, ow = _out_hw(input.shape[2], input.shape[3], layout[2:], stride, padding, dilation)
-        tensors = (input, attention, warehouse) if bias is None else (input, attention, warehouse, bias)
-        why = _backend.triton_unavailable_reason(*tensors) or autodiff_unsupported_reason(*tensors)
-        if why is None and fused_tiles(warehouse.shape, layout, groups, oh * ow) is None:
-            why = "it needs groups == 1 and kernel cells of at least 16 x 16 channels"
-        if fused is True and why is not None:
-            raise _backend.BackendUnavailableError(f"{OP}: the fused Triton kernel cannot serve this call: {why}")
-        if why is None and (fused is True or fused_wins(warehouse.shape, layout, groups, oh * ow)):
-            return torch.ops.repkernels.kw_conv2d_fused_triton(input, attention, warehouse, layout, bias, stride,
-                                                                padding, dilation)
-    if wanted == "reference" or (wanted == "auto" and not input.is_cuda):
-        return _ref.kw_conv2d(input, attention, warehouse, layout, bias, stride, padding, dilation, groups)
     oh, ow = _out_hw(input.shape[2], input.shape[3], layout[2:], stride, padding, dilation)
-    inner = kernels_channels_innermost(input, attention, warehouse, layout, bias, oh * ow)
-    weight = _kw_assemble(attention, warehouse, layout, channels_innermost=inner)
-    return _per_sample_conv2d(input, weight, bias, stride, padding, dilation, groups)
+    fused_rule = f"fused_wins: n·(P_tiles − 1) <= FUSED_MAX_EXTRA ({FUSED_MAX_EXTRA})"
+    fused_where = f"{_HERE}: fused_wins (FUSED_MAX_EXTRA)"
+    if wanted == "triton" or (wanted == "auto" and input.is_cuda):
+        why = _fused_unavailable_reason(input, attention, warehouse, layout, bias, groups, oh * ow)
+        if why is None and fused_wins(warehouse.shape, layout, groups, oh * ow):
+            return {"fused": True, "backend": "triton", "rule": fused_rule + " -> fused", "where": fused_where}
+        unfused = f"fused kernel unavailable ({why})" if why else fused_rule.replace("<=", ">") + " -> unfused"
+    elif wanted == "auto":
+        unfused = "CPU tensors -> reference"
+    else:
+        unfused = f"backend '{wanted}' asked for: unfused"
+    if wanted == "reference" or (wanted == "auto" and not input.is_cuda):
+        return {"fused": False, "backend": "reference", "rule": unfused, "where": fused_where}
+    tensors = (input, warehouse, attention) if bias is None else (input, warehouse, attention, bias)
+    reasons = _psc_fast_reasons(*tensors, out_elems=int(layout[0]) * oh * ow)
+    backend = _backend.select("per_sample_conv2d", reasons, on_gpu=input.is_cuda, prefer=_PSC_PREFER)
+    return {"fused": False, "backend": backend,
+            "rule": f"{unfused}; per_sample_conv2d PREFER {'>'.join(_PSC_PREFER)} -> {backend}",
+            "where": f"{fused_where}; python/repkernels/ops/per_sample_conv2d.py: PREFER"}
 
 
-__all__ = ["kw_conv2d", "fused_wins", "kernels_channels_innermost", "fused_kernels_channels_innermost",
-           "FUSED_MAX_EXTRA"]
+__all__ = ["kw_conv2d", "routing_decision", "fused_wins", "kernels_channels_innermost",
+           "fused_kernels_channels_innermost", "FUSED_MAX_EXTRA"]
