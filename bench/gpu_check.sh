@@ -137,7 +137,7 @@ budget_of() {  # stage budgets in seconds (GPU; the dry run on 2 CPU cores gets 
     local gpu cpu
     case "$1" in
         build) gpu=120 cpu=400 ;; canary) gpu=40 cpu=120 ;; tests) gpu=75 cpu=300 ;;
-        sanitizer) gpu=70 cpu=120 ;; depthwise_conv2d) gpu=75 cpu=200 ;; kernelwarehouse) gpu=60 cpu=200 ;;
+        sanitizer) gpu=70 cpu=120 ;; depthwise_conv2d) gpu=75 cpu=200 ;; kernelwarehouse) gpu=60 cpu=300 ;;
         parcnetv2) gpu=35 cpu=200 ;; multibranch_conv_bn) gpu=25 cpu=200 ;; kernel_transform) gpu=15 cpu=100 ;;
     esac
     if [ "$DRY_RUN" = 1 ]; then echo "$cpu"; else echo "$gpu"; fi
