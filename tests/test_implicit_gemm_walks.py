@@ -53,6 +53,14 @@ STEP_CASES = {
     # 8 outputs: broadcast tiles (forward chunks 16 + 8, one input-gradient chunk of 8); 2 x 2 image, 16-pixel tile
     "thin": (2, 24, 2, 2, 8, (3, 2), (1, 1), (1, 1), (1, 1), 1),
 }
+# the weight gradient's pixel chunks (BLOCK_P = 32 for tensor-core tiles, advanced as (row, column) counters):
+# rows longer than a chunk (a chunk inside a row, the column wrapping), several rows per chunk with a remainder
+PIXEL_CASES = {
+    "long_rows": (1, 16, 3, 37, 16, (1, 3), (1, 1), (0, 1), (1, 1), 1),      # 3 rows of 37: chunks at (0, 32), (1, 27)
+    "short_rows": (2, 16, 11, 5, 16, (3, 2), (1, 1), (1, 0), (1, 1), 1),     # 11 rows of 4: 8 rows per chunk
+    "strided": (1, 32, 13, 11, 16, (3, 3), (2, 3), (1, 1), (1, 2), 1),       # 7 rows of 3
+}
+
 STEP_RUNS = [  # (case, dtype, layout)
     *[(c, torch.float32, lay) for c in STEP_CASES for lay in LAYOUTS],
     ("exact", torch.bfloat16, "nhwc"), ("many", torch.float16, "nchw"),
@@ -183,3 +191,20 @@ def test_tap_major_steps_on_both_loops(loop, name, dtype, layout):
     assert_close(out, expect, dtype, "output")
     gx = per_sample_conv2d_bwd_input(grad, wt, s, p, d, g, torch.empty_like(x))
     assert_close(gx, ref_gx, dtype, "grad input")
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", PIXEL_CASES)
+def test_weight_gradient_pixel_chunks(walk, name, layout):
+    from repkernels.triton_kernels.per_sample_conv2d_bwd_weight import (
+        per_sample_conv2d_bwd_weight,
+    )
+
+    x, wt, _, s, p, d, g = inputs(PIXEL_CASES[name], torch.float32, layout)
+    ww = wt.double().requires_grad_()
+    expect = ref.per_sample_conv2d(x.double(), ww, None, s, p, d, g)
+    grad = torch.randn(expect.shape).contiguous(memory_format=LAYOUTS[layout][0])
+    (ref_gw,) = torch.autograd.grad(expect, (ww,), grad.double())
+    gw = per_sample_conv2d_bwd_weight(x, grad, s, p, d, g, torch.empty(wt.shape))
+    assert_close(gw, ref_gw, torch.float32, "grad weight")
