@@ -1,10 +1,15 @@
 """The two reduction walks of the implicit-GEMM Triton kernels (``triton_kernels/implicit_gemm.py``), each forced
 on every kernel that has it — per-sample conv forward, input gradient, weight gradient and the multibranch
-statistics — against the float64 reference: tap-major (channel chunks per tap) and flattened ``(c, kh, kw)``.
+statistics — against the float64 reference: tap-major (channel chunks per tap) and flattened ``(c, kh, kw)``;
+and the two forms of the tap-major walk, forced on the forward and the input gradient: one loop over all the
+(tap, chunk) steps and a chunk loop per tap.
 
 Shapes are small (interpreter) but reach each branch: two or three channel chunks per tap with a partial last one,
 partial output-channel and pixel tiles, stride, padding, dilation, groups, non-square kernels, channels_last and
-NCHW input, and weights with strides of their own (a channels-last or sliced per-sample kernel).
+NCHW input, and weights with strides of their own (a channels-last or sliced per-sample kernel). For the one
+loop: one chunk per tap, chunks that end exactly at the channel count, many taps x many chunks, dilations that
+the strides do not divide (input gradient: output rows ``(ih + PH − kh·DH) / SH``), a kernel too wide for tap
+bits and a pixel tile larger than the image.
 """
 
 from __future__ import annotations
@@ -31,6 +36,37 @@ LAYOUTS = {  # (input memory format, weight storage)
     "nchw": (torch.contiguous_format, "sliced"),
     "nhwc": (torch.channels_last, "channels_last"),
 }
+# the one loop's boundaries (forward chunks of BLOCK_K = pow2(CIG) clamped to [16, 32], input-gradient chunks of
+# BLOCK_O = pow2(Cout/groups) clamped to [16, 32]; broadcast tiles below 16 outputs)
+STEP_CASES = {
+    # 16 channels, 16 outputs: one chunk per tap both ways, 9 steps; stride 2 and dilation 3 (3·kh / 2 rounds down)
+    "one_chunk": (2, 16, 9, 8, 16, (3, 3), (2, 2), (2, 1), (3, 3), 1),
+    # 64 channels, 64 outputs: two full chunks of 32 per tap, nothing partial; stride 3 with dilation 2
+    "exact": (1, 64, 8, 9, 64, (2, 3), (3, 2), (1, 2), (2, 1), 1),
+    # 5 x 4 taps x 3 chunks (32 + 32 + 8 channels; outputs 32 + 8), the last chunk partial
+    "many": (1, 72, 7, 6, 40, (5, 4), (1, 1), (3, 2), (1, 1), 1),
+    # groups of 48 channels / 24 outputs (forward chunks 32 + 16, one partial input-gradient chunk of 24),
+    # stride (1, 2), dilation (2, 1)
+    "groups": (2, 96, 6, 7, 48, (2, 3), (1, 2), (1, 1), (2, 1), 2),
+    # a 2 x 17 kernel: too wide for tap bits, so the taps are tested per step
+    "wide": (1, 16, 3, 19, 16, (2, 17), (1, 1), (1, 8), (1, 1), 1),
+    # 8 outputs: broadcast tiles (forward chunks 16 + 8, one input-gradient chunk of 8); 2 x 2 image, 16-pixel tile
+    "thin": (2, 24, 2, 2, 8, (3, 2), (1, 1), (1, 1), (1, 1), 1),
+}
+# the weight gradient's pixel chunks (BLOCK_P = 32 for tensor-core tiles, advanced as (row, column) counters):
+# rows longer than a chunk (a chunk inside a row, the column wrapping), several rows per chunk with a remainder
+PIXEL_CASES = {
+    "long_rows": (1, 16, 3, 37, 16, (1, 3), (1, 1), (0, 1), (1, 1), 1),      # 3 rows of 37: chunks at (0, 32), (1, 27)
+    "short_rows": (2, 16, 11, 5, 16, (3, 2), (1, 1), (1, 0), (1, 1), 1),     # 11 rows of 4: 8 rows per chunk
+    "strided": (1, 32, 13, 11, 16, (3, 3), (2, 3), (1, 1), (1, 2), 1),       # 7 rows of 3
+}
+
+STEP_RUNS = [  # (case, dtype, layout)
+    *[(c, torch.float32, lay) for c in STEP_CASES for lay in LAYOUTS],
+    ("exact", torch.bfloat16, "nhwc"), ("many", torch.float16, "nchw"),
+]
+STEP_IDS = [f"{c}-{str(d).removeprefix('torch.')}-{lay}" for c, d, lay in STEP_RUNS]
+
 RUNS = [  # (case, dtype, layout): every case in fp32 both layouts; half precision on the chunked cases
     *[(c, torch.float32, lay) for c in CASES for lay in LAYOUTS],
     ("k3x2", torch.float16, "nhwc"), ("k3x2", torch.bfloat16, "nchw"),
@@ -71,10 +107,27 @@ def walk(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=[True, False], ids=["one_loop", "per_tap"])
+def loop(request, monkeypatch):
+    """Force one form of the tap-major walk on the forward and the input gradient (the rule is tested separately)."""
+    from repkernels.triton_kernels import (
+        per_sample_conv2d_bwd_input,
+        per_sample_conv2d_fwd,
+    )
+
+    for module in (per_sample_conv2d_fwd, per_sample_conv2d_bwd_input):
+        monkeypatch.setattr(module, "one_loop", lambda channels, block_k, use_dot: request.param)
+    return request.param
+
+
 def test_walk_is_chosen_by_the_layer():
-    from repkernels.triton_kernels.implicit_gemm import tap_major
+    from repkernels.triton_kernels.implicit_gemm import one_loop, tap_major
 
     assert [tap_major(c) for c in (1, 3, 15, 16, 40, 512)] == [False, False, False, True, True, True]
+    # one loop for tensor-core tiles with at most 2 chunks per tap
+    assert [one_loop(c, 32, True) for c in (16, 32, 40, 64, 65, 128, 512)] == [True] * 4 + [False] * 3
+    assert [one_loop(c, 16, True) for c in (8, 16, 32, 33)] == [True, True, True, False]
+    assert not any(one_loop(c, 16, False) for c in (1, 8, 16, 32))
 
 
 @requires_triton_cpu
@@ -118,3 +171,40 @@ def test_multibranch_stats_on_both_walks(walk, name, layout):
     rtol, atol = TOLERANCES[torch.float32]
     assert (mean.double() - rm).abs().max() <= atol + rtol * max(rm.abs().max().item(), 1.0)
     assert (var.double() - rv).abs().max() <= atol + rtol * rv.abs().max().item()
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("name, dtype, layout", STEP_RUNS, ids=STEP_IDS)
+def test_tap_major_steps_on_both_loops(loop, name, dtype, layout):
+    from repkernels.triton_kernels.per_sample_conv2d_bwd_input import (
+        per_sample_conv2d_bwd_input,
+    )
+    from repkernels.triton_kernels.per_sample_conv2d_fwd import per_sample_conv2d_fwd
+
+    x, wt, bias, s, p, d, g = inputs(STEP_CASES[name], dtype, layout)
+    xx = x.double().requires_grad_()
+    expect = ref.per_sample_conv2d(xx, wt.double(), bias.double(), s, p, d, g)
+    grad = torch.randn(expect.shape).to(dtype).contiguous(memory_format=LAYOUTS[layout][0])
+    (ref_gx,) = torch.autograd.grad(expect, (xx,), grad.double())
+
+    out = per_sample_conv2d_fwd(x, wt, bias, s, p, d, g, torch.empty(expect.shape, dtype=dtype))
+    assert_close(out, expect, dtype, "output")
+    gx = per_sample_conv2d_bwd_input(grad, wt, s, p, d, g, torch.empty_like(x))
+    assert_close(gx, ref_gx, dtype, "grad input")
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", PIXEL_CASES)
+def test_weight_gradient_pixel_chunks(walk, name, layout):
+    from repkernels.triton_kernels.per_sample_conv2d_bwd_weight import (
+        per_sample_conv2d_bwd_weight,
+    )
+
+    x, wt, _, s, p, d, g = inputs(PIXEL_CASES[name], torch.float32, layout)
+    ww = wt.double().requires_grad_()
+    expect = ref.per_sample_conv2d(x.double(), ww, None, s, p, d, g)
+    grad = torch.randn(expect.shape).contiguous(memory_format=LAYOUTS[layout][0])
+    (ref_gw,) = torch.autograd.grad(expect, (ww,), grad.double())
+    gw = per_sample_conv2d_bwd_weight(x, grad, s, p, d, g, torch.empty(wt.shape))
+    assert_close(gw, ref_gw, torch.float32, "grad weight")

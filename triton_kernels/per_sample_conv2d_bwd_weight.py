@@ -4,9 +4,11 @@
 and ``p = (oh, ow)``, written through the strides of ``grad_w`` (any memory format: the op gives it the weight's,
 e.g. channel-innermost, where a tap-major tile's columns are consecutive). Each program computes a BLOCK_O x
 BLOCK_K tile of one (sample, group), reducing over the output pixels in chunks of BLOCK_P with ``tl.dot`` (or a
-broadcast multiply-add for thin problems); ``x`` and ``grad_y`` are gathered in place. The columns of a tile (:func:`~.implicit_gemm.tap_major`): BLOCK_K input
-channels at one tap, so each pixel chunk's input rows and masks are computed once per pixel (and channels_last
-input is read along its channels), or, for fewer than 16 input channels per group, BLOCK_K consecutive
+broadcast multiply-add for thin problems; a chunk's pixels ``(oh, ow)`` follow from its first pixel, two scalar
+counters, and each lane's row and column offset, computed once: no division per pixel); ``x`` and ``grad_y`` are
+gathered in place. The columns of a tile (:func:`~.implicit_gemm.tap_major`): BLOCK_K input channels at one tap,
+so each pixel chunk's input rows and masks are computed once per pixel (and channels_last input is read along its
+channels), or, for fewer than 16 input channels per group, BLOCK_K consecutive
 ``(c, kh, kw)`` with per-element index math. Tiles depend on the layer, not on the batch.
 """
 
@@ -18,6 +20,16 @@ import triton.language as tl
 
 from .implicit_gemm import mac, tap_major
 from .kw_common import conv_precision, dot_in_fp32, pow2_clamp
+
+
+@triton.jit
+def chunk_pixels(oh0, ow0, jh, jw, OW):
+    """Pixels ``(oh, ow)`` of a chunk starting at pixel ``(oh0, ow0)`` (scalars), whose pixel ``j`` lies ``jh`` rows
+    and ``jw`` columns further (``j = jh·OW + jw``, (BLOCK_P,), computed once): an add, a compare, a select and
+    two adds per pixel instead of a division."""
+    ow = ow0 + jw
+    wrap = ow >= OW
+    return oh0 + jh + wrap.to(tl.int32), tl.where(wrap, ow - OW, ow)
 
 
 @triton.jit
@@ -68,11 +80,14 @@ def per_sample_conv2d_bwd_weight_kernel(
     gy_base = gy_ptr + b * sgn
     gy_row = (oc * sgc)[:, None]
     acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
-    for p0 in range(0, OH * OW, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_ok = p < OH * OW
-        oh = p // OW
-        ow = p % OW
+    j = tl.arange(0, BLOCK_P)
+    jh = j // OW
+    jw = j % OW
+    oh0 = 0                                               # the chunk's first pixel
+    ow0 = 0
+    for _ in range(0, OH * OW, BLOCK_P):
+        oh, ow = chunk_pixels(oh0, ow0, jh, jw, OW)
+        p_ok = oh < OH
         gv = tl.load(gy_base + (gy_row + (oh * sgh + ow * sgw)[None, :]), mask=o_ok[:, None] & p_ok[None, :],
                      other=0.0)
         if TAP_MAJOR:
@@ -87,6 +102,7 @@ def per_sample_conv2d_bwd_weight_kernel(
             x_ok = p_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             xv = tl.load(x_base + ((c * sxc)[None, :] + ih * sxh + iw * sxw), mask=x_ok, other=0.0)
         acc = mac(acc, gv, xv, USE_DOT, DOT_FP32, PRECISION)
+        oh0, ow0 = chunk_pixels(oh0, ow0, BLOCK_P // OW, BLOCK_P % OW, OW)
 
     gw = gw_ptr + b * swn + (oc * swo)[:, None] + col[None, :]
     tl.store(gw, acc.to(gw_ptr.dtype.element_ty), mask=o_ok[:, None] & k_ok[None, :])

@@ -4,7 +4,8 @@ For sample ``b`` and group ``g``: ``out[b, g·COG + o, p] = Σ_{c, kh, kw} weigh
 x[b, g·CIG + c, oh·SH − PH + kh·DH, ow·SW − PW + kw·DW]`` with ``p = (oh, ow)``. Each program computes a
 BLOCK_O x BLOCK_P tile of one (sample, group), gathering both operands in place (weight and input in any memory
 format; zero padding by masks) — no im2col buffer. The reduction walk (:mod:`.implicit_gemm`): tap-major with
-channel chunks of BLOCK_K (vector loads along the channels of channels_last input), or the flattened
+channel chunks of BLOCK_K (vector loads along the channels of channels_last input) — one pipelined loop over all
+the (tap, chunk) steps for at most two chunks per tap, a chunk loop per tap otherwise — or the flattened
 ``(c, kh, kw)`` walk for layers with fewer than 16 input channels per group.
 
 ``USE_DOT`` selects ``tl.dot`` (tensor cores; needs 16-wide tiles) or a broadcast multiply-add for thin
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .implicit_gemm import implicit_gemm_acc, tap_major
+from .implicit_gemm import implicit_gemm_acc, one_loop, tap_major
 from .kw_common import conv_precision, dot_in_fp32, pow2_clamp
 
 
@@ -32,8 +33,8 @@ def per_sample_conv2d_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, TAP_MAJOR: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, TAP_MAJOR: tl.constexpr, ONE_LOOP: tl.constexpr, USE_DOT: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -58,7 +59,7 @@ def per_sample_conv2d_fwd_kernel(
     acc = implicit_gemm_acc(tl.zeros((BLOCK_O, BLOCK_P), dtype=tl.float32), x_base, tl.zeros_like(p),
                             w_ptr + b * swn, (oc * swo)[:, None], sxc, sxh, sxw,
                             swc, swh, sww, ih0, iw0, p_ok, o_ok, CIG, H, W, KH, KW, DH, DW,
-                            TAP_MAJOR, USE_DOT, DOT_FP32, PRECISION, BLOCK_K)
+                            TAP_MAJOR, USE_DOT, DOT_FP32, PRECISION, BLOCK_K, ONE_LOOP)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + oc, mask=o_ok, other=0.0).to(tl.float32)[:, None]
@@ -74,8 +75,10 @@ def tiles(cog: int, k: int, p: int, chunk: int) -> tuple[bool, int, int, int]:
     the broadcast path (at most 16 x 32 x 16 per step) otherwise. Depends on the layer only. Pixel tiles of up
     to 128 (a sample's weight rows are read once per pixel tile: half as often as with 64); with 8 warps
     (:func:`warps`) and a 3-stage pipeline a tap-major 3x3 64 x 128 tile with channel-innermost kernels (what
-    ``kw_conv2d`` passes) takes 164-166 registers in bf16 and 186-188 in fp32 on sm_90 (static report, NCHW
-    input, Triton's argument specialization), no spill.
+    ``kw_conv2d`` passes) takes, on sm_90 (static report, Triton's argument specialization), no spill: with 64
+    input channels (one loop, :func:`~.implicit_gemm.one_loop`) 124 registers in bf16 and 126 in fp32 with NCHW
+    input, 58 and 75 channels_last; with 128 or more (per-tap loops) 164-166 and 186-188 NCHW, 78-110 and
+    116-122 channels_last.
     """
     if cog >= 16 and k >= 16:
         return True, pow2_clamp(cog, 16, 64), pow2_clamp(p, 16, 128), pow2_clamp(chunk, 16, 32)
@@ -84,7 +87,9 @@ def tiles(cog: int, k: int, p: int, chunk: int) -> tuple[bool, int, int, int]:
 
 def warps(block_o: int, block_p: int) -> int:
     """8 warps from 32 x 128 tiles: with 4, fp32 32 x 128 tiles (3-stage pipeline) spilled 8 B on sm_90 (static
-    report), with 8 they take 108 (tap-major) / 70 (flattened) registers."""
+    report). With 8, a 3x3 fp32 32 x 128 tile with channel-innermost kernels takes 64 (channels_last) / 80 (NCHW)
+    registers in one loop (32 input channels); with per-tap loops (128 input channels) 196 NCHW, and channels_last
+    is held to 128 registers and spills 8 B."""
     return 8 if block_o * block_p >= 32 * 128 else 4
 
 
@@ -108,8 +113,8 @@ def per_sample_conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         h, w, cout, oh, ow, groups, cig, cog,
         *x.stride(), *weight.stride(), *out.stride(),
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
-        HAS_BIAS=bias is not None, TAP_MAJOR=walk, USE_DOT=use_dot, DOT_FP32=dot_in_fp32(x.dtype),
-        PRECISION=conv_precision(x.dtype),
+        HAS_BIAS=bias is not None, TAP_MAJOR=walk, ONE_LOOP=walk and one_loop(cig, block_k, use_dot),
+        USE_DOT=use_dot, DOT_FP32=dot_in_fp32(x.dtype), PRECISION=conv_precision(x.dtype),
         BLOCK_O=block_o, BLOCK_P=block_p, BLOCK_K=block_k,
         num_warps=warps(block_o, block_p), num_stages=3,
     )
