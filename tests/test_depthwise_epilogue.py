@@ -1,13 +1,16 @@
 """The register tiles' output stores (``store_outputs``, csrc/depthwise_conv2d/depthwise_conv2d_regtile.h) through
 the CPU emulation, which takes the kernels' decisions and throws on a misaligned vector store: rows whose thread run
 (kRW columns) is contiguous, inside the output and 16-byte aligned take 16-byte stores (4 fp32, 8 fp16/bf16 packed),
-half rows only 8-byte aligned take 8-byte stores of 4, other contiguous rows scalar stores; partial runs at the right
-edge, channels_last outputs and W phases (stride or dilation along W) store one output at a time.
+rows only 8-byte aligned take 8-byte stores (2 fp32, 4 fp16/bf16 packed), other contiguous rows scalar stores;
+partial runs at the right edge, channels_last outputs and W phases (stride or dilation along W) store one output at
+a time.
 
 The ops allocate their outputs, so the row alignments come from the output width: a multiple of 8 aligns every row,
 4 mod 8 alternates 16- and 8-byte aligned half rows, 2 mod 4 alternates aligned and 8-byte (fp32) / 4-byte (half)
-rows, odd widths misalign rows each differently; several channels shift the planes too. Forward (with and without
-bias) and input gradient (the same tiles on grad_out; stride 2 writes strided views of grad_input) against float64."""
+rows, odd widths misalign rows each differently; several channels shift the planes too (an odd number of rows of
+2 mod 4 starts every other fp32 plane 8-byte aligned, so that its even rows are the 8-byte ones). Forward (with and
+without bias) and input gradient (the same tiles on grad_out; stride 2 writes strided views of grad_input) against
+float64."""
 
 from __future__ import annotations
 
@@ -101,3 +104,25 @@ def test_strides_and_dilations(case, dtype, monkeypatch):
 def test_small_map_tiles(case, dtype, monkeypatch):
     h, w, k, padding, kernel = case
     _check((2, 3, h, w), k, 1, padding, 1, kernel, monkeypatch, dtype, dgrad=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [
+    ("7", (1, 3, 9, 30), (7, 7), 3),         # runs of 8: 4 stores of 2 fp32 on 8-byte rows, a partial run of 6
+    ("7", (1, 3, 7, 62), (7, 7), 3),         # 7 rows of 62: planes start 16- and 8-byte aligned in turn
+    ("3", (1, 3, 5, 74), (3, 3), 1),         # the 64 x 64 three-tap tile: runs of 16 (8 stores of 2), a partial run
+    ("small:7", (2, 3, 14, 14), (7, 7), 3),  # the ParCNetV2 / ConvNeXt 14 x 14 map: 8 columns and a partial 6
+    ("small:13", (2, 3, 9, 10), (13, 13), 6),
+    ("generic", (1, 2, 11, 42), (5, 9), (2, 4)),
+], ids=["k7_30", "k7_62", "k3_74", "small_k7_14x14", "small_k13_9x10", "generic_42"])
+def test_rows_two_mod_four(case, dtype, monkeypatch):
+    # widths of 2 mod 4: fp32 rows alternately 16- and 8-byte aligned (8-byte stores of 2 on the latter); half rows
+    # 16-, 4-, 8-, 4-byte aligned (vectors of 8 and 4, scalars); forward and input gradient
+    kernel, shape, k, padding = case
+    _check(shape, k, 1, padding, 1, kernel, monkeypatch, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channels_last_rows_two_mod_four(dtype, monkeypatch):
+    # the same 14 x 14 map in channels_last: column stride C, one output at a time
+    _check((2, 3, 14, 14), (7, 7), 1, 3, 1, "small:7", monkeypatch, dtype, channels_last=True)

@@ -6,7 +6,13 @@ and the scalar walk of strided planes (channels_last, W stride or dilation phase
 
 The input is a view into a wider buffer: ``off`` columns in (plane start misaligned) and rows of ``w + pad_w``
 elements (row starts misaligned from row to row when that is not a multiple of the vector). Forward, input gradient
-(the tiles on grad_out) and weight gradient (its tile stages the input and grad_out windows) against float64."""
+(the tiles on grad_out) and weight gradient (its tile stages the input and grad_out windows) against float64.
+
+Contiguous planes whose window holds whole lines take the plane run (``stage_plane_lines``): rows of w elements,
+w not a multiple of the vector, the window spanning every column; or a transposed plane (kh x 1 filters on the
+small-map tiles), the window spanning every row. ``_flat`` builds such planes at every start alignment (a storage
+offset of ``off`` elements): the run is cut at its own 16-byte boundaries, its vectors wrap from one line to the next
+at every lane, the window's rows and columns outside the plane are zero."""
 
 from __future__ import annotations
 
@@ -30,6 +36,13 @@ def _view(n, c, h, w, dtype, off, row_pad, channels_last=False):
     if channels_last:
         big = big.to(memory_format=torch.channels_last)
     return big[..., off:off + w]
+
+
+def _flat(n, c, h, w, dtype, off, channels_last=False):
+    """Contiguous (n, c, h, w) starting ``off`` elements into its storage (or channels_last: column stride c)."""
+    shape = (n, h, w, c) if channels_last else (n, c, h, w)
+    x = torch.randn(n * c * h * w + off, dtype=dtype)[off:].view(shape)
+    return x.permute(0, 3, 1, 2) if channels_last else x
 
 
 def _check(x, k, stride, padding, dilation, kernel, monkeypatch, go_view=None):
@@ -137,3 +150,102 @@ def test_window_rows_above_inside_and_below_the_plane(dtype, monkeypatch):
     # each thread's walk crosses both borders; a narrow plane (9 columns) puts most slots outside it too
     x = _view(1, 2, 3, 9, dtype, 3, 1)
     _check(x, (31, 31), 1, 15, 1, "31", monkeypatch)
+
+
+def _flat_go(off):
+    def make(shape, dtype):
+        return _flat(*shape, dtype, off)
+
+    return make
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("w", [7, 9, 10, 11, 12, 13, 14, 15, 61])
+@pytest.mark.parametrize("off", [0, 1, 3, 6])
+def test_plane_run_rows_seven_tap_tile(w, off, dtype, monkeypatch):
+    # contiguous rows of w (every nonzero residue mod 4 and mod 8: the cut changes from row to row; 12 keeps fp32
+    # rows alike, the slot walk), plane starts `off` elements in: the 32 x 64 seven-tap tile's window spans whole
+    # rows (3 columns of padding each side, rows above the plane in the first tile, below it in the second);
+    # 2 channels shift the second plane by 38·w
+    x = _flat(1, 2, 38, w, dtype, off)
+    _check(x, (7, 7), 1, 3, 1, "7", monkeypatch, go_view=_flat_go(off))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [
+    (7, 7, (7, 7), 3, "small:7"),
+    (14, 14, (13, 13), 6, "small:13"),
+    (7, 7, (13, 13), 6, "small:13"),          # window wider and taller than the plane
+    (14, 14, (27, 27), 13, "small:27"),       # ParCNetV2 14 full
+    (9, 11, (3, 5), (1, 2), "small:generic"),
+], ids=["7x7_k7", "14x14_k13", "7x7_k13", "14x14_k27", "9x11_k3x5"])
+@pytest.mark.parametrize("off", [0, 5])
+def test_plane_run_rows_small_map(case, off, dtype, monkeypatch):
+    h, w, k, padding, kernel = case
+    x = _flat(2, 3, h, w, dtype, off)
+    _check(x, k, 1, padding, 1, kernel, monkeypatch, go_view=_flat_go(off))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [
+    (14, 14, (27, 1), (13, 0), "small:27"),   # ParCNetV2 14 (2h-1) x 1: transposed, the window spans every row
+    (7, 7, (13, 1), (6, 0), "small:13"),      # ParCNetV2 7 (2h-1) x 1
+    (12, 9, (7, 1), (3, 0), "small:7"),       # transposed lines of 9 (fp32: 1 mod 4; half: 1 mod 8)
+    (10, 15, (9, 1), (4, 0), "small:generic"),
+], ids=["14x14_k27x1", "7x7_k13x1", "12x9_k7x1", "10x15_k9x1"])
+@pytest.mark.parametrize("off", [0, 3])
+def test_plane_run_columns_transposed(case, off, dtype, monkeypatch):
+    h, w, k, padding, kernel = case
+    x = _flat(2, 3, h, w, dtype, off)
+    _check(x, k, 1, padding, 1, kernel, monkeypatch, go_view=_flat_go(off))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("w", [3, 7, 9, 14])
+def test_plane_run_long_runs(w, dtype, monkeypatch):
+    # 61 tap rows on the generic tile: a window of 92 rows, so each thread walks several vectors of the run (64
+    # threads x 16 bytes a step), the lane of its wrap moving step by step (it reaches the vector's start, and for
+    # w = V - 1 a wrap at the last lane); w = 3 with half types takes the slot walk (w < V - 1)
+    x = _flat(1, 2, 100, w, dtype, 1)
+    _check(x, (61, 3), 1, (30, 1), 1, "generic", monkeypatch, go_view=_flat_go(3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [("7", (7, 7), 3, 20), ("generic", (5, 9), (2, 4), 9)], ids=["k7", "k5x9"])
+@pytest.mark.parametrize("off", [0, 2])
+def test_plane_run_columns_h_innermost(case, off, dtype, monkeypatch):
+    # a plane stored column by column (row stride 1, column stride H) on the 32 x 64 tiles: the window spans every
+    # row, and its columns start inside the plane from the second tile along W on (150 columns: 3 tiles)
+    kernel, k, padding, h = case
+    x = _flat(1, 2, 150, h, dtype, off).transpose(2, 3)
+    assert x.stride(2) == 1 and x.stride(3) == h
+    _check(x, k, 1, padding, 1, kernel, monkeypatch, go_view=_flat_go(off))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_plane_run_window_mostly_outside(dtype, monkeypatch):
+    # 3 x 9 plane under 31 x 31 taps, padding 15: most of each window lies above, below, left and right of the plane
+    x = _flat(1, 2, 3, 9, dtype, 1)
+    _check(x, (31, 31), 1, 15, 1, "31", monkeypatch, go_view=_flat_go(2))
+
+
+def test_plane_run_tap_chunks_outside_the_plane(monkeypatch):
+    # 101 x 191 taps on the generic tile are staged 9 tap rows at a time (shared memory): the windows of the first
+    # and last chunks lie wholly above or below the 5-row plane (all zero), the middle ones cross it
+    x = _flat(1, 2, 5, 9, torch.float32, 1)
+    _check(x, (101, 191), 1, (50, 95), 1, "generic", monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [
+    (7, 7, (7, 7), 3, "small:7"),
+    (14, 14, (27, 1), (13, 0), "small:27"),
+    (20, 14, (7, 7), 3, "7"),
+], ids=["7x7_k7", "14x14_k27x1", "20x14_k7"])
+def test_plane_run_not_for_channels_last(case, dtype, monkeypatch):
+    # the same small planes in channels_last (column stride C): the input takes the element-by-element walk as
+    # before (grad_out, contiguous, still takes the plane run in the input and weight gradients)
+    h, w, k, padding, kernel = case
+    x = _flat(2, 3, h, w, dtype, 1, channels_last=True)
+    assert x.stride(3) == 3
+    _check(x, k, 1, padding, 1, kernel, monkeypatch)

@@ -14,14 +14,17 @@
 //              chunk's taps (rows padded to a multiple of 4 with zeros) into shared memory, as Acc;
 //              stage_window: rows contiguous in memory cut at the plane's 16-byte boundaries into slots,
 //              each thread keeping one slot and walking rows at a fixed stride (16-byte loads, masked
-//              heads and tails), other planes element by element; no division per item
+//              heads and tails); a contiguous plane whose whole lines lie in the window (rows whose cut
+//              changes from row to row, transposed planes) as one run cut at its own 16-byte boundaries,
+//              each thread walking its vectors' (line, lane) places; other planes element by element; no
+//              division per item
 //     barrier
 //     compute: each thread accumulates its kRH x kRW outputs: per tap row and output row it keeps a
 //              window of kRW + 4 inputs in registers, slides it by 4 taps per step (one 16-byte load)
 //              and reads the 4 taps with one 16-byte broadcast load
 //     barrier
 //   store:     each thread adds the bias and writes its outputs (store_outputs): row by row, 16-byte vectors
-//              (fp32: 4 outputs; fp16/bf16: 8, converted and packed; 8-byte vectors of 4 where a half row is
+//              (fp32: 4 outputs; fp16/bf16: 8, converted and packed; 8-byte vectors of 2 and 4 where a row is
 //              only 8-byte aligned) when the output row is contiguous, the thread's kRW columns lie inside it and
 //              their start is aligned; else one output at a time (right edge, misaligned rows, channels_last,
 //              W phases R > 1)
@@ -223,7 +226,10 @@ RK_HD void stg_vec(T* __restrict__ p, const float* v) {
   check_aligned(p, kBytes, "stg_vec");
   if constexpr (sizeof(T) == 4) {
 #if defined(__CUDA_ARCH__)
-    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    if constexpr (N == 4)
+      *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    else
+      *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
 #else
     for (int j = 0; j < N; ++j) p[j] = Cvt<T, float>::store(v[j]);
 #endif
@@ -262,8 +268,8 @@ RK_HD void store_row(T* __restrict__ p, const float* a, float bv) {
 
 // Writes a thread's kRH x kRW outputs acc + bv: output rows oh0 + r, columns ρ + R·(u + cc) of `plane`. When the
 // kRW columns of a row are contiguous (R = 1, column stride 1) and inside the output, each row takes 16-byte vectors
-// where its column u is 16-byte aligned, 8-byte vectors of 4 (half types) where only that holds, else scalar stores;
-// otherwise every output is stored alone with its own bounds test.
+// where its column u is 16-byte aligned, 8-byte vectors (2 fp32, 4 fp16/bf16) where only that holds, else scalar
+// stores; otherwise every output is stored alone with its own bounds test.
 template <typename T, typename Acc, int kRH, int kRW>
 RK_HD void store_outputs(const RtParams& q, T* __restrict__ plane, int oh0, int rho, int u, const Acc* acc, Acc bv) {
   constexpr bool kVecT = std::is_same_v<Acc, float> && (sizeof(T) == 4 || sizeof(T) == 2);
@@ -282,8 +288,8 @@ RK_HD void store_outputs(const RtParams& q, T* __restrict__ plane, int oh0, int 
         const unsigned al = unsigned(reinterpret_cast<uintptr_t>(p)) & 15u;
         if (al == 0) {
           store_row<T, V, kRW>(p, a, bv);
-        } else if (sizeof(T) == 2 && (al & 7u) == 0) {
-          store_row<T, 4, kRW>(p, a, bv);
+        } else if ((al & 7u) == 0) {
+          store_row<T, V / 2, kRW>(p, a, bv);
         } else {
 #if defined(__CUDACC__)
 #pragma unroll
@@ -364,6 +370,150 @@ RK_HD void put_slot(Acc* p, const Acc* v, bool aligned, Keep&& keep) {
   }
 }
 
+// Zeros dst[begin, end) (0 <= begin; dst 16-byte aligned for float): 16-byte stores of the whole groups of 4,
+// the partial groups at either end element by element (the first and the last thread). The block's kThreads
+// threads share the work (one store per step: the tile's accumulators are live while it stages).
+template <int kThreads, typename Acc>
+RK_HD void zero_range(Acc* dst, int begin, int end, int tid) {
+  const int b4 = (begin + 3) & ~3, e4 = end & ~3;  // the whole groups [b4, e4)
+  const Acc zero[4] = {};
+#if defined(__CUDACC__)
+#pragma unroll 1
+#endif
+  for (int e = b4 + 4 * tid; e < e4; e += 4 * kThreads) sts4(dst + e, zero);
+  const int head_end = b4 < end ? b4 : end, tail_begin = e4 > b4 ? e4 : b4;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int jj = 0; jj < 3; ++jj) {
+    if (tid == 0 && begin + jj < head_end) dst[begin + jj] = Acc(0);
+    if (tid == kThreads - 1 && tail_begin + jj < end) dst[tail_begin + jj] = Acc(0);
+  }
+}
+
+// Zeros the elements of a rows x cols window (dst, 16-byte aligned for float) outside its rectangle of rows
+// [ra, rb) and columns [ca, cb): the run before the rectangle's first element, the gaps of cols − (cb − ca)
+// elements between two of its rows (each thread keeps one gap column and walks the gaps at a fixed stride, as the
+// slots of stage_window), the run after its last element.
+template <int kThreads, typename Acc>
+RK_HD void zero_outside(Acc* dst, int rows, int cols, int ra, int rb, int ca, int cb, int tid) {
+  if (ra >= rb || ca >= cb) {
+    zero_range<kThreads>(dst, 0, rows * cols, tid);
+    return;
+  }
+  zero_range<kThreads>(dst, 0, ra * cols + ca, tid);
+  zero_range<kThreads>(dst, (rb - 1) * cols + cb, rows * cols, tid);
+  const int m = cols - (cb - ca);
+  const int gaps = rb - ra - 1;
+  if (m <= 0 || gaps <= 0) return;
+  int k = tid, g0 = 0, G = 1;
+  if (m <= kThreads) {
+    const FastDiv div(m);
+    g0 = div(tid);
+    k = tid - g0 * m;
+    G = div(kThreads);
+    if (g0 >= G) return;
+  }
+  const int stride = G * cols;
+  Acc* const end = dst + ((rb - 1) * cols + cb);  // past the last gap's elements
+  for (; k < m; k += kThreads) {
+    for (Acc* p = dst + ((ra + g0) * cols + cb + k); p < end; p += stride) *p = Acc(0);
+  }
+}
+
+// Copies the run of n plane elements at `run` (contiguous in memory) into the window: run element
+// k = o·inner + i (0 <= i < inner) goes to dst[base + o·d_outer + i·d_inner] (d_inner = 1 when kUnitInner).
+// The run is cut at its own 16-byte boundaries: thread tid takes vectors tid, tid + kThreads, ... (16-byte loads;
+// masked scalar loads for the run's partial head and tail vectors) and follows its place with no division: each
+// step moves the same number of lines and lanes, carrying one wrap. inner >= V − 1, so that a vector wraps at most
+// once: its lanes before the wrap go to p + jj·d_inner, those after it one wrap (d_outer − inner·d_inner) further.
+// FastDiv(inner) is exact here: inner and the thread's first index are within the staged window's size. The loops
+// are unrolled little (the tile's accumulators are live while it stages: registers).
+template <int kThreads, bool kUnitInner, typename T, typename Acc>
+RK_HD void stage_run(const T* __restrict__ run, int n, int inner, int base, int d_outer, int d_inner_, Acc* dst,
+                     int tid) {
+  constexpr int V = kVec<T>;
+  constexpr int kStride = kThreads * V;
+  const int d_inner = kUnitInner ? 1 : d_inner_;
+  const int hd = int(uint32_t(reinterpret_cast<uintptr_t>(run) / sizeof(T)) & uint32_t(V - 1));
+  const FastDiv div(inner);
+  // vector t holds run elements [t·V − hd, (t + 1)·V − hd): the thread's first at k = o·inner + i, o = −1 for
+  // lanes before the run (thread 0's head)
+  int k = tid * V - hd;
+  const int o = div(k + inner) - 1;
+  int left = inner - (k - o * inner);  // lanes before the wrap
+  Acc* p = dst + (base + o * d_outer + (inner - left) * d_inner);
+  const int dq = div(kStride);
+  const int dr = kStride - dq * inner;
+  const int wrap = d_outer - inner * d_inner;
+  const int step = dq * d_outer + dr * d_inner;
+  auto advance = [&]() {
+    k += kStride;
+    p += step;
+    left -= dr;
+    if (left <= 0) {
+      left += inner;
+      p += wrap;
+    }
+  };
+  auto put_masked = [&]() {
+#if defined(__CUDACC__)
+#pragma unroll 1
+#endif
+    for (int jj = 0; jj < V; ++jj)
+      if (unsigned(k + jj) < unsigned(n))
+        (jj < left ? p : p + wrap)[jj * d_inner] = ldg1<T, Acc>(run + (k + jj));
+  };
+  if (k < 0 && k < n) {
+    put_masked();
+    advance();
+  }
+#if defined(__CUDACC__)
+#pragma unroll 2
+#endif
+  for (; k <= n - V; advance()) {
+    Acc v[V];
+    ldg_vec(run + k, v);
+    Acc* const pw = p + wrap;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int jj = 0; jj < V; ++jj) (jj < left ? p : pw)[jj * d_inner] = v[jj];
+  }
+  if (k < n) put_masked();
+}
+
+// Stages the window through stage_run when the plane is contiguous and the window holds its whole lines: rows
+// (row stride w, column stride 1, the window spans every column; taken when the rows' 16-byte cut changes from
+// row to row, w not a multiple of V) or columns (row stride 1, column stride h, the window spans every row: a
+// transposed plane). Zeros the rest of the window (zero_outside). False when it does not apply.
+template <int kThreads, typename T, typename Acc>
+RK_HD bool stage_plane_lines(const StageSrc& g, const T* __restrict__ plane, int r0, int c0, int rows, int cols,
+                             int tid, Acc* dst) {
+  constexpr int V = kVec<T>;
+  if (g.step != 1) return false;
+  if (g.col_stride == 1 && g.row_stride == g.w && (g.w & (V - 1)) != 0 && g.w >= V - 1 && c0 <= 0 &&
+      c0 + cols >= g.w) {
+    const int lo = r0 > 0 ? r0 : 0;
+    const int hi = r0 + rows < g.h ? r0 + rows : g.h;
+    const int ra = lo - r0, rb = hi - r0;
+    zero_outside<kThreads>(dst, rows, cols, ra, rb, -c0, g.w - c0, tid);
+    if (hi > lo)
+      stage_run<kThreads, true>(plane + lo * g.w, (hi - lo) * g.w, g.w, ra * cols - c0, cols, 1, dst, tid);
+    return true;
+  }
+  if (g.row_stride == 1 && g.col_stride == g.h && g.h >= V - 1 && r0 <= 0 && r0 + rows >= g.h) {
+    const int lo = c0 > 0 ? c0 : 0;
+    const int hi = c0 + cols < g.w ? c0 + cols : g.w;
+    const int ca = lo - c0, cb = hi - c0;
+    zero_outside<kThreads>(dst, rows, cols, -r0, g.h - r0, ca, cb, tid);
+    if (hi > lo)
+      stage_run<kThreads, false>(plane + lo * g.h, (hi - lo) * g.h, g.h, -r0 * cols + ca, 1, cols, dst, tid);
+    return true;
+  }
+  return false;
+}
+
 // Stage a rows x cols window of plane `src` into dst (row-major, cols a row, 16-byte aligned): element (a, e) is
 // plane row r0 + a, column c0 + e·step, zero outside the plane. The block's kThreads threads share the work.
 //
@@ -376,7 +526,9 @@ RK_HD void put_slot(Acc* p, const Acc* v, bool aligned, Keep&& keep) {
 // once, and the walk is split into rows above, inside and below the plane. A slot whose 16 bytes lie in the
 // plane's row is one 16-byte load (else masked scalar loads; zeros outside the plane); whole slots are stored
 // with 16-byte shared stores where aligned (slot start a multiple of 4 of the row), else element by element, only
-// the window's columns. Other planes (channels_last, W phases): one item per element.
+// the window's columns. Contiguous planes whose whole lines lie in the window, when the rows' cut changes from row to
+// row or the plane is transposed: stage_plane_lines (one run of the plane's memory). Other planes (channels_last,
+// W phases): one item per element.
 // No cp.async: with the usual odd paddings a row's 16-byte global runs start 1-3 floats off the shared row's
 // 16-byte boundaries, so 16-byte copies rarely apply and 4-byte ones cost an instruction per element like the
 // register path; double buffering would double the shared memory the planner budgets per stage.
@@ -391,6 +543,7 @@ RK_HD void stage_window(const StageSrc& g, const T* __restrict__ plane, int r0, 
                ? ldg1<T, Acc>(plane + (r * g.row_stride + c * g.col_stride))
                : Acc(0);
   };
+  if (stage_plane_lines<kThreads>(g, plane, r0, c0, rows, cols, tid, dst)) return;
   if (g.step != 1 || g.col_stride != 1) {
     for_each_item<kThreads>(rows, cols, tid,
                             [&](int a, int e) { dst[a * cols + e] = scalar(r0 + a, c0 + e * g.step); });
