@@ -171,31 +171,26 @@ def test_plane_run_rows_seven_tap_tile(w, off, dtype, monkeypatch):
     _check(x, (7, 7), 1, 3, 1, "7", monkeypatch, go_view=_flat_go(off))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", [
-    (7, 7, (7, 7), 3, "small:7"),
-    (14, 14, (13, 13), 6, "small:13"),
-    (7, 7, (13, 13), 6, "small:13"),          # window wider and taller than the plane
-    (14, 14, (27, 27), 13, "small:27"),       # ParCNetV2 14 full
-    (9, 11, (3, 5), (1, 2), "small:generic"),
-], ids=["7x7_k7", "14x14_k13", "7x7_k13", "14x14_k27", "9x11_k3x5"])
-@pytest.mark.parametrize("off", [0, 5])
-def test_plane_run_rows_small_map(case, off, dtype, monkeypatch):
-    h, w, k, padding, kernel = case
-    x = _flat(2, 3, h, w, dtype, off)
-    _check(x, k, 1, padding, 1, kernel, monkeypatch, go_view=_flat_go(off))
+# Small-map tiles on contiguous planes: rows of w elements (w not a multiple of the vector, so the 16-byte cut
+# changes from row to row), and transposed (kh x 1 kernels, the window spans every row).
+SMALL_MAP_PLANE_RUNS = {
+    "7x7_k7": (7, 7, (7, 7), 3, "small:7"),
+    "14x14_k13": (14, 14, (13, 13), 6, "small:13"),
+    "7x7_k13": (7, 7, (13, 13), 6, "small:13"),          # window wider and taller than the plane
+    "14x14_k27": (14, 14, (27, 27), 13, "small:27"),     # ParCNetV2 14 full
+    "9x11_k3x5": (9, 11, (3, 5), (1, 2), "small:generic"),
+    "14x14_k27x1": (14, 14, (27, 1), (13, 0), "small:27"),   # ParCNetV2 14 (2h-1) x 1: transposed
+    "7x7_k13x1": (7, 7, (13, 1), (6, 0), "small:13"),        # ParCNetV2 7 (2h-1) x 1
+    "12x9_k7x1": (12, 9, (7, 1), (3, 0), "small:7"),         # transposed lines of 9 (fp32: 1 mod 4; half: 1 mod 8)
+    "10x15_k9x1": (10, 15, (9, 1), (4, 0), "small:generic"),
+}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", [
-    (14, 14, (27, 1), (13, 0), "small:27"),   # ParCNetV2 14 (2h-1) x 1: transposed, the window spans every row
-    (7, 7, (13, 1), (6, 0), "small:13"),      # ParCNetV2 7 (2h-1) x 1
-    (12, 9, (7, 1), (3, 0), "small:7"),       # transposed lines of 9 (fp32: 1 mod 4; half: 1 mod 8)
-    (10, 15, (9, 1), (4, 0), "small:generic"),
-], ids=["14x14_k27x1", "7x7_k13x1", "12x9_k7x1", "10x15_k9x1"])
-@pytest.mark.parametrize("off", [0, 3])
-def test_plane_run_columns_transposed(case, off, dtype, monkeypatch):
-    h, w, k, padding, kernel = case
+@pytest.mark.parametrize("case", list(SMALL_MAP_PLANE_RUNS))
+@pytest.mark.parametrize("off", [0, 3, 5])
+def test_plane_run_small_map(case, off, dtype, monkeypatch):
+    h, w, k, padding, kernel = SMALL_MAP_PLANE_RUNS[case]
     x = _flat(2, 3, h, w, dtype, off)
     _check(x, k, 1, padding, 1, kernel, monkeypatch, go_view=_flat_go(off))
 

@@ -344,6 +344,21 @@ RK_HD void for_each_item(int rows, int n, int tid, F&& f) {
   }
 }
 
+// Where thread tid starts a walk over the items of rows of n: column k of row g0, then every G-th row (n <=
+// kThreads: the threads split into G groups of n, each thread keeps its column); k = tid, g0 = 0, G = 1 otherwise
+// (the caller steps k by kThreads).
+struct ThreadLane {
+  int k, g0, G;
+};
+
+template <int kThreads>
+RK_HD ThreadLane thread_lane(int n, int tid) {
+  if (n > kThreads) return ThreadLane{tid, 0, 1};
+  const FastDiv div(n);
+  const int g0 = div(tid);
+  return ThreadLane{tid - g0 * n, g0, div(kThreads)};
+}
+
 // The plane a window is staged from: h x w elements, row and column strides (elements), and `step`, the
 // plane columns between two staged columns.
 struct StageSrc {
@@ -406,14 +421,10 @@ RK_HD void zero_outside(Acc* dst, int rows, int cols, int ra, int rb, int ca, in
   const int m = cols - (cb - ca);
   const int gaps = rb - ra - 1;
   if (m <= 0 || gaps <= 0) return;
-  int k = tid, g0 = 0, G = 1;
-  if (m <= kThreads) {
-    const FastDiv div(m);
-    g0 = div(tid);
-    k = tid - g0 * m;
-    G = div(kThreads);
-    if (g0 >= G) return;
-  }
+  const ThreadLane lane = thread_lane<kThreads>(m, tid);
+  if (lane.g0 >= lane.G) return;
+  int k = lane.k;
+  const int g0 = lane.g0, G = lane.G;
   const int stride = G * cols;
   Acc* const end = dst + ((rb - 1) * cols + cb);  // past the last gap's elements
   for (; k < m; k += kThreads) {
@@ -554,12 +565,10 @@ RK_HD void stage_window(const StageSrc& g, const T* __restrict__ plane, int r0, 
   const uint32_t base = uint32_t(reinterpret_cast<uintptr_t>(plane) / sizeof(T)) + uint32_t(c0);
   auto head = [&](int r) { return int((0u - (base + uint32_t(r) * uint32_t(g.row_stride))) & uint32_t(V - 1)); };
   const int J = (cols + 2 * V - 1) / V;  // slots per row: enough for every head
-  int j = tid, a0 = 0, G = 1;
+  const ThreadLane lane = thread_lane<kThreads>(J, tid);
+  int j = lane.k, G = lane.G;
+  const int a0 = lane.g0;
   if (J <= kThreads) {
-    const FastDiv div(J);
-    a0 = div(tid);
-    j = tid - a0 * J;
-    G = div(kThreads);
     // head(r + P) = head(r) for the P that row_stride·P ≡ 0 mod V (a power of 2)
     const uint32_t low = uint32_t(g.row_stride) & (0u - uint32_t(g.row_stride));
     const int P = low == 0 || low >= uint32_t(V) ? 1 : V / int(low);
