@@ -170,4 +170,17 @@ def _multibranch(torch, dtype):
             block(torch.randn(2, cin, hw, hw, dtype=dtype, requires_grad=True)).float().sum().backward()
 
 
-WORKLOADS = {"depthwise": _depthwise, "kernelwarehouse": _kernelwarehouse, "multibranch": _multibranch}
+def _per_sample(torch, dtype):
+    """Per-sample conv forwards on channel-innermost kernels (as ``kw_conv2d`` passes them) with channels_last
+    input, the layers whose fp32 launches spilled 8 B on sm_90 with 32-channel steps (issue 12): 3x3 128->32 at
+    56x56 and 7x7 (32 x 128 and 32 x 64 tiles, per-tap loops), 1x1 128->16 at 56x56 and 128->32 at 7x7."""
+    from repkernels.ops import per_sample_conv2d
+
+    for cin, cout, k, hw in ((128, 32, 3, 56), (128, 32, 3, 7), (128, 16, 1, 56), (128, 32, 1, 7)):
+        x = torch.randn(2, cin, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(2, cout, k, k, cin, dtype=dtype).permute(0, 1, 4, 2, 3)
+        per_sample_conv2d(x, weight, None, padding=k // 2)
+
+
+WORKLOADS = {"depthwise": _depthwise, "kernelwarehouse": _kernelwarehouse, "multibranch": _multibranch,
+             "per_sample": _per_sample}

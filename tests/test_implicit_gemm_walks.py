@@ -36,8 +36,9 @@ LAYOUTS = {  # (input memory format, weight storage)
     "nchw": (torch.contiguous_format, "sliced"),
     "nhwc": (torch.channels_last, "channels_last"),
 }
-# the one loop's boundaries (forward chunks of BLOCK_K = pow2(CIG) clamped to [16, 32], input-gradient chunks of
-# BLOCK_O = pow2(Cout/groups) clamped to [16, 32]; broadcast tiles below 16 outputs)
+# the one loop's boundaries (forward chunks of BLOCK_K = pow2(CIG) clamped to [16, 32] — [16, 16] for fp32 tiles
+# narrower than 64 outputs —, input-gradient chunks of BLOCK_O = pow2(Cout/groups) clamped to [16, 32]; broadcast
+# tiles below 16 outputs)
 STEP_CASES = {
     # 16 channels, 16 outputs: one chunk per tap both ways, 9 steps; stride 2 and dilation 3 (3·kh / 2 rounds down)
     "one_chunk": (2, 16, 9, 8, 16, (3, 3), (2, 2), (2, 1), (3, 3), 1),
@@ -52,6 +53,9 @@ STEP_CASES = {
     "wide": (1, 16, 3, 19, 16, (2, 17), (1, 1), (1, 8), (1, 1), 1),
     # 8 outputs: broadcast tiles (forward chunks 16 + 8, one input-gradient chunk of 8); 2 x 2 image, 16-pixel tile
     "thin": (2, 24, 2, 2, 8, (3, 2), (1, 1), (1, 1), (1, 1), 1),
+    # 24 outputs on 42 pixels: in fp32 a 32 x 64 tile, forward chunks of 16 (16 + 16 + 8, the last partial) on
+    # per-tap loops; 32 + 8 (one loop) in half precision
+    "narrow": (1, 40, 6, 7, 24, (3, 3), (1, 1), (1, 1), (1, 1), 1),
 }
 # the weight gradient's pixel chunks (BLOCK_P = 32 for tensor-core tiles, advanced as (row, column) counters):
 # rows longer than a chunk (a chunk inside a row, the column wrapping), several rows per chunk with a remainder
@@ -63,7 +67,7 @@ PIXEL_CASES = {
 
 STEP_RUNS = [  # (case, dtype, layout)
     *[(c, torch.float32, lay) for c in STEP_CASES for lay in LAYOUTS],
-    ("exact", torch.bfloat16, "nhwc"), ("many", torch.float16, "nchw"),
+    ("exact", torch.bfloat16, "nhwc"), ("many", torch.float16, "nchw"), ("narrow", torch.bfloat16, "nhwc"),
 ]
 STEP_IDS = [f"{c}-{str(d).removeprefix('torch.')}-{lay}" for c, d, lay in STEP_RUNS]
 
@@ -128,6 +132,35 @@ def test_walk_is_chosen_by_the_layer():
     assert [one_loop(c, 32, True) for c in (16, 32, 40, 64, 65, 128, 512)] == [True] * 4 + [False] * 3
     assert [one_loop(c, 16, True) for c in (8, 16, 32, 33)] == [True, True, True, False]
     assert not any(one_loop(c, 16, False) for c in (1, 8, 16, 32))
+
+
+def test_forward_launch_is_chosen_by_the_layer():
+    from repkernels.triton_kernels.implicit_gemm import one_loop
+    from repkernels.triton_kernels.per_sample_conv2d_fwd import stages, tiles, warps
+
+    def launch(cin, cout, k, hw, itemsize):
+        use_dot, block_o, block_p, block_k = tiles(cout, cin * k * k, hw * hw, cin, itemsize)
+        return (use_dot, block_o, block_p, block_k, one_loop(cin, block_k, use_dot),
+                warps(use_dot, block_o, block_p, itemsize), stages(use_dot, block_o, block_p, itemsize))
+
+    # ResNet-50 3x3 64->64 and 256->256 in every dtype: 64 x 128 tiles, 32-channel steps, 8 warps, 3 stages
+    for itemsize in (2, 4):
+        assert launch(64, 64, 3, 56, itemsize) == (True, 64, 128, 32, True, 8, 3)
+        assert launch(256, 256, 3, 14, itemsize) == (True, 64, 128, 32, False, 8, 3)
+    # fp32 tiles narrower than 64 outputs of at least 16 x 128 (they spilled with 32-channel steps): 16-channel
+    # steps, 4 warps, 2 stages
+    assert launch(128, 32, 3, 56, 4) == (True, 32, 128, 16, False, 4, 2)
+    assert launch(128, 32, 3, 7, 4) == (True, 32, 64, 16, False, 4, 2)
+    assert launch(128, 16, 1, 56, 4) == (True, 16, 128, 16, False, 4, 2)
+    assert launch(64, 32, 3, 56, 4) == (True, 32, 128, 16, False, 4, 2)     # 4 steps a tap: per-tap loops
+    assert launch(32, 32, 3, 56, 4) == (True, 32, 128, 16, True, 4, 2)
+    # the same layers in half precision keep 32-channel steps and 3 stages
+    assert launch(128, 32, 3, 56, 2) == (True, 32, 128, 32, False, 8, 3)
+    assert launch(128, 32, 3, 7, 2) == (True, 32, 64, 32, False, 4, 3)
+    # fp32 16 x 64 tiles (no spill with 32-channel steps) and broadcast tiles (fewer than 16 outputs): unchanged
+    assert launch(128, 16, 3, 7, 4) == (True, 16, 64, 32, False, 4, 3)
+    assert launch(64, 16, 3, 7, 4) == (True, 16, 64, 32, True, 4, 3)
+    assert launch(64, 8, 3, 56, 4) == (False, 8, 32, 16, False, 4, 3)
 
 
 @requires_triton_cpu

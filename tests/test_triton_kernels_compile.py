@@ -3,10 +3,10 @@ their shared memory — no GPU needed.
 
 The interpreter runs the kernels' Python semantics on CPU; ``tests/_triton_aot.py`` records the launches
 that the Triton paths of the ops make (depthwise conv over the bench's shapes, a KW ResNet-50 and
-MobileNetV2 training step, the fused PBConv/ACB blocks; fp32 and bf16) and compiles each through Triton's
-full pipeline (TTIR → TTGIR → LLVM → PTX → cubin via ptxas). It also checks that the bf16 Toeplitz GEMMs
-lower to Hopper tensor-core instructions (wgmma). Runs in a subprocess: the test session has
-TRITON_INTERPRET=1. About 3 minutes on 2 cores with an empty Triton cache.
+MobileNetV2 training step, the fused PBConv/ACB blocks, the per-sample conv forwards that once spilled; fp32
+and bf16) and compiles each through Triton's full pipeline (TTIR → TTGIR → LLVM → PTX → cubin via ptxas). It
+also checks that the bf16 Toeplitz GEMMs lower to Hopper tensor-core instructions (wgmma). Runs in a subprocess:
+the test session has TRITON_INTERPRET=1. About 3 minutes on 2 cores with an empty Triton cache.
 """
 
 from __future__ import annotations
