@@ -86,12 +86,20 @@ def kernels_channels_innermost(input: torch.Tensor, attention: torch.Tensor, war
     kernels' device and dtype) and walks tap-major. From the layer, device, dtype and backend, not the batch."""
     if not _backend.HAS_TRITON or not fused_kernels_channels_innermost(layout):
         return False
+    return _unfused_conv_backend(input, attention, warehouse, layout, bias, out_pixels) == "triton"
+
+
+def _unfused_conv_backend(input: torch.Tensor, attention: torch.Tensor, warehouse: torch.Tensor,
+                          layout: Sequence[int], bias: torch.Tensor | None, out_pixels: int) -> str:
+    """The backend :func:`~repkernels.ops.per_sample_conv2d` takes for the unfused path's conv, decided before the
+    kernels exist: the warehouse stands in for their device and dtype, and the larger of an output sample and a
+    kernel sample for the span the Triton kernels must address."""
     kernel_elems = 1
     for v in layout:
         kernel_elems *= int(v)
     tensors = (input, warehouse, attention) if bias is None else (input, warehouse, attention, bias)
     reasons = _psc_fast_reasons(*tensors, out_elems=max(int(layout[0]) * out_pixels, kernel_elems))
-    return _backend.select("per_sample_conv2d", reasons, on_gpu=input.is_cuda, prefer=_PSC_PREFER) == "triton"
+    return _backend.select("per_sample_conv2d", reasons, on_gpu=input.is_cuda, prefer=_PSC_PREFER)
 
 
 def _fake(input, attention, warehouse, layout, bias, stride, padding, dilation):
@@ -163,23 +171,12 @@ def kw_conv2d(input: torch.Tensor, attention: torch.Tensor, warehouse: torch.Ten
     """
     layout, groups, input, stride, padding, dilation = _normalize(input, attention, warehouse, layout, bias, stride,
                                                                   padding, dilation, groups)
-    wanted = _backend.get_backend()
-    # The rule applies under 'triton' on any device (the interpreter runs it on CPU), under 'auto' on GPUs.
-    consider = fused is True or (fused is None and (wanted == "triton" or (wanted == "auto" and input.is_cuda)))
-    if consider:
-        if wanted not in ("auto", "triton"):
-            raise _backend.BackendUnavailableError(
-                f"{OP}: the fused kernel is a Triton kernel; backend '{wanted}' was asked for")
-        oh, ow = _out_hw(input.shape[2], input.shape[3], layout[2:], stride, padding, dilation)
-        why = _fused_unavailable_reason(input, attention, warehouse, layout, bias, groups, oh * ow)
-        if fused is True and why is not None:
-            raise _backend.BackendUnavailableError(f"{OP}: the fused Triton kernel cannot serve this call: {why}")
-        if why is None and (fused is True or fused_wins(warehouse.shape, layout, groups, oh * ow)):
-            return torch.ops.repkernels.kw_conv2d_fused_triton(input, attention, warehouse, layout, bias, stride,
-                                                                padding, dilation)
-    if wanted == "reference" or (wanted == "auto" and not input.is_cuda):
-        return _ref.kw_conv2d(input, attention, warehouse, layout, bias, stride, padding, dilation, groups)
     oh, ow = _out_hw(input.shape[2], input.shape[3], layout[2:], stride, padding, dilation)
+    if _fused_route(input, attention, warehouse, layout, bias, groups, oh * ow, fused)[0]:
+        return torch.ops.repkernels.kw_conv2d_fused_triton(input, attention, warehouse, layout, bias, stride,
+                                                            padding, dilation)
+    if _unfused_on_reference(input):
+        return _ref.kw_conv2d(input, attention, warehouse, layout, bias, stride, padding, dilation, groups)
     inner = kernels_channels_innermost(input, attention, warehouse, layout, bias, oh * ow)
     weight = _kw_assemble(attention, warehouse, layout, channels_innermost=inner)
     return _per_sample_conv2d(input, weight, bias, stride, padding, dilation, groups)
@@ -208,6 +205,30 @@ def _normalize(input, attention, warehouse, layout, bias, stride, padding, dilat
     input, padding = _resolve_padding(input, layout[2:], stride, dilation, padding, OP)
     _check_spatial(input, layout[2:], padding, dilation, OP)
     return layout, groups, input, stride, padding, dilation
+
+
+def _fused_route(input, attention, warehouse, layout, bias, groups, out_pixels: int,
+                 fused: bool | None) -> tuple[bool, bool, str | None]:
+    """(runs fused, fused considered, why the fused kernel cannot serve the call or None) for :func:`kw_conv2d`'s
+    ``fused`` argument; raises where ``fused=True`` (or the rule under a non-Triton backend) cannot be honoured.
+    The rule applies under 'triton' on any device (the interpreter runs it on CPU), under 'auto' on GPUs."""
+    wanted = _backend.get_backend()
+    consider = fused is True or (fused is None and (wanted == "triton" or (wanted == "auto" and input.is_cuda)))
+    if not consider:
+        return False, False, None
+    if wanted not in ("auto", "triton"):
+        raise _backend.BackendUnavailableError(
+            f"{OP}: the fused kernel is a Triton kernel; backend '{wanted}' was asked for")
+    why = _fused_unavailable_reason(input, attention, warehouse, layout, bias, groups, out_pixels)
+    if fused is True and why is not None:
+        raise _backend.BackendUnavailableError(f"{OP}: the fused Triton kernel cannot serve this call: {why}")
+    return why is None and (fused is True or fused_wins(warehouse.shape, layout, groups, out_pixels)), True, why
+
+
+def _unfused_on_reference(input: torch.Tensor) -> bool:
+    """Whether the unfused path is the reference: asked for, or CPU tensors under 'auto'."""
+    wanted = _backend.get_backend()
+    return wanted == "reference" or (wanted == "auto" and not input.is_cuda)
 
 
 def _fused_unavailable_reason(input, attention, warehouse, layout, bias, groups, out_pixels: int) -> str | None:
@@ -239,20 +260,18 @@ def routing_decision(input: torch.Tensor, attention: torch.Tensor, warehouse: to
     oh, ow = _out_hw(input.shape[2], input.shape[3], layout[2:], stride, padding, dilation)
     fused_rule = f"fused_wins: n·(P_tiles − 1) <= FUSED_MAX_EXTRA ({FUSED_MAX_EXTRA})"
     fused_where = f"{_HERE}: fused_wins (FUSED_MAX_EXTRA)"
-    if wanted == "triton" or (wanted == "auto" and input.is_cuda):
-        why = _fused_unavailable_reason(input, attention, warehouse, layout, bias, groups, oh * ow)
-        if why is None and fused_wins(warehouse.shape, layout, groups, oh * ow):
-            return {"fused": True, "backend": "triton", "rule": fused_rule + " -> fused", "where": fused_where}
+    runs_fused, considered, why = _fused_route(input, attention, warehouse, layout, bias, groups, oh * ow, None)
+    if runs_fused:
+        return {"fused": True, "backend": "triton", "rule": fused_rule + " -> fused", "where": fused_where}
+    if considered:
         unfused = f"fused kernel unavailable ({why})" if why else fused_rule.replace("<=", ">") + " -> unfused"
     elif wanted == "auto":
         unfused = "CPU tensors -> reference"
     else:
         unfused = f"backend '{wanted}' asked for: unfused"
-    if wanted == "reference" or (wanted == "auto" and not input.is_cuda):
+    if _unfused_on_reference(input):
         return {"fused": False, "backend": "reference", "rule": unfused, "where": fused_where}
-    tensors = (input, warehouse, attention) if bias is None else (input, warehouse, attention, bias)
-    reasons = _psc_fast_reasons(*tensors, out_elems=int(layout[0]) * oh * ow)
-    backend = _backend.select("per_sample_conv2d", reasons, on_gpu=input.is_cuda, prefer=_PSC_PREFER)
+    backend = _unfused_conv_backend(input, attention, warehouse, layout, bias, oh * ow)
     return {"fused": False, "backend": backend,
             "rule": f"{unfused}; per_sample_conv2d PREFER {'>'.join(_PSC_PREFER)} -> {backend}",
             "where": f"{fused_where}; python/repkernels/ops/per_sample_conv2d.py: PREFER"}
