@@ -311,22 +311,30 @@ def static_choice(input, weight, bias, stride, padding, dilation, on_gpu: bool |
     Under ``auto`` on a GPU: both kernel sides <= CUDNN_MAX_KERNEL -> cuDNN; shapes the Toeplitz rule accepts ->
     Triton's Toeplitz GEMMs, else CUDA, else cuDNN; other shapes -> CUDA, else cuDNN (the Triton kernels serve
     them only when asked for: no bench row has them faster than cuDNN)."""
+    return _static_rule(input, weight, bias, stride, padding, dilation, on_gpu)[0]
+
+
+def _static_rule(input, weight, bias, stride, padding, dilation, on_gpu: bool | None = None) -> tuple[str, str]:
+    """(backend, rule) of :func:`static_choice`; ``rule`` names the branch that decided: 'asked' (a backend other
+    than auto), 'cpu', 'cudnn' (K <= CUDNN_MAX_KERNEL), 'toeplitz' (the Toeplitz rule accepts the shape) or
+    'other' (:func:`routing_decision` words them)."""
     on_gpu = input.is_cuda if on_gpu is None else on_gpu
     kh, kw = weight.shape[2], weight.shape[3]
     tensors = (input, weight) if bias is None else (input, weight, bias)
     auto = _backend.get_backend() == "auto"
     if auto and on_gpu and max(kh, kw) <= CUDNN_MAX_KERNEL:
-        return "reference"  # cuDNN
+        return "reference", "cudnn"  # cuDNN
     # Oversized kernels: Triton's Toeplitz GEMMs run on tensor cores, the CUDA kernels are direct.
     toeplitz = on_gpu and _backend.HAS_TRITON and _toeplitz_plan(input, weight, stride, padding,
                                                                  dilation) is not None
-    return _backend.select(
+    backend = _backend.select(
         OP,
         {"cuda": lambda: _backend.cuda_unavailable_reason(*tensors) or autodiff_unsupported_reason(*tensors),
          "triton": lambda: _backend.triton_unavailable_reason(*tensors) or autodiff_unsupported_reason(*tensors)},
         on_gpu=on_gpu,
         prefer=("triton", "cuda") if toeplitz else ("cuda",),
     )
+    return backend, "asked" if not auto else "cpu" if not on_gpu else "toeplitz" if toeplitz else "other"
 
 
 def _run(which: str, input, weight, bias, stride, padding, dilation) -> torch.Tensor:
@@ -407,18 +415,14 @@ def routing_decision(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 def _static_decision(input, weight, bias, stride, padding, dilation, on_gpu: bool) -> dict:
     """:func:`static_choice` for normalized arguments, with the rule that made it (see :func:`routing_decision`)."""
-    backend = static_choice(input, weight, bias, stride, padding, dilation, on_gpu=on_gpu)
-    wanted = _backend.get_backend()
-    kh, kw = weight.shape[2], weight.shape[3]
-    toeplitz = on_gpu and _backend.HAS_TRITON and _toeplitz_plan(input, weight, stride, padding,
-                                                                 dilation) is not None
-    if wanted != "auto":
-        rule, where = f"backend '{wanted}' asked for", "repkernels.backend / REPKERNELS_BACKEND"
-    elif not on_gpu:
+    backend, branch = _static_rule(input, weight, bias, stride, padding, dilation, on_gpu)
+    if branch == "asked":
+        rule, where = f"backend '{_backend.get_backend()}' asked for", "repkernels.backend / REPKERNELS_BACKEND"
+    elif branch == "cpu":
         rule, where = "CPU tensors -> reference", f"{_HERE}: static_choice"
-    elif max(kh, kw) <= CUDNN_MAX_KERNEL:
+    elif branch == "cudnn":
         rule, where = f"K <= CUDNN_MAX_KERNEL ({CUDNN_MAX_KERNEL}) -> cuDNN", f"{_HERE}: CUDNN_MAX_KERNEL"
-    elif toeplitz:
+    elif branch == "toeplitz":
         rule, where = {"triton": "Toeplitz rule -> Triton",
                        "cuda": "Toeplitz rule -> Triton, unavailable: CUDA"}.get(
             backend, "Toeplitz rule -> Triton, no fast backend serves it: cuDNN"), _TOEPLITZ_RULE
