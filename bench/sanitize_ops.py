@@ -24,14 +24,13 @@ def _paths(device: str) -> list[tuple[str, str, Callable[[], tuple[list, list]]]
 
     The registered ops are called directly (``torch.ops.repkernels.<op>`` for the CUDA kernels — their CPU
     implementation is the emulation — and ``<op>_triton``), their autograd running the family's backward ops."""
-    import os
-
     import torch
     import torch.nn.functional as F
 
     import repkernels
     from repkernels import _backend, _extension
     from repkernels.nn import PBConv2d
+    from repkernels.ops.depthwise_conv2d import cuda_toeplitz
     from repkernels.reference import kernelwarehouse as kw_ref
 
     R = torch.ops.repkernels
@@ -52,18 +51,13 @@ def _paths(device: str) -> list[tuple[str, str, Callable[[], tuple[list, list]]]
     def depthwise_mode(direct: bool, deterministic: bool):
         """``direct``: the CUDA extension's direct tiles even where its Toeplitz rule applies (the Triton ops
         have only the Toeplitz kernels, which serve every geometry)."""
-        saved = os.environ.get("REPKERNELS_DW_TOEPLITZ")
-        os.environ["REPKERNELS_DW_TOEPLITZ"] = "0" if direct else "1"
         if deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         try:
-            yield
+            with cuda_toeplitz(not direct):
+                yield
         finally:
             torch.use_deterministic_algorithms(False)
-            if saved is None:
-                os.environ.pop("REPKERNELS_DW_TOEPLITZ", None)
-            else:
-                os.environ["REPKERNELS_DW_TOEPLITZ"] = saved
 
     def dw(sfx, n, c, h, w, k, stride, padding, direct=False, deterministic=False, dtype=torch.float32,
            view=False):

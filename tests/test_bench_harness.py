@@ -141,25 +141,26 @@ def test_cli_writes_png_on_cpu(tmp_path):
 @pytest.mark.parametrize("before", [None, "1"])
 def test_depthwise_cuda_tiles_switches_toeplitz_off_for_the_call_only(monkeypatch, before):
     from repkernels.bench.suites import depthwise_conv2d as suite
+    from repkernels.ops.depthwise_conv2d import TOEPLITZ_ENV
 
     if before is None:
-        monkeypatch.delenv(suite.TOEPLITZ_ENV, raising=False)
+        monkeypatch.delenv(TOEPLITZ_ENV, raising=False)
     else:
-        monkeypatch.setenv(suite.TOEPLITZ_ENV, before)
+        monkeypatch.setenv(TOEPLITZ_ENV, before)
     seen = []
 
     def fn(fail=False):
-        seen.append(os.environ.get(suite.TOEPLITZ_ENV))
+        seen.append(os.environ.get(TOEPLITZ_ENV))
         if fail:
             raise RuntimeError("boom")
         return 7
 
     assert suite._without_toeplitz(fn)() == 7
-    assert os.environ.get(suite.TOEPLITZ_ENV) == before
+    assert os.environ.get(TOEPLITZ_ENV) == before
     with pytest.raises(RuntimeError, match="boom"):
         suite._without_toeplitz(lambda: fn(fail=True))()
     assert seen == ["0", "0"]
-    assert os.environ.get(suite.TOEPLITZ_ENV) == before
+    assert os.environ.get(TOEPLITZ_ENV) == before
 
 
 def test_picks_are_recorded_after_the_first_call_and_never_break_a_row():

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +35,6 @@ from repkernels import _backend, _extension
 from ..harness import COMPILE_BUDGET, Case
 
 OP = "depthwise_conv2d"
-TOEPLITZ_ENV = "REPKERNELS_DW_TOEPLITZ"
 _dw_ops = importlib.import_module("repkernels.ops.depthwise_conv2d")
 # Rows the autotuner cannot pick (not among its candidates): the rule to change where one of them is fastest.
 AUTOTUNE_CANDIDATES = "the autotuner's candidates (python/repkernels/ops/depthwise_conv2d.py: _autotune_candidates)"
@@ -93,15 +91,8 @@ def _without_toeplitz(fn):
     """``fn`` with the CUDA op's Toeplitz GEMMs switched off (``REPKERNELS_DW_TOEPLITZ=0``, read per call by the
     C++ planner), so it runs the register tiles (small-map tiles where they fit) on every shape."""
     def call():
-        before = os.environ.get(TOEPLITZ_ENV)
-        os.environ[TOEPLITZ_ENV] = "0"
-        try:
+        with _dw_ops.cuda_toeplitz(False):
             return fn()
-        finally:
-            if before is None:
-                del os.environ[TOEPLITZ_ENV]
-            else:
-                os.environ[TOEPLITZ_ENV] = before
     return call
 
 

@@ -53,6 +53,7 @@ these rules decided, without running it (the GPU check's routing table).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -75,8 +76,8 @@ IntPair = int | Sequence[int]
 MAX_KERNEL_SIZE = 1024
 #: Under ``auto`` on a GPU, kernels with both sides <= this go to cuDNN (F.conv2d).
 CUDNN_MAX_KERNEL = 7
-#: Set to "0", the C++ planner never takes its Toeplitz GEMMs (read per call).
-_TOEPLITZ_ENV = "REPKERNELS_DW_TOEPLITZ"
+#: Set to "0", the C++ planner never takes its Toeplitz GEMMs (read per call; :func:`cuda_toeplitz`).
+TOEPLITZ_ENV = "REPKERNELS_DW_TOEPLITZ"
 _warned_too_large = False
 
 
@@ -438,12 +439,27 @@ def _with_cuda_plan(decision: dict, input, weight, stride, padding, dilation, on
     if not on_gpu:
         return decision
     plan = None
-    if os.environ.get(_TOEPLITZ_ENV) == "0":  # read per call by the C++ planner
+    if os.environ.get(TOEPLITZ_ENV) == "0":  # read per call by the C++ planner
         plan = "register tiles"
     elif _backend.HAS_TRITON:
         toeplitz = _toeplitz_plan(input, weight, stride, padding, dilation) is not None
         plan = "Toeplitz GEMMs" if toeplitz else "register tiles"
     return {**decision, "cuda_plan": plan, "cuda_plan_where": _CUDA_PLANNER}
+
+
+@contextlib.contextmanager
+def cuda_toeplitz(enabled: bool):
+    """Within the block the CUDA op takes its Toeplitz GEMMs where its planner's rule applies (``enabled``) or
+    never (register and small-map tiles on every shape): sets :data:`TOEPLITZ_ENV`, restored on exit."""
+    saved = os.environ.get(TOEPLITZ_ENV)
+    os.environ[TOEPLITZ_ENV] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(TOEPLITZ_ENV, None)
+        else:
+            os.environ[TOEPLITZ_ENV] = saved
 
 
 def _warn_too_large(kh: int, kw: int) -> None:
