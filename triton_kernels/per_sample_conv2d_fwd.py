@@ -67,7 +67,7 @@ def per_sample_conv2d_fwd_kernel(
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=o_ok[:, None] & p_ok[None, :])
 
 
-def tiles(cog: int, k: int, p: int, chunk: int, itemsize: int = 2) -> tuple[bool, int, int, int]:
+def tiles(cog: int, k: int, p: int, chunk: int, itemsize: int) -> tuple[bool, int, int, int]:
     """(USE_DOT, BLOCK_O, BLOCK_P, BLOCK_K) for a group of ``cog`` outputs, reduction ``k``, ``p`` pixels and
     reduction steps of ``chunk`` (``k`` for the flattened walk, the input channels per group tap-major), elements
     of ``itemsize`` bytes.
@@ -106,7 +106,7 @@ def narrow_fp32(use_dot: bool, block_o: int, block_p: int, itemsize: int) -> boo
     return use_dot and itemsize == 4 and block_o < 64 and block_o * block_p >= 16 * 128
 
 
-def warps(use_dot: bool, block_o: int, block_p: int, itemsize: int = 2) -> int:
+def warps(use_dot: bool, block_o: int, block_p: int, itemsize: int) -> int:
     """8 warps from 32 x 128 tiles: with 4, fp32 32 x 128 tiles (3-stage pipeline) spilled 8 B on sm_90 (static
     report). With 8, a 3x3 bf16 / fp16 32 x 128 tile with channel-innermost kernels takes 63 (channels_last) / 107
     (NCHW) registers in one loop (32 input channels), 100 / 124 with per-tap loops (128 input channels). fp32 tiles
@@ -118,7 +118,7 @@ def warps(use_dot: bool, block_o: int, block_p: int, itemsize: int = 2) -> int:
     return 8 if block_o * block_p >= 32 * 128 else 4
 
 
-def stages(use_dot: bool, block_o: int, block_p: int, itemsize: int = 2) -> int:
+def stages(use_dot: bool, block_o: int, block_p: int, itemsize: int) -> int:
     """Software-pipeline stages: 3; 2 for fp32 tiles narrower than 64 (:func:`narrow_fp32`), where the third
     stage costs registers and instructions: a 3x3 fp32 32 x 64 channels_last tile (128->32 at 7x7, 16-channel
     steps) takes 80 registers in 3 stages, 72 in 2 (6 / 7 blocks per SM), and ~18 % fewer instructions per MAC
