@@ -115,7 +115,7 @@ def test_blocks_per_sm_from_registers_threads_and_shared_memory():
 def test_kernelwarehouse_kernels_do_not_spill(report):
     """Issue 12: no KW hot kernel spills (the fused assembly-in-conv kernel spilled 352-408 B, the conv wgrad GEMM
     16 B, the per-sample dgrad 24-48 B, the assembly backward 8 B) and the assembly forward uses 64-row tiles."""
-    cuda = [k for k in report if k["source"] == "cuda" and "rk::kw::gemm_kernel<rk::kw::" in k["kernel"]]
+    cuda = [k for k in report if k["source"] == "cuda" and "rk::gemm::gemm_kernel<rk::kw::" in k["kernel"]]
     triton = [k for k in report if k["source"] == "triton" and k["kernel"].startswith(("kw_", "per_sample_"))]
     assert len(cuda) == 36, [k["kernel"] for k in cuda]           # 6 problems x 3 dtypes x 2 tile shapes
     assert {k["kernel"].split()[0] for k in triton} >= {

@@ -20,6 +20,7 @@
 
 #include "common/check.h"
 #include "common/cpu_types.h"
+#include "common/gemm_emulation.h"
 #include "depthwise_conv2d/depthwise_conv2d_bwd_tile.h"
 #include "depthwise_conv2d/depthwise_conv2d_fwd_tile.h"
 #include "depthwise_conv2d/depthwise_conv2d_launch.h"
@@ -112,46 +113,15 @@ bool make_toeplitz(const Params& p, const at::Tensor& x, const at::Tensor& y, To
   return true;
 }
 
-template <typename Prob, typename Shape>
-void emulate_gemm_shape(const Prob& pr) {
-  using Tile = kw::GemmTile<Prob, Shape>;
-  using Acc = typename Prob::Acc;
-  at::parallel_for(0, Tile::num_blocks(pr), 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> s_a(Shape::kSmemA), s_b(Shape::kSmemB), acc(Shape::kThreads * Shape::kAccPerThread);
-    for (int64_t block = begin; block < end; ++block) {
-      const kw::TileCoord c = Tile::coord(pr, block);
-      std::fill(acc.begin(), acc.end(), Acc(0));
-      for (int64_t k0 = c.k_begin; k0 < c.k_end; k0 += Shape::kTileK) {
-        std::fill(s_a.begin(), s_a.end(), std::numeric_limits<Acc>::quiet_NaN());
-        std::fill(s_b.begin(), s_b.end(), std::numeric_limits<Acc>::quiet_NaN());
-        for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::stage(pr, c, k0, tid, s_a.data(), s_b.data());
-        for (int tid = 0; tid < Shape::kThreads; ++tid)
-          Tile::compute(tid, s_a.data(), s_b.data(), acc.data() + tid * Shape::kAccPerThread);
-      }
-      for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::store(pr, c, tid, acc.data() + tid * Shape::kAccPerThread);
-    }
-  });
-}
-
-// CPU emulation of the CUDA launch (same tile choice as run_gemm in the .cu).
-template <typename Prob>
-void emulate_gemm(const Prob& pr) {
-  if (pr.M() <= 8) {
-    emulate_gemm_shape<Prob, kw::ThinShape>(pr);
-  } else {
-    emulate_gemm_shape<Prob, kw::WideShape>(pr);
-  }
-}
-
 template <typename T, typename Acc>
 void emulate_toeplitz_conv(const ToeplitzParams& t, bool trans, const T* src, const T* weight, const T* bias, T* dst) {
-  emulate_gemm(ToeplitzConv<T, Acc>{t, trans, src, weight, bias, dst});
+  gemm::emulate_gemm(ToeplitzConv<T, Acc>{t, trans, src, weight, bias, dst});
 }
 
 template <typename T, typename Acc>
 void emulate_toeplitz_wgrad(const ToeplitzParams& t, const T* grad, const T* input, Acc* ws, T* grad_weight) {
-  emulate_gemm(ToeplitzCross<T, Acc>{t, grad, input, ws});
-  emulate_gemm(ToeplitzDiagonal<T, Acc>{t, ws, grad_weight});
+  gemm::emulate_gemm(ToeplitzCross<T, Acc>{t, grad, input, ws});
+  gemm::emulate_gemm(ToeplitzDiagonal<T, Acc>{t, ws, grad_weight});
 }
 
 // REPKERNELS_DW_TILE (the tests use it to reach each forward kernel): "generic" (the generic register tile),

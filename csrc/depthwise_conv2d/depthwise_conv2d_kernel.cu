@@ -8,7 +8,7 @@
 #include "depthwise_conv2d/depthwise_conv2d_regtile.h"
 #include "depthwise_conv2d/depthwise_conv2d_regtile_wgrad.h"
 #include "depthwise_conv2d/depthwise_conv2d_smallmap.h"
-#include "kernelwarehouse/kw_gemm_kernel.cuh"
+#include "common/gemm_kernel.cuh"
 
 namespace rk::dw {
 namespace {
@@ -159,17 +159,17 @@ cudaError_t toeplitz_conv_typed(const ToeplitzParams& t, bool trans, const void*
                                 const void* bias, void* dst, cudaStream_t stream) {
   ToeplitzConv<T, float> pr{t, trans, static_cast<const T*>(src), static_cast<const T*>(weight),
                             static_cast<const T*>(bias), static_cast<T*>(dst)};
-  return kw::run_gemm(pr, stream);
+  return gemm::run_gemm(pr, stream);
 }
 
 template <typename T>
 cudaError_t toeplitz_wgrad_typed(const ToeplitzParams& t, const void* grad, const void* input, float* ws,
                                  void* grad_weight, cudaStream_t stream) {
   ToeplitzCross<T, float> cross{t, static_cast<const T*>(grad), static_cast<const T*>(input), ws};
-  const cudaError_t err = kw::run_gemm(cross, stream);
+  const cudaError_t err = gemm::run_gemm(cross, stream);
   if (err != cudaSuccess) return err;
   ToeplitzDiagonal<T, float> diag{t, ws, static_cast<T*>(grad_weight)};
-  return kw::run_gemm(diag, stream);
+  return gemm::run_gemm(diag, stream);
 }
 
 template <typename T>

@@ -1,5 +1,5 @@
 // Depthwise conv2d with large kernels as per-channel Toeplitz GEMMs, on the batched tile engine of
-// kernelwarehouse/kw_gemm_tile.h (host+device code: the same tiles run in the CPU emulation).
+// common/gemm_tile.h (host+device code: the same tiles run in the CPU emulation).
 //
 // The formulation (same as triton_kernels/depthwise_conv2d_toeplitz.py): a Toeplitz plane is one
 // spatial axis (1-D) or both (2-D); in 1-D the other axis is a batch-like column axis f whose kf
@@ -14,7 +14,7 @@
 #pragma once
 
 #include "common/hd.h"
-#include "kernelwarehouse/kw_gemm_tile.h"
+#include "common/gemm_tile.h"
 
 namespace rk::dw {
 

@@ -7,7 +7,7 @@
 //   repkernels::per_sample_conv2d_backward_input(grad, input, weight, stride, padding, dilation, groups)
 //   repkernels::per_sample_conv2d_backward_weight(grad, input, weight, stride, padding, dilation, groups)
 //
-// The CPU implementations run the CUDA kernels' tile code (kw_gemm_tile.h + kw_problems.h) block by block,
+// The CPU implementations run the CUDA kernels' tile code (common/gemm_tile.h + kw_problems.h) block by block,
 // thread by thread, phase by phase, with shared memory poisoned before each stage, so the test suite checks
 // the GPU algorithm on machines without a GPU. They are test vehicles, not fast CPU kernels
 // (repkernels.ops sends CPU tensors to the reference).
@@ -29,7 +29,8 @@
 
 #include "common/check.h"
 #include "common/cpu_types.h"
-#include "kernelwarehouse/kw_gemm_tile.h"
+#include "common/gemm_emulation.h"
+#include "common/gemm_tile.h"
 #include "kernelwarehouse/kw_launch.h"
 #include "kernelwarehouse/kw_problems.h"
 
@@ -39,41 +40,6 @@ namespace {
 // Splits of the warehouse-gradient reduction that the emulation uses (as if on a GPU with this many SMs), so
 // that the tests exercise the split reduction.
 constexpr int64_t kEmulatedSMs = 4;
-
-// ---------------------------------------------------------------------------------------------- emulation
-template <typename Prob, typename Shape>
-void emulate_shape(const Prob& pr) {
-  using Acc = typename Prob::Acc;
-  using Tile = GemmTile<Prob, Shape>;
-  at::parallel_for(0, Tile::num_blocks(pr), 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> s_a(Shape::kSmemA), s_b(Shape::kSmemB);
-    std::vector<Acc> acc(static_cast<size_t>(Shape::kThreads) * Shape::kAccPerThread);
-    for (int64_t block = begin; block < end; ++block) {
-      const TileCoord c = Tile::coord(pr, block);
-      std::fill(acc.begin(), acc.end(), Acc(0));
-      for (int64_t k0 = c.k_begin; k0 < c.k_end; k0 += Shape::kTileK) {
-        // Poison shared memory so that a read of anything the stage phase did not write shows.
-        std::fill(s_a.begin(), s_a.end(), std::numeric_limits<Acc>::quiet_NaN());
-        std::fill(s_b.begin(), s_b.end(), std::numeric_limits<Acc>::quiet_NaN());
-        for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::stage(pr, c, k0, tid, s_a.data(), s_b.data());
-        for (int tid = 0; tid < Shape::kThreads; ++tid)
-          Tile::compute(tid, s_a.data(), s_b.data(), acc.data() + tid * Shape::kAccPerThread);
-      }
-      for (int tid = 0; tid < Shape::kThreads; ++tid)
-        Tile::store(pr, c, tid, acc.data() + tid * Shape::kAccPerThread);
-    }
-  });
-}
-
-// The same shape choice as the CUDA launcher (kw_kernels.cu).
-template <typename Prob>
-void emulate(const Prob& pr) {
-  if (pr.M() <= 8) {
-    emulate_shape<Prob, ThinShape>(pr);
-  } else {
-    emulate_shape<Prob, WideShape>(pr);
-  }
-}
 
 template <typename scalar_t>
 using AccOf = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -166,7 +132,7 @@ at::Tensor kw_assemble_impl(const at::Tensor& attention, const at::Tensor& wareh
     return launch_assemble_forward(p, dt, att.const_data_ptr(), wh.const_data_ptr(), out.mutable_data_ptr(), stream);
   }, [&](auto tag) {
     using T = decltype(tag);
-    emulate(AsmForward<T, AccOf<T>>{p, att.const_data_ptr<T>(), wh.const_data_ptr<T>(), out.mutable_data_ptr<T>()});
+    gemm::emulate_gemm(AsmForward<T, AccOf<T>>{p, att.const_data_ptr<T>(), wh.const_data_ptr<T>(), out.mutable_data_ptr<T>()});
   });
   return out;
 }
@@ -186,7 +152,7 @@ at::Tensor kw_assemble_backward_attention_impl(const at::Tensor& grad, const at:
                                               stream);
   }, [&](auto tag) {
     using T = decltype(tag);
-    emulate(AsmBackwardAtt<T, AccOf<T>>{p, g.const_data_ptr<T>(), wh.const_data_ptr<T>(), out.mutable_data_ptr<T>()});
+    gemm::emulate_gemm(AsmBackwardAtt<T, AccOf<T>>{p, g.const_data_ptr<T>(), wh.const_data_ptr<T>(), out.mutable_data_ptr<T>()});
   });
   return out;
 }
@@ -204,7 +170,7 @@ at::Tensor kw_assemble_backward_warehouse_impl(const at::Tensor& grad, const at:
   at::Tensor g = grad.contiguous(), att = attention.contiguous();
   if (warehouse.numel() == 0 || p.rows() == 0) return at::zeros_like(warehouse, at::MemoryFormat::Contiguous);
   // Split the long reduction over rows so that about two waves of blocks fill the device.
-  const int64_t tiles = cdiv(p.n, WideShape::kTileM) * cdiv(p.cell(), WideShape::kTileN);
+  const int64_t tiles = cdiv(p.n, gemm::WideShape::kTileM) * cdiv(p.cell(), gemm::WideShape::kTileN);
   int64_t sms = kEmulatedSMs;
   if (attention.is_cuda()) {
     int value = 0;
@@ -212,7 +178,7 @@ at::Tensor kw_assemble_backward_warehouse_impl(const at::Tensor& grad, const at:
     sms = value;
   }
   const int64_t splits = std::clamp<int64_t>(cdiv(2 * sms, tiles), 1, 64);
-  p.rows_per_split = cdiv(cdiv(p.rows(), splits), WideShape::kTileK) * WideShape::kTileK;
+  p.rows_per_split = cdiv(cdiv(p.rows(), splits), gemm::WideShape::kTileK) * gemm::WideShape::kTileK;
   const int64_t used = cdiv(p.rows(), p.rows_per_split);
   const bool is_double = attention.scalar_type() == at::kDouble;
   at::Tensor partial = at::empty({used, p.n, p.cell()}, attention.options().dtype(is_double ? at::kDouble : at::kFloat));
@@ -221,7 +187,7 @@ at::Tensor kw_assemble_backward_warehouse_impl(const at::Tensor& grad, const at:
                                               partial.mutable_data_ptr<float>(), stream);
   }, [&](auto tag) {
     using T = decltype(tag);
-    emulate(AsmBackwardWh<T, AccOf<T>>{p, att.const_data_ptr<T>(), g.const_data_ptr<T>(),
+    gemm::emulate_gemm(AsmBackwardWh<T, AccOf<T>>{p, att.const_data_ptr<T>(), g.const_data_ptr<T>(),
                                        partial.mutable_data_ptr<AccOf<T>>()});
   });
   return at::sum(partial, {0}).to(warehouse.scalar_type()).view(warehouse.sizes());
@@ -307,7 +273,7 @@ at::Tensor per_sample_conv2d_impl(const at::Tensor& input, const at::Tensor& wei
                                b.has_value() ? b->const_data_ptr() : nullptr, out.mutable_data_ptr(), stream);
   }, [&](auto tag) {
     using T = decltype(tag);
-    emulate(ConvForward<T, AccOf<T>>{p, input.const_data_ptr<T>(), w.const_data_ptr<T>(),
+    gemm::emulate_gemm(ConvForward<T, AccOf<T>>{p, input.const_data_ptr<T>(), w.const_data_ptr<T>(),
                                      b.has_value() ? b->const_data_ptr<T>() : nullptr, out.mutable_data_ptr<T>()});
   });
   return out;
@@ -330,7 +296,7 @@ at::Tensor per_sample_conv2d_backward_input_impl(const at::Tensor& grad, const a
     return launch_conv_backward_input(p, dt, grad.const_data_ptr(), w.const_data_ptr(), gx.mutable_data_ptr(), stream);
   }, [&](auto tag) {
     using T = decltype(tag);
-    emulate(ConvBackwardInput<T, AccOf<T>>{p, grad.const_data_ptr<T>(), w.const_data_ptr<T>(), gx.mutable_data_ptr<T>()});
+    gemm::emulate_gemm(ConvBackwardInput<T, AccOf<T>>{p, grad.const_data_ptr<T>(), w.const_data_ptr<T>(), gx.mutable_data_ptr<T>()});
   });
   return gx;
 }
@@ -351,7 +317,7 @@ at::Tensor per_sample_conv2d_backward_weight_impl(const at::Tensor& grad, const 
                                        stream);
   }, [&](auto tag) {
     using T = decltype(tag);
-    emulate(ConvBackwardWeight<T, AccOf<T>>{p, input.const_data_ptr<T>(), grad.const_data_ptr<T>(),
+    gemm::emulate_gemm(ConvBackwardWeight<T, AccOf<T>>{p, input.const_data_ptr<T>(), grad.const_data_ptr<T>(),
                                             gw.mutable_data_ptr<T>()});
   });
   return gw;

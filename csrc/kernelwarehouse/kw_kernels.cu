@@ -1,10 +1,10 @@
-// CUDA kernels of the KernelWarehouse ops: one batched tiled GEMM kernel (kw_gemm_tile.h) instantiated for
+// CUDA kernels of the KernelWarehouse ops: one batched tiled GEMM kernel (common/gemm_tile.h) instantiated for
 // the six problems of kw_problems.h. The per-block work is shared with the CPU emulation in
 // kernelwarehouse.cpp.
 #include <type_traits>
 
 #include "common/cuda_types.cuh"
-#include "kernelwarehouse/kw_gemm_kernel.cuh"
+#include "common/gemm_kernel.cuh"
 #include "kernelwarehouse/kw_launch.h"
 #include "kernelwarehouse/kw_problems.h"
 
@@ -14,9 +14,9 @@ namespace {
 template <template <typename, typename> class Prob, typename Fill>
 cudaError_t dispatch(DType dtype, Fill fill, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat32: { Prob<float, float> pr{}; fill(pr); return run_gemm(pr, stream); }
-    case DType::kFloat16: { Prob<__half, float> pr{}; fill(pr); return run_gemm(pr, stream); }
-    case DType::kBFloat16: { Prob<__nv_bfloat16, float> pr{}; fill(pr); return run_gemm(pr, stream); }
+    case DType::kFloat32: { Prob<float, float> pr{}; fill(pr); return gemm::run_gemm(pr, stream); }
+    case DType::kFloat16: { Prob<__half, float> pr{}; fill(pr); return gemm::run_gemm(pr, stream); }
+    case DType::kBFloat16: { Prob<__nv_bfloat16, float> pr{}; fill(pr); return gemm::run_gemm(pr, stream); }
   }
   return cudaErrorInvalidValue;
 }

@@ -1,4 +1,4 @@
-// The six GEMM problems of the KernelWarehouse ops, for kw_gemm_tile.h: operand gathers and epilogues.
+// The six GEMM problems of the KernelWarehouse ops, for the tile engine of common/gemm_tile.h: operand gathers and epilogues.
 //
 //   AsmForward        kernels[addr(r, t)]      = Σ_n  attention[r, n] · warehouse[n, t]          r = b·m + j
 //   AsmBackwardAtt    grad_attention[r, n]     = Σ_t  grad[addr(r, t)] · warehouse[n, t]

@@ -15,7 +15,7 @@ Registered operators (``torch.ops.repkernels``):
 Every op has a fake (meta) implementation; the forward ops have autograd whose backward runs the
 backward ops of the same backend (bias gradient: a sum), and the backward ops have autograd made of the
 family's ops (double backward; ``ops/_registration.register_conv_double_backward``). The CUDA extension computes
-large kernels as per-channel Toeplitz GEMMs (the tile engine of kw_gemm_tile.h) and other kernels with register
+large kernels as per-channel Toeplitz GEMMs (the tile engine of csrc/common/gemm_tile.h) and other kernels with register
 tiles (each thread 4x8 outputs from a window of inputs held in registers; dgrad: the same forward kernel on
 grad_output with the flipped sub-kernel, one problem per class of input positions modulo the stride; wgrad:
 threads own 2x8 tap tiles, per-split fp32 sums); Triton computes every kernel as Toeplitz GEMMs (tensor

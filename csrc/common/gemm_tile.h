@@ -1,8 +1,10 @@
 // A batched, tiled GEMM whose operands are gathered and whose result is scattered by a "problem" type:
 // C[batch][m][n] = Σ_k A(batch, m, k) · B(batch, k, n), k in [k_begin(batch), k_end(batch)).
 //
-// Written once as host+device code (RK_HD) for the CUDA kernels (kw_kernels.cu) and their CPU emulation
-// (kernelwarehouse.cpp). One thread block computes one kTileM x kTileN tile of one batch:
+// Written once as host+device code (RK_HD) for the CUDA kernel (gemm_kernel.cuh) and its CPU emulation
+// (gemm_emulation.h); used by the KernelWarehouse ops (kernelwarehouse/kw_problems.h) and the depthwise
+// Toeplitz GEMMs (depthwise_conv2d/depthwise_conv2d_toeplitz.h). One thread block computes one
+// kTileM x kTileN tile of one batch:
 //
 //   for each chunk of kTileK reduction indices:
 //     stage:   the block gathers the A chunk (kTileK x kTileM) and the B chunk (kTileK x kTileN) into shared
@@ -21,7 +23,7 @@
 
 #include "common/hd.h"
 
-namespace rk::kw {
+namespace rk::gemm {
 
 template <int TileM, int TileN, int TileK, int ThreadsM, int ThreadsN>
 struct GemmShape {
@@ -43,6 +45,20 @@ struct GemmShape {
 // other problems with M <= 8, e.g. one output channel per group).
 using WideShape = GemmShape<64, 64, 16, 16, 16>;
 using ThinShape = GemmShape<4, 256, 16, 4, 64>;
+
+template <typename Shape>
+struct ShapeTag {
+  using type = Shape;
+};
+
+// The engine's one shape choice, made by the CUDA launcher (run_gemm) and the CPU emulation (emulate_gemm)
+// alike: calls f(ShapeTag<ThinShape>{}) for problems with at most 8 rows per batch, else
+// f(ShapeTag<WideShape>{}).
+template <typename Prob, typename F>
+decltype(auto) with_shape(const Prob& pr, F&& f) {
+  if (pr.M() <= 8) return f(ShapeTag<ThinShape>{});
+  return f(ShapeTag<WideShape>{});
+}
 
 struct TileCoord {
   int64_t batch, m0, n0, k_begin, k_end;
@@ -123,4 +139,4 @@ struct GemmTile {
   }
 };
 
-}  // namespace rk::kw
+}  // namespace rk::gemm

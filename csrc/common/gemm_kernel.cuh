@@ -1,4 +1,4 @@
-// The CUDA kernel of the batched tile engine (kw_gemm_tile.h) and its launcher, shared by every op whose
+// The CUDA kernel of the batched tile engine (gemm_tile.h) and its launcher, shared by every op whose
 // problem implements the engine's interface (the KernelWarehouse ops, the depthwise Toeplitz GEMMs).
 // Device code only: include from .cu files.
 #pragma once
@@ -8,9 +8,9 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "kernelwarehouse/kw_gemm_tile.h"
+#include "common/gemm_tile.h"
 
-namespace rk::kw {
+namespace rk::gemm {
 
 // Resident blocks per SM a problem asks ptxas to plan registers for (`Prob::kMinBlocksPerSm`, optional; 0: no
 // request, ptxas's own heuristic). ptxas's heuristic may cap a kernel at 64 registers (4 blocks of 256 threads)
@@ -49,10 +49,9 @@ cudaError_t run_gemm_shape(const Prob& pr, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Thin tiles for problems with at most 8 rows per batch (depthwise: one output channel per group).
 template <typename Prob>
 cudaError_t run_gemm(const Prob& pr, cudaStream_t stream) {
-  return pr.M() <= 8 ? run_gemm_shape<Prob, ThinShape>(pr, stream) : run_gemm_shape<Prob, WideShape>(pr, stream);
+  return with_shape(pr, [&](auto shape) { return run_gemm_shape<Prob, typename decltype(shape)::type>(pr, stream); });
 }
 
-}  // namespace rk::kw
+}  // namespace rk::gemm
