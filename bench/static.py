@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the report here")
     parser.add_argument("--arch", type=int, default=90, help="compute capability (default 90: H100/H200)")
     parser.add_argument("--triton-workloads", default="all",
-                        help="comma-separated among depthwise, kernelwarehouse, multibranch, per_sample, or 'none' "
+                        help="comma-separated among depthwise, kernelwarehouse, multibranch, per_sample, per_sample_tma, or 'none' "
                         "(default all)")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)

@@ -40,6 +40,7 @@ def _recording(launches: dict):
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import JITFunction
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     from repkernels import _backend
 
@@ -54,10 +55,11 @@ def _recording(launches: dict):
                 signature[name] = "constexpr"
                 constexprs[(i,)] = value
                 continue
-            if not isinstance(value, (torch.Tensor, bool, int, float)):
+            if not isinstance(value, (torch.Tensor, TensorDescriptor, bool, int, float)):
                 raise TypeError(f"{self.__name__}: argument {name} of type {type(value).__name__}")
             # Triton's own specialization, as a launch on the GPU gets it: ints equal to 1 become constants,
-            # ints divisible by 16 and 16-byte aligned pointers get the divisibility attribute.
+            # ints divisible by 16 and 16-byte aligned pointers get the divisibility attribute; a host tensor
+            # descriptor becomes its type (``tensordesc<bf16[1, 8, 8, 64]>``: element type and block shape).
             param = self.params[i]
             kind, spec = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
                                                 not param.do_not_specialize_on_alignment)
@@ -182,5 +184,24 @@ def _per_sample(torch, dtype):
         per_sample_conv2d(x, weight, None, padding=k // 2)
 
 
+# ResNet-50 stage shapes (Cin, Cout, kernel, map) of the TMA per-sample forward's static comparison (issue 12)
+TMA_LAYERS = ((64, 64, 3, 56), (128, 128, 3, 28), (256, 256, 3, 14), (512, 512, 3, 7), (256, 64, 1, 56))
+
+
+def _per_sample_tma(torch, dtype):
+    """The per-sample forward of :data:`TMA_LAYERS` (channels_last input, channel-innermost kernels, as
+    ``kw_conv2d`` passes them) with the TMA kernel (``REPKERNELS_KW_TMA=1``) and with today's implicit-GEMM kernel
+    (switch off; the kernelwarehouse workload records the same launches), side by side in the report."""
+    from repkernels.ops import per_sample_conv2d
+    from repkernels.ops.per_sample_conv2d import kw_tma
+
+    for cin, cout, k, hw in TMA_LAYERS:
+        x = torch.randn(2, cin, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(2, cout, k, k, cin, dtype=dtype).permute(0, 1, 4, 2, 3)
+        for enabled in (True, False):
+            with kw_tma(enabled):
+                per_sample_conv2d(x, weight, None, padding=k // 2)
+
+
 WORKLOADS = {"depthwise": _depthwise, "kernelwarehouse": _kernelwarehouse, "multibranch": _multibranch,
-             "per_sample": _per_sample}
+             "per_sample": _per_sample, "per_sample_tma": _per_sample_tma}

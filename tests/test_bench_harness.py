@@ -219,8 +219,14 @@ def test_kernelwarehouse_layer_pick_names_bench_rows():
     from repkernels.bench.suites import kernelwarehouse as suite
 
     assert suite.layer_pick({"fused": True, "backend": "triton", "rule": "r", "where": "w"}) == \
-        {"impl": "triton fused", "rule": "r", "where": "w"}
+        {"impl": "triton fused", "rule": "r", "where": "w", "retune": {"triton tma": f"r (w) and {suite.TMA_RETUNE}"}}
     assert suite.layer_pick({"fused": False, "backend": "cuda", "rule": "r", "where": "w"})["impl"] == "cuda"
+    # the TMA forward (opt-in): its row when auto ran it, else the switch is the rule that would give it to auto
+    assert suite.layer_pick({"fused": False, "backend": "triton", "rule": "r", "where": "w"})["retune"] == \
+        {"triton tma": suite.TMA_RETUNE}
+    assert suite.layer_pick({"fused": False, "backend": "triton", "rule": "r", "where": "w", "tma": True}) == \
+        {"impl": "triton tma", "rule": "r", "where": "w"}
+    assert "REPKERNELS_KW_TMA=1" in suite.TMA_RETUNE
 
 
 def test_depthwise_auto_pick_asks_the_router_with_the_calls_grad_flags(monkeypatch):

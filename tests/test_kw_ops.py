@@ -903,13 +903,14 @@ def test_channel_innermost_routing_follows_the_layer_not_the_batch():
 @pytest.fixture
 def kernel_traffic(monkeypatch):
     """Records what the Triton launchers receive: ``{key: [(data_ptr, strides), ...]}`` for the kernels assembled
-    (``"assembled"``), read by the conv (``"conv weight"``) and by the dgrad (``"dgrad weight"``), the wgrad's
-    output (``"wgrad"``), the gradient reaching the assembly backward (``"grad to attention"`` /
-    ``"grad to warehouse"``), and under ``"in place"`` the :func:`~repkernels.triton_kernels.kw_common.kernel_strides`
-    both assembly backward launchers read that gradient with (through ``kernels_in_place``: None = copied)."""
+    (``"assembled"``), read by the conv (``"conv weight"``: either forward launcher) and by the dgrad
+    (``"dgrad weight"``), the wgrad's output (``"wgrad"``), the gradient reaching the assembly backward
+    (``"grad to attention"`` / ``"grad to warehouse"``), and under ``"in place"`` the
+    :func:`~repkernels.triton_kernels.kw_common.kernel_strides` both assembly backward launchers read that gradient
+    with (through ``kernels_in_place``: None = copied)."""
     from repkernels.triton_kernels import (kw_assemble_bwd_attention, kw_assemble_bwd_warehouse, kw_assemble_fwd,
                                            kw_common, per_sample_conv2d_bwd_input, per_sample_conv2d_bwd_weight,
-                                           per_sample_conv2d_fwd)
+                                           per_sample_conv2d_fwd, per_sample_conv2d_fwd_tma)
 
     seen = {"in place": []}
 
@@ -924,6 +925,7 @@ def kernel_traffic(monkeypatch):
 
     spy(kw_assemble_fwd, "kw_assemble_fwd", "assembled", lambda a: a[-1])
     spy(per_sample_conv2d_fwd, "per_sample_conv2d_fwd", "conv weight", lambda a: a[1])
+    spy(per_sample_conv2d_fwd_tma, "per_sample_conv2d_fwd_tma", "conv weight", lambda a: a[1])  # REPKERNELS_KW_TMA=1
     spy(per_sample_conv2d_bwd_input, "per_sample_conv2d_bwd_input", "dgrad weight", lambda a: a[1])
     spy(per_sample_conv2d_bwd_weight, "per_sample_conv2d_bwd_weight", "wgrad", lambda a: a[-1])
     spy(kw_assemble_bwd_attention, "kw_assemble_bwd_attention", "grad to attention", lambda a: a[0])

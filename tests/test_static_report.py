@@ -26,7 +26,8 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("static") / "static.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "repkernels.bench", "--static", "--triton-workloads",
-                           "depthwise,kernelwarehouse,multibranch,per_sample", "--json", str(out)],
+                           "depthwise,kernelwarehouse,multibranch,per_sample,per_sample_tma", "--json",
+                           str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())["kernels"]
@@ -165,3 +166,37 @@ def test_per_sample_conv_forward_does_not_spill(report):
         tile = (_constexpr(k["kernel"], "KH"), _constexpr(k["kernel"], "BLOCK_O"), _constexpr(k["kernel"], "BLOCK_P"))
         assert k["blocks_per_sm"] >= before[tile], k
     assert not [k["kernel"] for k in fwd if k["spill_bytes"]]
+
+
+def test_tma_per_sample_forward_does_not_spill(report):
+    """Issue 12's TMA per-sample forward (opt-in) on the ResNet-50 stage shapes of the per_sample_tma workload (5
+    layers x fp32 / bf16): no spill, at least 2 blocks per SM, within sm_90's shared memory."""
+    from repkernels.bench.triton_launches import SHARED_LIMIT, TMA_LAYERS
+
+    tma = [k for k in report if k["source"] == "triton" and k["kernel"].startswith("per_sample_conv2d_fwd_tma_kernel")]
+    assert len(tma) == 2 * len(TMA_LAYERS), [k["kernel"] for k in tma]
+    assert not [k["kernel"] for k in tma if k["spill_bytes"] or k["blocks_per_sm"] < 2]
+    assert all(k["smem_bytes"] <= SHARED_LIMIT[90] for k in tma)
+
+
+def test_tma_per_sample_forward_compiles_to_tma_copies_and_warpgroup_mma():
+    """The descriptor loads become TMA copies and the dots warpgroup MMAs on sm_90 (PTX of the per_sample_tma
+    workload's bf16 launches); on sm_80 (no TMA; the op never routes there) the kernel still compiles."""
+    if not _backend.HAS_TRITON:
+        pytest.skip("needs Triton")
+    script = (
+        "import torch\n"
+        "from repkernels.bench import triton_launches as tl\n"
+        "for fn, sig, ce, attrs, opts in tl.record_launches(['per_sample_tma'], (torch.bfloat16,)):\n"
+        "    if fn.__name__ != 'per_sample_conv2d_fwd_tma_kernel':\n"
+        "        continue\n"
+        "    ptx = tl.compile_launch(fn, sig, ce, attrs, opts, 90).asm['ptx']\n"
+        "    print('sm90', ptx.count('cp.async.bulk.tensor') > 0, ptx.count('wgmma.mma_async') > 0)\n"
+        "    print('sm80', bool(tl.compile_launch(fn, sig, ce, attrs, opts, 80).asm['cubin']))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.split("\n")
+    assert lines.count("sm90 True True") == 5, proc.stdout
+    assert lines.count("sm80 True") == 5, proc.stdout

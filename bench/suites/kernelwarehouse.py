@@ -12,7 +12,9 @@ Cases (224x224 inputs, batch 64 and 256; ``--quick``: batch 64 only, fewer layer
   (F.conv2d, channels_last; timed, not checked: a different computation), ``reference`` the public approach
   (grouped conv over B·groups) and the PyTorch option of the same computation;
   ``auto`` what KWConv2d runs (fused where the routing rule picks it; its ``pick``, :func:`layer_pick`, names the
-  row that runs the same kernels and the rule that chose it, for the GPU check's re-tune table).
+  row that runs the same kernels and the rule that chose it, for the GPU check's re-tune table); ``triton`` the
+  unfused Triton path with today's per-sample forward (``REPKERNELS_KW_TMA`` off), ``triton tma`` (GPU only) the
+  same with the TMA forward (``REPKERNELS_KW_TMA=1``; opt-in until this row is timed against ``triton``).
 * ``KW-ResNet-50``, ``KW-MobileNetV2``, ``KW-ConvNeXt-T`` inference (τ = 0) / training step (forward + loss +
   backward, τ = 1: see _model_setup) at b = 1; ``static <network>`` (the ``x_baseline`` row) is the static
   torchvision network (channels_last, timed, not checked); ``reference`` the KW model on the reference ops (the
@@ -23,6 +25,7 @@ Without a GPU the harness shrinks every case (``small=True``) and checks each im
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -50,13 +53,20 @@ QUICK_LAYERS = ("r50 s1 3x3", "r50 s3 3x3", "r50 s4 3x3")
 BATCHES = (64, 256)
 R50_GMACS = 4.09  # multiply-adds of ResNet-50 per 224x224 image (static; KW adds the assembly)
 _kw_ops = importlib.import_module("repkernels.ops.kw_conv2d")
+_psc_ops = importlib.import_module("repkernels.ops.per_sample_conv2d")
+TMA_RETUNE = (f"{_psc_ops.TMA_ENV}=1 (python/repkernels/ops/per_sample_conv2d.py: TMA_ENV; opt-in, default off): "
+              "make the TMA forward the default for the layers tma_fits accepts")
 
 
 def layer_pick(decision: dict) -> dict:
     """A routing decision (:func:`repkernels.ops.kw_conv2d.routing_decision`) in the layer case's row names:
-    ``{"impl": row, "rule", "where"}``."""
+    ``{"impl": row, "rule", "where"}``, and where auto did not run the TMA forward, ``"retune"`` naming the switch
+    that would give it the ``triton tma`` row."""
     row = "triton fused" if decision["fused"] else decision["backend"]
-    return {"impl": row, "rule": decision["rule"], "where": decision["where"]}
+    if decision.get("tma"):
+        return {"impl": "triton tma", "rule": decision["rule"], "where": decision["where"]}
+    retune = f"{decision['rule']} ({decision['where']}) and {TMA_RETUNE}" if decision["fused"] else TMA_RETUNE
+    return {"impl": row, "rule": decision["rule"], "where": decision["where"], "retune": {"triton tma": retune}}
 
 
 def _layer_tensors(c, h, w, cout, k, cell, n, batch, dtype, device, small):
@@ -123,6 +133,11 @@ def _assemble_backward_setup(label, c, h, w, cout, k, stride, cell, n, batch, dt
             _layer_ran(xt, att, wh, layout))
 
 
+def _tma_switch(enabled: bool | None):
+    """``REPKERNELS_KW_TMA`` set for a row (None: as the environment has it, as ``auto`` runs)."""
+    return contextlib.nullcontext() if enabled is None else _psc_ops.kw_tma(enabled)
+
+
 def _layer_setup(label, c, h, w, cout, k, stride, cell, n, batch, dtype, device, small):
     x, att, wh, layout = _layer_tensors(c, h, w, cout, k, cell, n, batch, dtype, device, small)
     pad = k // 2
@@ -140,9 +155,9 @@ def _layer_setup(label, c, h, w, cout, k, stride, cell, n, batch, dtype, device,
             return torch.cat([out.flatten()] + [g.flatten() for g in grads])
         return run
 
-    def kw(backend_name, fused=None):
+    def kw(backend_name, fused=None, tma=None):
         def call(xx, aa, ww):
-            with repkernels.backend(backend_name):
+            with repkernels.backend(backend_name), _tma_switch(tma):
                 return repkernels.ops.kw_conv2d(xx, aa, ww, layout, None, stride, pad, fused=fused)
         return fwd_bwd(call)
 
@@ -163,8 +178,10 @@ def _layer_setup(label, c, h, w, cout, k, stride, cell, n, batch, dtype, device,
         picks["auto"] = auto_pick
     if _backend.HAS_TRITON and (gpu or _backend.TRITON_INTERPRET):
         suffix = "" if gpu else " (interpreter)"
-        impls["triton" + suffix] = kw("triton", fused=False)
+        impls["triton" + suffix] = kw("triton", fused=False, tma=False)
         impls["triton fused" + suffix] = kw("triton", fused=True)
+        if gpu:
+            impls["triton tma"] = kw("triton", fused=False, tma=True)
     if _extension.HAS_C and gpu:
         impls["cuda"] = kw("cuda")
     elif _extension.HAS_C:  # the CUDA kernels through their CPU emulation (the C++ ops' CPU implementation)

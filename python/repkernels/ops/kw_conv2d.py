@@ -42,9 +42,11 @@ from ._op_checks import out_hw as _out_hw
 from ._registration import autodiff_unsupported_reason
 from .kw_assemble import kw_assemble as _kw_assemble
 from .per_sample_conv2d import PREFER as _PSC_PREFER
+from .per_sample_conv2d import TMA_ENV as _TMA_ENV
 from .per_sample_conv2d import fast_reasons as _psc_fast_reasons
 from .per_sample_conv2d import per_sample_conv2d as _per_sample_conv2d
 from .per_sample_conv2d import resolve_padding as _resolve_padding
+from .per_sample_conv2d import tma_enabled as _tma_enabled
 
 OP = "kw_conv2d"
 FUSED_MAX_EXTRA = 128
@@ -100,6 +102,22 @@ def _unfused_conv_backend(input: torch.Tensor, attention: torch.Tensor, warehous
     tensors = (input, warehouse, attention) if bias is None else (input, warehouse, attention, bias)
     reasons = _psc_fast_reasons(*tensors, out_elems=max(int(layout[0]) * out_pixels, kernel_elems))
     return _backend.select("per_sample_conv2d", reasons, on_gpu=input.is_cuda, prefer=_PSC_PREFER)
+
+
+def _unfused_tma(input: torch.Tensor, layout: Sequence[int], stride: tuple[int, int], groups: int,
+                 channels_innermost: bool) -> bool:
+    """Whether the unfused path's Triton per-sample forward takes the TMA kernel, decided before the kernels exist:
+    asked for (``REPKERNELS_KW_TMA=1``), the layer fits
+    (:func:`~repkernels.triton_kernels.per_sample_conv2d_fwd_tma.tma_layer_reason`) and ``kw_assemble`` writes the
+    kernels channel-innermost (or they are 1x1): a fresh allocation whose rows have the input's channel count,
+    so they are aligned as the input's are. From the layer, never the batch."""
+    if not (_backend.HAS_TRITON and _tma_enabled()):
+        return False
+    from ..triton_kernels.per_sample_conv2d_fwd_tma import tma_layer_reason
+
+    taps = int(layout[2]) * int(layout[3])
+    return (tma_layer_reason(input, int(layout[0]), int(layout[1]), stride, groups) is None
+            and (channels_innermost or taps == 1))
 
 
 def _fake(input, attention, warehouse, layout, bias, stride, padding, dilation):
@@ -252,7 +270,8 @@ def routing_decision(input: torch.Tensor, attention: torch.Tensor, warehouse: to
     Returns:
         ``{"fused": bool, "backend": 'triton' | 'cuda' | 'reference', "rule": str, "where": str}``: the fused
         Triton kernel, or the unfused path whose per-sample conv runs on ``backend`` (the assembly picks its own
-        backend by the same preference).
+        backend by the same preference); with ``"tma": True`` when that conv's Triton forward runs the TMA kernel
+        (``REPKERNELS_KW_TMA=1`` and the layer fits it).
     """
     layout, groups, input, stride, padding, dilation = _normalize(input, attention, warehouse, layout, bias, stride,
                                                                   padding, dilation, groups)
@@ -272,9 +291,15 @@ def routing_decision(input: torch.Tensor, attention: torch.Tensor, warehouse: to
     if _unfused_on_reference(input):
         return {"fused": False, "backend": "reference", "rule": unfused, "where": fused_where}
     backend = _unfused_conv_backend(input, attention, warehouse, layout, bias, oh * ow)
-    return {"fused": False, "backend": backend,
-            "rule": f"{unfused}; per_sample_conv2d PREFER {'>'.join(_PSC_PREFER)} -> {backend}",
-            "where": f"{fused_where}; python/repkernels/ops/per_sample_conv2d.py: PREFER"}
+    decision = {"fused": False, "backend": backend,
+                "rule": f"{unfused}; per_sample_conv2d PREFER {'>'.join(_PSC_PREFER)} -> {backend}",
+                "where": f"{fused_where}; python/repkernels/ops/per_sample_conv2d.py: PREFER"}
+    inner = kernels_channels_innermost(input, attention, warehouse, layout, bias, oh * ow)
+    if backend == "triton" and _unfused_tma(input, layout, stride, groups, inner):
+        decision["tma"] = True
+        decision["rule"] += f"; {_TMA_ENV}=1 and tma_fits -> TMA forward"
+        decision["where"] += f" ({_TMA_ENV}); triton_kernels/per_sample_conv2d_fwd_tma.py: tma_fits"
+    return decision
 
 
 __all__ = ["kw_conv2d", "routing_decision", "fused_wins", "kernels_channels_innermost",

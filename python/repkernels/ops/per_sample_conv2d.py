@@ -12,10 +12,17 @@ All are batched implicit GEMMs whose tiles and compiled code depend on the layer
 re-specializes per batch size). Every op has a fake implementation; the forward ops have autograd
 (dgrad + per-sample wgrad; the bias gradient is a sum). Under ``auto`` a GPU call goes to Triton first
 (``tl.dot``: tensor cores), then CUDA, CPU calls to the reference.
+
+``REPKERNELS_KW_TMA=1`` (:data:`TMA_ENV`, read per call; default off: not timed on a GPU yet) sends the Triton
+forward of the layers the TMA kernel fits (:func:`~repkernels.triton_kernels.per_sample_conv2d_fwd_tma.tma_fits`:
+stride 1, groups 1, channels_last input, channel-innermost kernels, 16-byte aligned rows) to it
+(:mod:`repkernels.triton_kernels.per_sample_conv2d_fwd_tma`); other layers run the implicit-GEMM kernel as before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Sequence
 
 import torch
@@ -30,6 +37,38 @@ from ._registration import autodiff_unsupported_reason, register_conv_double_bac
 OP = "per_sample_conv2d"
 PREFER = ("triton", "cuda")
 IntPair = int | Sequence[int]
+#: Set to "1", the Triton forward takes the TMA kernel on the layers it fits (read per call; :func:`kw_tma`).
+TMA_ENV = "REPKERNELS_KW_TMA"
+
+
+def tma_enabled() -> bool:
+    """Whether :data:`TMA_ENV` asks for the TMA forward ("1", "true", "yes", "on"; default off)."""
+    return os.environ.get(TMA_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def kw_tma(enabled: bool):
+    """Within the block the Triton forward takes the TMA kernel where it fits (``enabled``) or never: sets
+    :data:`TMA_ENV`, restored on exit."""
+    saved = os.environ.get(TMA_ENV)
+    os.environ[TMA_ENV] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(TMA_ENV, None)
+        else:
+            os.environ[TMA_ENV] = saved
+
+
+def uses_tma(input: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], groups: int) -> bool:
+    """Whether the Triton forward of this call runs the TMA kernel: asked for (:func:`tma_enabled`) and the layer
+    fits it (:func:`~repkernels.triton_kernels.per_sample_conv2d_fwd_tma.tma_fits`)."""
+    if not (_backend.HAS_TRITON and tma_enabled()):
+        return False
+    from ..triton_kernels.per_sample_conv2d_fwd_tma import tma_fits
+
+    return tma_fits(input, weight, tuple(stride), groups)
 
 
 def _has_c_op(name: str) -> bool:
@@ -112,6 +151,10 @@ if _backend.HAS_TRITON:
             "per_sample_conv2d_triton", input, weight, bias, stride, padding, dilation, groups)
         out = _fake(input, weight, bias, stride, padding, dilation, groups)
         _check_span("per_sample_conv2d_triton", input, weight, out)
+        if uses_tma(input, weight, stride, groups):
+            from ..triton_kernels.per_sample_conv2d_fwd_tma import per_sample_conv2d_fwd_tma
+
+            return per_sample_conv2d_fwd_tma(input, weight, bias, tuple(padding), tuple(dilation), out)
         return per_sample_conv2d_fwd(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups, out)
 
     @torch.library.custom_op("repkernels::per_sample_conv2d_backward_input_triton", mutates_args=())
@@ -240,4 +283,4 @@ def per_sample_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return _ref.per_sample_conv2d(input, weight, bias, stride, padding, dilation, groups)
 
 
-__all__ = ["per_sample_conv2d"]
+__all__ = ["per_sample_conv2d", "TMA_ENV", "kw_tma", "tma_enabled", "uses_tma"]
