@@ -15,7 +15,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import assert_close, requires_triton_cpu
+from helpers import assert_close, ieee_fp32, requires_triton_cpu, requires_triton_gpu
 
 import repkernels
 from repkernels.reference import kernelwarehouse as ref
@@ -91,6 +91,22 @@ def test_tma_forward_matches_reference(name, tma_on, launches):
     assert launches == ["tma"]
     assert out.dtype == x.dtype and out.is_contiguous(memory_format=torch.channels_last)
     assert_close(out, reference(x, wt, bias, p, d), case[8])
+
+
+@requires_triton_gpu
+@pytest.mark.parametrize("name", TMA_CASES)
+def test_gpu_tma_forward_matches_reference(name, tma_on, launches, monkeypatch):
+    """The same cases on the GPU: the TMA kernel on sm_90 or newer (today's kernel below). fp32 runs with TF32
+    (the switch needs it), whose products have fp16's 10-bit mantissa: checked with fp16's tolerance."""
+    case = TMA_CASES[name]
+    x, wt, bias, p, d = (t.cuda() if isinstance(t, torch.Tensor) else t
+                         for t in make_case(case, innermost=name != "pointwise"))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    out = R.per_sample_conv2d_triton(x, wt, bias, (1, 1), p, d, 1)
+    torch.cuda.synchronize()
+    assert launches == ["tma" if torch.cuda.get_device_capability() >= (9, 0) else "implicit_gemm"]
+    tolerance = torch.float16 if case[8] == torch.float32 else case[8]
+    assert_close(out, reference(x, wt, bias, p, d), tolerance)
 
 
 @requires_triton_cpu
@@ -188,6 +204,9 @@ def test_tma_fits_names_why_and_ignores_the_batch():
         assert "not channel-innermost" in tma_unfit_reason(x, channels_innermost(wt.repeat(1, 1, 2, 1, 1))[:, :, ::2],
                                                            (1, 1), 1)
         assert "dtype torch.float64" in tma_unfit_reason(x.double(), wt.double(), (1, 1), 1)
+        with ieee_fp32():   # fp32 needs TF32 (the conv precision rule's flag): IEEE fp32 tiles spill on sm_90
+            assert "without TF32" in tma_unfit_reason(x, wt, (1, 1), 1)
+            assert tma_fits(x.half(), wt.half(), (1, 1), 1)
         assert "8 input" in tma_unfit_reason(x[:, :8], wt[:, :, :8], (1, 1), 1)
         # 1x1 kernels in the standard order are channel-innermost too; an offset base is not 16-byte aligned
         assert tma_fits(x, wt[..., :1, :1].contiguous(), (1, 1), 1)

@@ -136,11 +136,18 @@ def _aligned(t: torch.Tensor, strides) -> bool:
 def tma_layer_reason(x: torch.Tensor, cout: int, cin: int, stride: tuple[int, int], groups: int) -> str | None:
     """Why the TMA kernel cannot serve a layer of ``cout`` outputs and ``cin`` input channels per group on input
     ``x`` (B, C, H, W), or None: the GPU (sm_90 or newer; CPU tensors run under the interpreter), dtype, stride,
-    groups, channel counts, and channels_last input with 16-byte aligned rows. Never the batch."""
+    groups, channel counts, and channels_last input with 16-byte aligned rows. Never the batch.
+
+    float32 only where the conv precision rule (:func:`~.kw_common.conv_precision`) gives TF32 on a GPU
+    (``torch.backends.cudnn.allow_tf32``, PyTorch's default): with IEEE fp32 products ``tl.dot`` is an FMA loop,
+    and its 64-128 x 64-128 tiles spilled 328-1760 B on sm_90 (static report), so those layers run the
+    implicit-GEMM kernel. (The interpreter computes in IEEE fp32 either way.)"""
     if x.is_cuda and torch.cuda.get_device_capability(x.device) < TMA_MIN_CAPABILITY:
         return f"GPU of compute capability {torch.cuda.get_device_capability(x.device)} (TMA needs sm_90 or newer)"
     if x.dtype not in TMA_DTYPES:
         return f"dtype {x.dtype} (float16, bfloat16, float32)"
+    if x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "float32 without TF32 (torch.backends.cudnn.allow_tf32 is False; IEEE fp32 tiles spill)"
     if tuple(stride) != (1, 1):
         return f"stride {tuple(stride)} (needs 1)"
     if groups != 1:
