@@ -80,6 +80,7 @@ Params make_params(const at::Tensor& input, const at::Tensor& weight, const std:
            "depthwise_conv2d: padded `input` (", p.h + 2 * p.ph, " x ", p.w + 2 * p.pw,
            ") is smaller than the dilated kernel (", p.dh * (p.kh - 1) + 1, " x ", p.dw * (p.kw - 1) + 1, ")");
   for (int i = 0; i < 4; ++i) p.in_stride[i] = input.stride(i);
+  p.elem_bytes = input.element_size();
   return p;
 }
 
@@ -240,6 +241,14 @@ void emulate_forward_blocks(const RtParams& q, int64_t blocks, int64_t smem_elem
           Tile::stage(q, b, sigma, i0, kc, m0, mt, tid, input, weight, smem);
         for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::compute(q, b, kc, mt, tid, smem, acc.data() + tid * kAcc);
       });
+      if constexpr (Tile::kChannelVectors) {
+        if (Tile::stores_channel_vectors(q)) {
+          std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
+          for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::park(q, b, tid, acc.data() + tid * kAcc, smem);
+          for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::store_parked(q, b, tid, smem, bias, output);
+          continue;
+        }
+      }
       for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::store(q, b, tid, acc.data() + tid * kAcc, bias, output);
     }
   });

@@ -29,6 +29,14 @@ __device__ __forceinline__ void forward_block(const RtParams& q, const T* __rest
     Tile::compute(q, b, kc, mt, tid, smem, acc);
     __syncthreads();
   });
+  if constexpr (Tile::kChannelVectors) {
+    if (Tile::stores_channel_vectors(q)) {  // the same for the whole block
+      Tile::park(q, b, tid, acc, smem);
+      __syncthreads();
+      Tile::store_parked(q, b, tid, smem, bias, output);
+      return;
+    }
+  }
   Tile::store(q, b, tid, acc, bias, output);
 }
 

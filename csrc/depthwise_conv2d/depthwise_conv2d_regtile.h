@@ -57,6 +57,8 @@ struct RtParams {
   // small-map tile (SmTile, depthwise_conv2d_smallmap.h): thread rows and columns per plane, threads per
   // plane, planes per block, planes in all
   int sm_tr, sm_tc, sm_tpp, sm_planes, sm_nplanes;
+  // channels_last (depthwise_conv2d_channels_last.h): stage the input / store the output as channel vectors
+  int cl_in, cl_out;
 };
 
 template <int ThreadsW, int ThreadsH, int RowsPerThread, int ColsPerThread>
@@ -674,6 +676,7 @@ struct RtTile {
   using Shape = typename RtShapeFor<KW>::type;
   static constexpr int kRH = Shape::kRH;
   static constexpr int kRW = Shape::kRW;
+  static constexpr bool kChannelVectors = false;  // stores each thread's outputs itself (store())
 
   RK_HD static RtCoord coord(const RtParams& q, int64_t block) {
     RtCoord b;

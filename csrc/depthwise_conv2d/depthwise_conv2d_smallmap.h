@@ -19,10 +19,18 @@
 //
 // A kh x 1 filter is planned transposed (H and W swapped through the strides; the contiguous (kh, 1)
 // taps are the same memory as (1, kh)), so that its taps run along the register window.
+// Channels_last (channel stride 1, planes not contiguous) with one W phase (R = 1): the block's planes are
+// consecutive channels of one sample, or of several (runs per sample, for_each_channel_run); the input windows
+// are staged and the outputs stored as channel vectors (depthwise_conv2d_channels_last.h: 16-byte loads and
+// stores along C, the outputs parked in the windows' shared memory between two barriers).
+//
 // Planner rule (plan_small): the output plane needs tpp <= kThreads / 2 threads (the 32 x 64 RtTile
-// would leave at least half its threads idle), at least 2 planes fit in shared memory per block.
+// would leave at least half its threads idle), at least 2 planes fit in shared memory per block. On channels_last
+// with one W phase the planes per block are rounded down to a multiple of the vector V = 16 / sizeof(T) when
+// there are more than V (whole vectors when C is a multiple of V too), before the tap chunks are sized.
 #pragma once
 
+#include "depthwise_conv2d/depthwise_conv2d_channels_last.h"
 #include "depthwise_conv2d/depthwise_conv2d_regtile.h"
 
 namespace rk::dw {
@@ -96,11 +104,36 @@ struct SmTile {
     const int wp = 4 * ns;
     const int ih0 = -q.ph + i0 * q.dh;
     Acc* s_w0 = smem + b.planes * win;
+    if (q.cl_in) {
+      const int iw0 = m0 * q.L + sigma * q.dw - q.pw;  // R = 1: ρ = 0
+      for_each_channel_run(q, b, [&](int64_t n, int c_lo, int G, int pl) {
+        stage_channel_windows<Shape::kThreads>(cl_input_src(q), input + n * q.in_n, c_lo, G, ih0, iw0, rows, cols, win,
+                                               tid, smem + pl * win);
+      });
+      for (int pl = 0; pl < b.planes; ++pl) {
+        const int c = plane(q, b.plane0 + pl).c;
+        stage_taps<Shape::kThreads>(q, weight + c * q.kh * q.kw, sigma, i0, kc, m0, mt, ns, tid, s_w0 + pl * kc * wp);
+      }
+      return;
+    }
     for (int pl = 0; pl < b.planes; ++pl) {
       const Plane pc = plane(q, b.plane0 + pl);
       const int iw0 = m0 * q.L + pc.rho * q.sw + sigma * q.dw - q.pw;
       stage_window<Shape::kThreads>(input_src(q), input + pc.in_off, ih0, iw0, rows, cols, tid, smem + pl * win);
       stage_taps<Shape::kThreads>(q, weight + pc.c * q.kh * q.kw, sigma, i0, kc, m0, mt, ns, tid, s_w0 + pl * kc * wp);
+    }
+  }
+
+  // Channels_last, one W phase (R = 1: plane k = n·C + c): the block's planes as runs of consecutive channels of one
+  // sample, f(n, c_lo, G, pl) for sample n, channels [c_lo, c_lo + G), block planes [pl, pl + G).
+  template <typename F>
+  RK_HD static void for_each_channel_run(const RtParams& q, const SmCoord& b, F&& f) {
+    uint32_t n = uint32_t(b.plane0) / uint32_t(q.c);
+    int c = b.plane0 - int(n * uint32_t(q.c));
+    for (int pl = 0; pl < b.planes; ++n, c = 0) {
+      const int G = q.c - c < b.planes - pl ? q.c - c : b.planes - pl;
+      f(int64_t(n), c, G, pl);
+      pl += G;
     }
   }
 
@@ -133,6 +166,30 @@ struct SmTile {
     const Acc bv = bias != nullptr ? Cvt<T, Acc>::load(bias[pc.c]) : Acc(0);
     store_outputs<T, Acc, kRH, kRW>(q, output + pc.out_off, ty * kRH, pc.rho, tx * kRW, acc, bv);
   }
+
+  // Channels_last output (q.cl_out, R = 1): park(), a barrier, store_parked() instead of store(). Plane pl's
+  // outputs are parked at smem + pl·park_stride in rows of park_ld; the 4 elements past a plane's tile move the
+  // next plane's lanes to other banks. The windows' space holds them: P·(tile + 4) <= P·window.
+  static constexpr bool kChannelVectors = true;
+  RK_HD static bool stores_channel_vectors(const RtParams& q) { return q.cl_out != 0; }
+  RK_HD static int park_ld(const RtParams& q) { return q.sm_tc * kRW; }
+  RK_HD static int park_stride(const RtParams& q) { return q.sm_tr * kRH * park_ld(q) + 4; }
+
+  RK_HD static void park(const RtParams& q, const SmCoord& b, int tid, const Acc* acc, Acc* smem) {
+    int pl, ty, tx;
+    place(q, tid, pl, ty, tx);
+    if (pl >= b.planes) return;
+    park_outputs<kRH, kRW>(acc, park_ld(q), smem + (pl * park_stride(q) + ty * kRH * park_ld(q) + tx * kRW));
+  }
+
+  RK_HD static void store_parked(const RtParams& q, const SmCoord& b, int tid, const Acc* smem,
+                                 const T* __restrict__ bias, T* __restrict__ output) {
+    const int ps = park_stride(q);
+    for_each_channel_run(q, b, [&](int64_t n, int c_lo, int G, int pl) {
+      store_channel_vectors<Shape::kThreads>(cl_output_src(q), output + n * q.out_n, c_lo, G, 0, 0, q.oh, q.ow,
+                                             smem + pl * ps, ps, park_ld(q), bias, tid);
+    });
+  }
 };
 
 // Plans the small-map tile with KW (0: generic) for `p` (transposed first when the filter is kh x 1):
@@ -160,12 +217,24 @@ inline bool plan_small(const Params& p0, RtParams& q, int64_t kw_fixed) {
   const int mc_min = kw_fixed > 0 ? mc : (mc < 4 ? mc : 4);
   while (planes >= 2 && !fits(1, mc_min)) planes /= 2;
   if (planes < 2) return false;
+  // channels_last with one W phase: the block's planes are consecutive channels, staged and stored as channel
+  // vectors; a whole number of vectors per block where the threads allow it
+  const int64_t span_in = (p.h - 1) * p.in_stride[2] + (p.w - 1) * p.in_stride[3] + p.c;
+  const int64_t span_out = (p.oh - 1) * p.out_stride[2] + (p.ow - 1) * p.out_stride[3] + p.c;
+  const bool cl = g.R == 1 && p.c > 1;
+  g.cl_in = cl && p.in_stride[1] == 1 && p.in_stride[3] > 1 && p.in_stride[2] > 0 && span_in < (int64_t(1) << 30);
+  g.cl_out = cl && p.out_stride[1] == 1 && p.out_stride[3] > 1 && p.out_stride[2] > 0 && span_out < (int64_t(1) << 30);
+  const int V = int(16 / imax(p.elem_bytes, 1));
+  if ((g.cl_in || g.cl_out) && planes > V) planes -= planes % V;
   while (kc > 1 && !fits(kc, mc)) kc = (kc + 1) / 2;
   while (kw_fixed == 0 && mc > 4 && !fits(kc, mc)) mc = int(imax(4, cdiv(mc, 8) * 4));
   while (kc > 1 && !fits(kc, mc)) kc = (kc + 1) / 2;
   if (!fits(kc, mc)) return false;
   while (kc < p.kh && fits(kc + 1, mc)) ++kc;
   g.sm_planes = planes;
+  // the outputs parked for channel-vector stores fit in the windows' space (always: a window has tile + 4 columns)
+  if (g.cl_out && planes * (int64_t(g.sm_tr) * Shape::kRH * g.sm_tc * Shape::kRW + 4) > Shape::smem_elems(g, planes, kc, mc))
+    g.cl_out = 0;
   g.kc = kc;
   g.mc = mc;
   g.tiles_h = g.tiles_w = 1;
