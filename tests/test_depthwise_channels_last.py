@@ -122,3 +122,79 @@ def test_small_map_channels_last_strided_input_gradient(c, dtype, monkeypatch):
     # (column stride 2·C: vectors for C = 8, lane by lane for C = 6)
     x = torch.randn(2, c, 14, 15, dtype=dtype).to(memory_format=torch.channels_last)
     _check(x, (7, 7), 2, 3, 1, "small", monkeypatch)
+
+
+# Channel-group tiles (REPKERNELS_DW_TILE=cl...): the small-map tile's code on a channels_last input too large for
+# whole planes; a block holds one channel vector (4 fp32 / 8 fp16/bf16 planes) and one tile of each (fp32: 16 threads
+# a plane, fp16/bf16: 8), the planner picking the tile shape. Maps of several tiles with partial ones.
+# (n, c, h, w, (kh, kw), stride, padding, dilation, kernel)
+GROUP_CASES = {
+    "c8_40x70_k7": (1, 8, 40, 70, (7, 7), 1, 3, 1, "cl:7"),               # whole vectors, partial edge tiles
+    "c12_33x45_k13": (2, 12, 33, 45, (13, 13), 1, 6, 1, "cl:13"),         # fp16/bf16: groups cross samples
+    "c16_45x40_k31": (1, 16, 45, 40, (31, 31), 1, 15, 1, "cl:31"),        # RepLKNet 31 x 31: tap-row chunks
+    "c6_37x50_k27x1": (1, 6, 37, 50, (27, 1), 1, (13, 0), 1, "cl:27"),    # transposed, C = 6: lane by lane
+    "c3_30x41_k5": (2, 3, 30, 41, (5, 5), 1, 2, 1, "cl:generic"),         # C = 3: a group spans two samples
+    "c13_29x35_k9x3": (1, 13, 29, 35, (9, 3), 1, (4, 1), 1, "cl"),        # C = 13, no compile-time tile
+    "c8_s2_k7": (1, 8, 41, 66, (7, 7), 2, 3, 1, "cl"),                    # stride 2: 2 tap phases
+    "c8_dh3_k5": (1, 8, 40, 66, (5, 5), 1, (6, 2), (3, 1), "cl"),         # H dilation
+    "c16_pad0_k13": (1, 16, 44, 44, (13, 13), 1, 0, 1, "cl:13"),          # no padding
+    "c8_wide_k1x191": (1, 8, 5, 298, (1, 191), 1, (0, 95), 1, "cl:generic"),  # taps row in several chunks
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(GROUP_CASES))
+def test_channel_group_tiles(case, dtype, monkeypatch):
+    n, c, h, w, k, stride, padding, dilation, kernel = GROUP_CASES[case]
+    x = torch.randn(n, c, h, w, dtype=dtype).to(memory_format=torch.channels_last)
+    _check(x, k, stride, padding, dilation, kernel, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("off", [1, 6])
+def test_channel_group_tiles_base_off_the_boundary(off, dtype, monkeypatch):
+    x = _flat(2, 16, 35, 40, dtype, off, channels_last=True)
+
+    def go(shape, dtype):
+        return _flat(*shape, dtype, off + 2, channels_last=True)
+
+    _check(x, (7, 7), 1, 3, 1, "cl:7", monkeypatch, go_view=go)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channel_group_tiles_views(dtype, monkeypatch):
+    # channels [4, 20) of 24 (input vectors only: the output is contiguous), and a stride-2 input gradient writing
+    # strided views of the channels_last grad_input
+    big = torch.randn(1, 24, 36, 40, dtype=dtype).to(memory_format=torch.channels_last)
+    _check(big[:, 4:20], (7, 7), 1, 3, 1, "cl:7", monkeypatch)
+    x = torch.randn(1, 8, 45, 66, dtype=dtype).to(memory_format=torch.channels_last)
+    _check(x, (7, 7), 2, 3, 1, "cl", monkeypatch)
+
+
+def test_planner_picks_channel_group_tiles_for_channels_last(monkeypatch):
+    # REPKERNELS_DW_TILE=small:31 does not apply to these problems: the error names the planner's own choice
+    monkeypatch.setenv("REPKERNELS_DW_TOEPLITZ", "0")
+    monkeypatch.setenv("REPKERNELS_DW_TILE", "small:31")
+    routes = [
+        ((1, 8, 56, 56), (31, 31), True, 2031),    # RepLKNet 31 x 31 at 56²
+        ((1, 8, 56, 56), (31, 31), False, 31),     # NCHW: the 32 x 64 register tile as before
+        ((1, 8, 50, 76), (13, 13), True, 2013),    # detection 13 x 13
+        ((1, 8, 50, 76), (9, 9), True, 2000),
+        ((1, 8, 40, 66), (3, 5), True, 2000),
+        ((1, 8, 14, 14), (13, 13), True, 1013),    # small maps keep the small-map tile
+    ]
+    for shape, k, cl, choice in routes:
+        x = torch.randn(*shape)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        wt = torch.randn(shape[1], 1, *k)
+        with pytest.raises(RuntimeError, match=rf"\(the planner's choice: {choice}\)"):
+            torch.ops.repkernels.depthwise_conv2d(x, wt, None, [1, 1], [k[0] // 2, k[1] // 2], [1, 1])
+
+
+def test_channel_group_tile_on_nchw_raises(monkeypatch):
+    monkeypatch.setenv("REPKERNELS_DW_TOEPLITZ", "0")
+    monkeypatch.setenv("REPKERNELS_DW_TILE", "cl")
+    with pytest.raises(RuntimeError, match="REPKERNELS_DW_TILE asks for forward kernel -5 .* plans kernel -1"):
+        torch.ops.repkernels.depthwise_conv2d(torch.randn(1, 8, 40, 40), torch.randn(8, 1, 7, 7), None, [1, 1],
+                                              [3, 3], [1, 1])

@@ -1,5 +1,6 @@
-// Channels_last primitives of the register tiles (SmTile, depthwise_conv2d_smallmap.h): a block that holds G
-// consecutive channels [c_lo, c_lo + G) of one sample reads and writes them as channel vectors.
+// Channels_last primitives of the register tiles (SmTile on small maps and the channel-group tiles on large ones,
+// depthwise_conv2d_smallmap.h): a block that holds G consecutive channels [c_lo, c_lo + G) of one sample reads and
+// writes them as channel vectors.
 //
 // In a channels_last tensor element (n, h, w, c) lies at n·HWC + (h·W + w)·C + c: the channels of a pixel are
 // contiguous (channel stride 1), the planes are not (column stride C). Staging one plane's window element by element

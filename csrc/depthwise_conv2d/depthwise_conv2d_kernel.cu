@@ -110,6 +110,12 @@ cudaError_t launch_typed(const Params& p, const RtParams& q, int kernel, const v
     case kSmallKernel + 7: return launch_small<T, 7>(q, input, weight, bias, output, stream);
     case kSmallKernel + 13: return launch_small<T, 13>(q, input, weight, bias, output, stream);
     case kSmallKernel + 27: return launch_small<T, 27>(q, input, weight, bias, output, stream);
+    case kSmallKernel + 31: return launch_small<T, 31>(q, input, weight, bias, output, stream);
+    case kClKernel: return launch_small<T, 0>(q, input, weight, bias, output, stream);
+    case kClKernel + 7: return launch_small<T, 7>(q, input, weight, bias, output, stream);
+    case kClKernel + 13: return launch_small<T, 13>(q, input, weight, bias, output, stream);
+    case kClKernel + 27: return launch_small<T, 27>(q, input, weight, bias, output, stream);
+    case kClKernel + 31: return launch_small<T, 31>(q, input, weight, bias, output, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -29,6 +29,8 @@
 //              their start is aligned; else one output at a time (right edge, misaligned rows, channels_last,
 //              W phases R > 1)
 //
+// Channels_last inputs with one W phase are planned on the channel-group tiles instead (depthwise_conv2d_smallmap.h,
+// plan_forward): channel-vector staging and stores; RtTile still runs them when asked (REPKERNELS_DW_TILE=<taps>).
 // KW > 0: compile-time tap count (whole taps row in one chunk, S = 1); KW = 0: any count.
 // All indices are 32-bit (the host checks that every plane offset fits).
 #pragma once
