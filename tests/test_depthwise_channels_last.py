@@ -198,3 +198,13 @@ def test_channel_group_tile_on_nchw_raises(monkeypatch):
     with pytest.raises(RuntimeError, match="REPKERNELS_DW_TILE asks for forward kernel -5 .* plans kernel -1"):
         torch.ops.repkernels.depthwise_conv2d(torch.randn(1, 8, 40, 40), torch.randn(8, 1, 7, 7), None, [1, 1],
                                               [3, 3], [1, 1])
+
+
+@pytest.mark.parametrize("case,kernel", [("c12_14x14_k13", None), ("c3_7x7_k7", None), ("c8_40x70_k7", "cl:7"),
+                                         ("c3_30x41_k5", "cl:generic")])
+def test_channels_last_float64(case, kernel, monkeypatch):
+    # the emulation in float64: 2 channels a 16-byte vector (the channel-group tiles: 2 planes of 32 threads a block)
+    cases = {**SMALL_CASES, **GROUP_CASES}
+    n, c, h, w, k, stride, padding, dilation, name = cases[case]
+    x = torch.randn(n, c, h, w, dtype=torch.float64).to(memory_format=torch.channels_last)
+    _check(x, k, stride, padding, dilation, kernel or name, monkeypatch)
