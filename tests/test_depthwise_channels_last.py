@@ -10,7 +10,11 @@ or unparked read shows. Cases: C a multiple of the vector (whole vectors), C not
 are not 16-byte multiples, lane-by-lane path), a block's planes crossing sample boundaries (runs per sample),
 vectors only partly in a block's group (fewer planes per block than a vector holds), a base pointer off the 16-byte
 boundary (vectors straddling the group's start), views (channel slice: input only; input gradient of a stride-2
-problem: the output is a strided view), padding, stride, dilation and odd map sizes."""
+problem: the output is a strided view), padding, stride, dilation and odd map sizes.
+
+Channel-group tiles (``REPKERNELS_DW_TILE=cl...``, the same kernels on larger channels_last maps: one channel vector
+of planes and one spatial tile of each per block): maps of several tiles with partial ones, tap-row chunks, the same
+C, view and alignment cases, and the planner's choice between them, the small-map tiles and the 32 x 64 tile."""
 
 from __future__ import annotations
 
