@@ -238,8 +238,9 @@ def test_plane_run_tap_chunks_outside_the_plane(monkeypatch):
     (20, 14, (7, 7), 3, "7"),
 ], ids=["7x7_k7", "14x14_k27x1", "20x14_k7"])
 def test_plane_run_not_for_channels_last(case, dtype, monkeypatch):
-    # the same small planes in channels_last (column stride C): the input takes the element-by-element walk as
-    # before (grad_out, contiguous, still takes the plane run in the input and weight gradients)
+    # the same small planes in channels_last (column stride C): no plane run for the input (the small-map tiles
+    # stage it as channel vectors, test_depthwise_channels_last.py; the 32 x 64 tile element by element); grad_out,
+    # contiguous, still takes the plane run in the input and weight gradients
     h, w, k, padding, kernel = case
     x = _flat(2, 3, h, w, dtype, 1, channels_last=True)
     assert x.stride(3) == 3

@@ -81,6 +81,7 @@ Params make_params(const at::Tensor& input, const at::Tensor& weight, const std:
            "depthwise_conv2d: padded `input` (", p.h + 2 * p.ph, " x ", p.w + 2 * p.pw,
            ") is smaller than the dilated kernel (", p.dh * (p.kh - 1) + 1, " x ", p.dw * (p.kw - 1) + 1, ")");
   for (int i = 0; i < 4; ++i) p.in_stride[i] = input.stride(i);
+  p.elem_bytes = input.element_size();
   return p;
 }
 
@@ -126,11 +127,13 @@ void emulate_toeplitz_wgrad(const ToeplitzParams& t, const T* grad, const T* inp
 
 // REPKERNELS_DW_TILE (the tests use it to reach each forward kernel): "generic" (the generic register tile),
 // "direct" (kDirect), a tap count ("7": the compile-time register tile for 7 taps), "small" (a small-map tile:
-// compile-time if one fits, else generic), "small:generic" or "small:<taps>" (that small-map tile) — an error
-// when the problem cannot run that kernel. Unset: the planner's choice.
+// compile-time if one fits, else generic), "small:generic" or "small:<taps>" (that small-map tile), "cl",
+// "cl:generic", "cl:<taps>" (the channel-group tiles of channels_last inputs, alike) — an error when the problem
+// cannot run that kernel. Unset: the planner's choice.
 constexpr int kAnyKernel = -2;
 constexpr int kAnySmallKernel = -3;
 constexpr int kBadKernel = -4;
+constexpr int kAnyClKernel = -5;
 
 int requested_kernel() {
   const char* v = std::getenv("REPKERNELS_DW_TILE");
@@ -143,6 +146,12 @@ int requested_kernel() {
     const int k = std::atoi(v + 6);
     return k > 0 ? kSmallKernel + k : kBadKernel;
   }
+  if (std::strcmp(v, "cl") == 0) return kAnyClKernel;
+  if (std::strcmp(v, "cl:generic") == 0) return kClKernel;
+  if (std::strncmp(v, "cl:", 3) == 0) {
+    const int k = std::atoi(v + 3);
+    return k > 0 ? kClKernel + k : kBadKernel;
+  }
   const int k = std::atoi(v);
   return k > 0 ? k : kBadKernel;
 }
@@ -151,16 +160,22 @@ int requested_kernel() {
 int plan_forward_checked(Params& p, RtParams& q) {
   const int want = requested_kernel();
   RK_CHECK(want != kBadKernel, "depthwise_conv2d: REPKERNELS_DW_TILE=", std::getenv("REPKERNELS_DW_TILE"),
-           " names no forward kernel (generic, direct, <taps>, small, small:generic, small:<taps>)");
+           " names no forward kernel (generic, direct, <taps>, small, small:generic, small:<taps>, cl, cl:generic, "
+           "cl:<taps>)");
   FwdChoice choice = FwdChoice::kAuto;
   if (want == 0) choice = FwdChoice::kGeneric;
   else if (want == -1) choice = FwdChoice::kDirect;
   else if (want == kAnySmallKernel) choice = FwdChoice::kSmall;
   else if (want == kSmallKernel) choice = FwdChoice::kSmallGeneric;
+  else if (want == kAnyClKernel) choice = FwdChoice::kCl;
+  else if (want == kClKernel) choice = FwdChoice::kClGeneric;
+  else if (want > kClKernel) choice = FwdChoice::kCl;
   else if (want > kSmallKernel) choice = FwdChoice::kSmall;
   else if (want > 0) choice = FwdChoice::kRegTile;
   const int kernel = plan_forward(p, q, choice);
-  const bool ok = want == kAnyKernel || kernel == want || (want == kAnySmallKernel && kernel >= kSmallKernel);
+  const bool ok = want == kAnyKernel || kernel == want ||
+                  (want == kAnySmallKernel && kernel >= kSmallKernel && kernel < kClKernel) ||
+                  (want == kAnyClKernel && kernel >= kClKernel);
   if (!ok) {
     Params pa = p;
     RtParams qa{};
@@ -210,6 +225,14 @@ void emulate_forward_blocks(const RtParams& q, int64_t blocks, int64_t smem_elem
           Tile::stage(q, b, sigma, i0, kc, m0, mt, tid, input, weight, smem);
         for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::compute(q, b, kc, mt, tid, smem, acc.data() + tid * kAcc);
       });
+      if constexpr (Tile::kChannelVectors) {
+        if (Tile::stores_channel_vectors(q)) {
+          std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
+          for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::park(q, b, tid, acc.data() + tid * kAcc, smem);
+          for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::store_parked(q, b, tid, smem, bias, output);
+          continue;
+        }
+      }
       for (int tid = 0; tid < Shape::kThreads; ++tid) Tile::store(q, b, tid, acc.data() + tid * kAcc, bias, output);
     }
   });
@@ -246,6 +269,12 @@ void emulate_forward(const Params& p, const RtParams& q, int kernel, const T* in
     case kSmallKernel + 7: return emulate_small_forward<T, Acc, 7>(q, input, weight, bias, output);
     case kSmallKernel + 13: return emulate_small_forward<T, Acc, 13>(q, input, weight, bias, output);
     case kSmallKernel + 27: return emulate_small_forward<T, Acc, 27>(q, input, weight, bias, output);
+    case kSmallKernel + 31: return emulate_small_forward<T, Acc, 31>(q, input, weight, bias, output);
+    case kClKernel: return emulate_small_forward<T, Acc, 0>(q, input, weight, bias, output);
+    case kClKernel + 7: return emulate_small_forward<T, Acc, 7>(q, input, weight, bias, output);
+    case kClKernel + 13: return emulate_small_forward<T, Acc, 13>(q, input, weight, bias, output);
+    case kClKernel + 27: return emulate_small_forward<T, Acc, 27>(q, input, weight, bias, output);
+    case kClKernel + 31: return emulate_small_forward<T, Acc, 31>(q, input, weight, bias, output);
   }
   RK_CHECK(false, "depthwise_conv2d: no forward kernel ", kernel);
 }
@@ -453,7 +482,7 @@ void emulate_rt_backward_weight(const Params& p, const RtWgradParams& w, const T
 // (generic, <taps>) for the large-map one.
 bool plan_wgrad_checked(Params& p, RtWgradParams& w, int64_t target_blocks) {
   const int want = requested_kernel();
-  const bool want_small = want == kAnySmallKernel || want >= kSmallKernel;
+  const bool want_small = want == kAnySmallKernel || (want >= kSmallKernel && want < kClKernel);
   const bool rt = want != -1 && plan_rt_wgrad(p, w, target_blocks, want == kAnyKernel || want_small);
   RK_CHECK(rt || want == kAnyKernel || want == -1, "depthwise_conv2d: REPKERNELS_DW_TILE asks for a register tile ",
            "but the weight gradient (", p.kh, "x", p.kw, " taps) plans kDirect");

@@ -29,6 +29,14 @@ __device__ __forceinline__ void forward_block(const RtParams& q, const T* __rest
     Tile::compute(q, b, kc, mt, tid, smem, acc);
     __syncthreads();
   });
+  if constexpr (Tile::kChannelVectors) {
+    if (Tile::stores_channel_vectors(q)) {  // the same for the whole block
+      Tile::park(q, b, tid, acc, smem);
+      __syncthreads();
+      Tile::store_parked(q, b, tid, smem, bias, output);
+      return;
+    }
+  }
   Tile::store(q, b, tid, acc, bias, output);
 }
 
@@ -102,6 +110,12 @@ cudaError_t launch_typed(const Params& p, const RtParams& q, int kernel, const v
     case kSmallKernel + 7: return launch_small<T, 7>(q, input, weight, bias, output, stream);
     case kSmallKernel + 13: return launch_small<T, 13>(q, input, weight, bias, output, stream);
     case kSmallKernel + 27: return launch_small<T, 27>(q, input, weight, bias, output, stream);
+    case kSmallKernel + 31: return launch_small<T, 31>(q, input, weight, bias, output, stream);
+    case kClKernel: return launch_small<T, 0>(q, input, weight, bias, output, stream);
+    case kClKernel + 7: return launch_small<T, 7>(q, input, weight, bias, output, stream);
+    case kClKernel + 13: return launch_small<T, 13>(q, input, weight, bias, output, stream);
+    case kClKernel + 27: return launch_small<T, 27>(q, input, weight, bias, output, stream);
+    case kClKernel + 31: return launch_small<T, 31>(q, input, weight, bias, output, stream);
   }
   return cudaErrorInvalidValue;
 }

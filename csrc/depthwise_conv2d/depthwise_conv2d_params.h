@@ -22,6 +22,7 @@ struct Params {
   int64_t sh, sw, ph, pw, dh, dw;
   int64_t in_stride[4];
   int64_t out_stride[4];
+  int64_t elem_bytes;  // bytes of one element of the storage type (the planners size 16-byte vectors with it)
   // kDirect and wgrad plan (plan_direct(), plan_wgrad()): taps staged per pass, output tiles per plane
   TileConfig config;
   int64_t kh_chunk, kw_chunk;

@@ -29,6 +29,8 @@
 //              their start is aligned; else one output at a time (right edge, misaligned rows, channels_last,
 //              W phases R > 1)
 //
+// Channels_last inputs with one W phase are planned on the channel-group tiles instead (depthwise_conv2d_smallmap.h,
+// plan_forward): channel-vector staging and stores; RtTile still runs them when asked (REPKERNELS_DW_TILE=<taps>).
 // KW > 0: compile-time tap count (whole taps row in one chunk, S = 1); KW = 0: any count.
 // All indices are 32-bit (the host checks that every plane offset fits).
 #pragma once
@@ -57,6 +59,8 @@ struct RtParams {
   // small-map tile (SmTile, depthwise_conv2d_smallmap.h): thread rows and columns per plane, threads per
   // plane, planes per block, planes in all
   int sm_tr, sm_tc, sm_tpp, sm_planes, sm_nplanes;
+  // channels_last (depthwise_conv2d_channels_last.h): stage the input / store the output as channel vectors
+  int cl_in, cl_out;
 };
 
 template <int ThreadsW, int ThreadsH, int RowsPerThread, int ColsPerThread>
@@ -674,6 +678,7 @@ struct RtTile {
   using Shape = typename RtShapeFor<KW>::type;
   static constexpr int kRH = Shape::kRH;
   static constexpr int kRW = Shape::kRW;
+  static constexpr bool kChannelVectors = false;  // stores each thread's outputs itself (store())
 
   RK_HD static RtCoord coord(const RtParams& q, int64_t block) {
     RtCoord b;
