@@ -177,8 +177,53 @@ int requested_kernel() {
   return k > 0 ? k : kBadKernel;
 }
 
-// plan_forward() honouring REPKERNELS_DW_TILE; returns the kernel (see plan_forward).
-int plan_forward_checked(Params& p, RtParams& q) {
+// REPKERNELS_DW_SM_STAGE (the tests use it to reach each staging of the small-map tiles): "planes" (every tap chunk
+// of every block stages its planes in one pass, SmTile::stage_planes: an error when the problem does not allow it),
+// "plane" (plane by plane). Unset: in one pass wherever it applies.
+enum class SmStage { kAuto, kPlanes, kPlane, kBad };
+
+SmStage requested_sm_stage() {
+  const char* v = std::getenv("REPKERNELS_DW_SM_STAGE");
+  if (v == nullptr || *v == 0) return SmStage::kAuto;
+  if (std::strcmp(v, "planes") == 0) return SmStage::kPlanes;
+  if (std::strcmp(v, "plane") == 0) return SmStage::kPlane;
+  return SmStage::kBad;
+}
+
+// Whether every tap chunk's window of small-map `kernel` holds the whole plane.
+bool sm_windows_hold_planes(const RtParams& q, int kernel) {
+  switch (kernel) {
+    case kSmallKernel: return small_windows_hold_planes<0>(q);
+    case kSmallKernel + 7: return small_windows_hold_planes<7>(q);
+    case kSmallKernel + 13: return small_windows_hold_planes<13>(q);
+    case kSmallKernel + 27: return small_windows_hold_planes<27>(q);
+  }
+  return false;
+}
+
+// How the small-map `kernel` stages its planes (q.sm_runs) for input elements of elem_bytes, honouring
+// REPKERNELS_DW_SM_STAGE.
+void plan_sm_stage(const Params& p, RtParams& q, int kernel, int elem_bytes) {
+  const SmStage want = requested_sm_stage();
+  RK_CHECK(want != SmStage::kBad, "depthwise_conv2d: REPKERNELS_DW_SM_STAGE=", std::getenv("REPKERNELS_DW_SM_STAGE"),
+           " names no staging of the small-map tiles (planes, plane)");
+  const bool small = kernel >= kSmallKernel;
+  q.sm_runs = small && want != SmStage::kPlane ? plan_stage_planes(q, elem_bytes) : kSmRunsNone;
+  if (want != SmStage::kPlanes) return;
+  RK_CHECK(small, "depthwise_conv2d: REPKERNELS_DW_SM_STAGE=planes asks for a small-map tile but the problem (", p.oh,
+           "x", p.ow, " outputs, ", p.kh, "x", p.kw, " taps) plans kernel ", kernel);
+  RK_CHECK(q.sm_runs != kSmRunsNone, "depthwise_conv2d: REPKERNELS_DW_SM_STAGE=planes asks for one-pass staging but ",
+           "the input planes (", q.h, "x", q.w, ", strides ", q.in_n, ", ", q.in_c, ", ", q.in_h, ", ", q.in_w,
+           ", columns every ", q.L, ", ", q.R, " W phases) are not NCHW planes back to back, read whole, with rows of ",
+           "at least ", 16 / elem_bytes - 1, " elements");
+  RK_CHECK(sm_windows_hold_planes(q, kernel), "depthwise_conv2d: REPKERNELS_DW_SM_STAGE=planes asks for one-pass ",
+           "staging but a tap chunk's window does not hold the whole ", q.h, "x", q.w, " plane (", q.kc, " of ", q.kh,
+           " tap rows per chunk, padding ", q.ph, ", ", q.pw, ")");
+}
+
+// plan_forward() honouring REPKERNELS_DW_TILE and REPKERNELS_DW_SM_STAGE, for input elements of elem_bytes; returns
+// the kernel (see plan_forward).
+int plan_forward_checked(Params& p, RtParams& q, int elem_bytes) {
   const int want = requested_kernel();
   RK_CHECK(want != kBadKernel, "depthwise_conv2d: REPKERNELS_DW_TILE=", std::getenv("REPKERNELS_DW_TILE"),
            " names no forward kernel (generic, direct, <taps>, small, small:generic, small:<taps>)");
@@ -199,6 +244,7 @@ int plan_forward_checked(Params& p, RtParams& q) {
              "x", p.ow, " outputs, ", p.kh, "x", p.kw, " taps) plans kernel ", kernel, " (the planner's choice: ",
              planner, ")");
   }
+  plan_sm_stage(p, q, kernel, elem_bytes);
   return kernel;
 }
 
@@ -286,7 +332,7 @@ at::Tensor depthwise_conv2d_cpu(const at::Tensor& input, const at::Tensor& weigh
   Params p = make_params(input, weight, bias, stride, padding, dilation);
   at::Tensor out = make_output(input, p);
   RtParams q{};
-  const int kernel = plan_forward_checked(p, q);
+  const int kernel = plan_forward_checked(p, q, int(input.element_size()));
   at::Tensor w = weight.contiguous();
   std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   ToeplitzParams t;
@@ -330,7 +376,7 @@ at::Tensor depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weig
     return out;
   }
   RtParams q{};
-  const int kernel = plan_forward_checked(p, q);
+  const int kernel = plan_forward_checked(p, q, int(input.element_size()));
   RK_CUDA_CHECK(launch_forward(p, q, kernel, dtype, input.const_data_ptr(), w.const_data_ptr(),
                                 b.has_value() ? b->const_data_ptr() : nullptr, out.mutable_data_ptr(),
                                 c10::cuda::getCurrentCUDAStream()));
@@ -515,7 +561,7 @@ at::Tensor depthwise_conv2d_backward_input_cpu(const at::Tensor& grad, const at:
     } else {
       for_each_dgrad_class(p, grad, weight, grad_input, [&](Params& f, const at::Tensor& sub, at::Tensor& view) {
         RtParams q{};
-        const int kernel = plan_forward_checked(f, q);
+        const int kernel = plan_forward_checked(f, q, int(grad.element_size()));
         emulate_forward<scalar_t, Acc>(f, q, kernel, grad.const_data_ptr<scalar_t>(), sub.const_data_ptr<scalar_t>(),
                                        nullptr, view.mutable_data_ptr<scalar_t>());
       });
@@ -588,7 +634,7 @@ at::Tensor depthwise_conv2d_backward_input_cuda(const at::Tensor& grad, const at
   }
   for_each_dgrad_class(p, grad, weight, grad_input, [&](Params& f, const at::Tensor& sub, at::Tensor& view) {
     RtParams q{};
-    const int kernel = plan_forward_checked(f, q);
+    const int kernel = plan_forward_checked(f, q, int(grad.element_size()));
     RK_CUDA_CHECK(launch_forward(f, q, kernel, dtype, grad.const_data_ptr(), sub.const_data_ptr(), nullptr,
                                   view.mutable_data_ptr(), stream));
   });
