@@ -107,7 +107,7 @@ struct SmTile {
 
   // The block's planes in one pass (depthwise_conv2d_stage_planes.h) where q.sm_runs allows it and the chunk's
   // window holds the whole plane: the windows' padding, the planes' runs (one, or one per sample), the taps of
-  // their channels. False, nothing staged, otherwise.
+  // their channels (runs of whole filters when the chunk holds them). False, nothing staged, otherwise.
   RK_HD static bool stage_planes(const RtParams& q, const SmCoord& b, int sigma, int i0, int kc, int m0, int mt,
                                  int tid, const T* __restrict__ input, const T* __restrict__ weight, Acc* smem) {
     if (q.sm_runs == kSmRunsNone) return false;
@@ -132,8 +132,12 @@ struct SmTile {
         c = 0;
       }
     }
-    stage_plane_taps<kThreads>(q, weight, first.c, b.planes, sigma, i0, kc, m0, mt, Rt::steps(mt), tid,
-                               smem + b.planes * win);
+    const int ns = Rt::steps(mt);
+    Acc* const s_w = smem + b.planes * win;
+    if (i0 == 0 && kc == q.kh && m0 == 0 && mt == q.kw && q.kw >= kVec<T> - 1)  // the whole filters (S = 1)
+      stage_filter_runs<kThreads>(weight, first.c, q.c, b.planes, q.kh, q.kw, 4 * ns, tid, s_w);
+    else
+      stage_plane_taps<kThreads>(q, weight, first.c, b.planes, sigma, i0, kc, m0, mt, ns, tid, s_w);
     return true;
   }
 

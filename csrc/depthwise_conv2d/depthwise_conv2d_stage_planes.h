@@ -14,7 +14,9 @@
 //   zero_planes_outside: the padding ring of every window (rows and columns outside the plane), in groups of 4
 //                       of a window row: the bands of whole rows between two planes, then the sides of the
 //                       planes' rows, each thread keeping one group and walking the bands or rows
-//   stage_plane_taps:   the taps of the planes' channels (consecutive, mod C), each thread keeping one tap and
+//   stage_filter_runs:  the taps of the planes' channels (consecutive, mod C), when the chunk holds the whole
+//                       filters: runs of filters as the input's runs of planes (rows of kw taps, planes of kh
+//                       rows), then zero past kw; other chunks (stage_plane_taps) each thread keeping one tap and
 //                       walking the planes
 //
 // The host decides where it applies (plan_stage_planes: the layout, for the element size; SmTile checks per tap
@@ -190,6 +192,24 @@ RK_HD void zero_planes_outside(Acc* dst, int planes, int rows, int cols, int ra,
       });
     }
   }
+}
+
+// Stages the whole filters (kh x kw taps, contiguous, one after the other in channel order) of channels c_first,
+// c_first + 1, ... (mod C) for `planes` planes into s_w: per plane kh rows of wp taps (wp >= kw a multiple of 4),
+// zero past kw. The channels up to the last one (C − 1) are one run of filters in memory (stage_planes_run: kw >=
+// V − 1), the planes from channel 0 on (a block crossing a sample) the next run.
+template <int kThreads, typename T, typename Acc>
+RK_HD void stage_filter_runs(const T* __restrict__ weight, int c_first, int C, int planes, int kh, int kw, int wp,
+                             int tid, Acc* s_w) {
+  const int taps = kh * wp;
+  int c = c_first;
+  for (int pl = 0; pl < planes;) {
+    const int seg = C - c < planes - pl ? C - c : planes - pl;  // the planes up to channel C − 1
+    stage_planes_run<kThreads>(weight + c * (kh * kw), seg, kh, kw, 0, wp, taps, s_w + pl * taps, tid);
+    pl += seg;
+    c = 0;
+  }
+  if (kw < wp) zero_planes_outside<kThreads>(s_w, planes, kh, wp, 0, kh, 0, kw, tid);
 }
 
 // Stages the taps of phase σ, tap rows [i0, i0 + kc), phase taps [m0, m0 + mt) of channels c_first, c_first + 1,
