@@ -156,7 +156,52 @@ int requested_kernel() {
   return k > 0 ? k : kBadKernel;
 }
 
-// plan_forward() honouring REPKERNELS_DW_TILE; returns the kernel (see plan_forward).
+// REPKERNELS_DW_SM_STAGE (the tests use it to reach each staging of the small-map tiles): "planes" (every tap chunk
+// of every block stages its planes in one pass, SmTile::stage_planes: an error when the problem does not allow it),
+// "plane" (plane by plane). Unset: in one pass wherever it applies.
+enum class SmStage { kAuto, kPlanes, kPlane, kBad };
+
+SmStage requested_sm_stage() {
+  const char* v = std::getenv("REPKERNELS_DW_SM_STAGE");
+  if (v == nullptr || *v == 0) return SmStage::kAuto;
+  if (std::strcmp(v, "planes") == 0) return SmStage::kPlanes;
+  if (std::strcmp(v, "plane") == 0) return SmStage::kPlane;
+  return SmStage::kBad;
+}
+
+// Whether every tap chunk's window of small-map `kernel` holds the whole plane.
+bool sm_windows_hold_planes(const RtParams& q, int kernel) {
+  switch (kernel) {
+    case kSmallKernel: return small_windows_hold_planes<0>(q);
+    case kSmallKernel + 7: return small_windows_hold_planes<7>(q);
+    case kSmallKernel + 13: return small_windows_hold_planes<13>(q);
+    case kSmallKernel + 27: return small_windows_hold_planes<27>(q);
+    case kSmallKernel + 31: return small_windows_hold_planes<31>(q);
+  }
+  return false;
+}
+
+// How the small-map `kernel` stages its planes (q.sm_runs), honouring REPKERNELS_DW_SM_STAGE.
+void plan_sm_stage(const Params& p, RtParams& q, int kernel) {
+  const int elem_bytes = int(p.elem_bytes);
+  const SmStage want = requested_sm_stage();
+  RK_CHECK(want != SmStage::kBad, "depthwise_conv2d: REPKERNELS_DW_SM_STAGE=", std::getenv("REPKERNELS_DW_SM_STAGE"),
+           " names no staging of the small-map tiles (planes, plane)");
+  const bool small = kernel >= kSmallKernel && kernel < kClKernel;  // whole planes (not channel-group tiles)
+  q.sm_runs = small && want != SmStage::kPlane ? plan_stage_planes(q, elem_bytes) : kSmRunsNone;
+  if (want != SmStage::kPlanes) return;
+  RK_CHECK(small, "depthwise_conv2d: REPKERNELS_DW_SM_STAGE=planes asks for a small-map tile but the problem (", p.oh,
+           "x", p.ow, " outputs, ", p.kh, "x", p.kw, " taps) plans kernel ", kernel);
+  RK_CHECK(q.sm_runs != kSmRunsNone, "depthwise_conv2d: REPKERNELS_DW_SM_STAGE=planes asks for one-pass staging but ",
+           "the input planes (", q.h, "x", q.w, ", strides ", q.in_n, ", ", q.in_c, ", ", q.in_h, ", ", q.in_w,
+           ", columns every ", q.L, ", ", q.R, " W phases) are not NCHW planes back to back, read whole, with rows of ",
+           "at least ", 16 / elem_bytes - 1, " elements");
+  RK_CHECK(sm_windows_hold_planes(q, kernel), "depthwise_conv2d: REPKERNELS_DW_SM_STAGE=planes asks for one-pass ",
+           "staging but a tap chunk's window does not hold the whole ", q.h, "x", q.w, " plane (", q.kc, " of ", q.kh,
+           " tap rows per chunk, padding ", q.ph, ", ", q.pw, ")");
+}
+
+// plan_forward() honouring REPKERNELS_DW_TILE and REPKERNELS_DW_SM_STAGE; returns the kernel (see plan_forward).
 int plan_forward_checked(Params& p, RtParams& q) {
   const int want = requested_kernel();
   RK_CHECK(want != kBadKernel, "depthwise_conv2d: REPKERNELS_DW_TILE=", std::getenv("REPKERNELS_DW_TILE"),
@@ -184,6 +229,7 @@ int plan_forward_checked(Params& p, RtParams& q) {
              "x", p.ow, " outputs, ", p.kh, "x", p.kw, " taps) plans kernel ", kernel, " (the planner's choice: ",
              planner, ")");
   }
+  plan_sm_stage(p, q, kernel);
   return kernel;
 }
 

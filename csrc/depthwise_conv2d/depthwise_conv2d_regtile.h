@@ -57,8 +57,9 @@ struct RtParams {
   int64_t in_n, in_c, out_n, out_c;
   int in_h, in_w, out_h, out_w;
   // small-map tile (SmTile, depthwise_conv2d_smallmap.h): thread rows and columns per plane, threads per
-  // plane, planes per block, planes in all
+  // plane, planes per block, planes in all; how it stages the planes (kSmRuns*, depthwise_conv2d_stage_planes.h)
   int sm_tr, sm_tc, sm_tpp, sm_planes, sm_nplanes;
+  int sm_runs;
   // channels_last (depthwise_conv2d_channels_last.h): stage the input / store the output as channel vectors
   int cl_in, cl_out;
 };

@@ -9,7 +9,9 @@
 //   for each tap phase σ, chunk of tap rows (kc) and chunk of phase taps (mc):
 //     stage:   for each plane of the block, the block copies the plane's whole input window (zero outside
 //              the image; stage_window, as RtTile) and its channel's taps into shared memory: P windows,
-//              then P tap chunks
+//              then P tap chunks; NCHW planes back to back in memory whose windows hold the whole plane
+//              (the usual small map: the window is the plane plus its padding) in one pass for all P
+//              planes instead (stage_planes, depthwise_conv2d_stage_planes.h)
 //     barrier
 //     compute: RtTile's inner loop on the thread's plane (sliding window of kRW + 4 inputs in
 //              registers, 16-byte loads, 4-tap broadcasts)
@@ -40,6 +42,7 @@
 
 #include "depthwise_conv2d/depthwise_conv2d_channels_last.h"
 #include "depthwise_conv2d/depthwise_conv2d_regtile.h"
+#include "depthwise_conv2d/depthwise_conv2d_stage_planes.h"
 
 namespace rk::dw {
 
@@ -117,9 +120,62 @@ struct SmTile {
     return r;
   }
 
+  // The window of tap chunk (σ, i0, kc, m0, mt) for planes of W phase ρ: first plane row and column, rows, columns.
+  struct Window {
+    int r0, c0, rows, cols;
+  };
+  RK_HD static Window window(const RtParams& q, int rho, int sigma, int i0, int kc, int m0, int mt) {
+    Window v;
+    v.r0 = -q.ph + i0 * q.dh;
+    v.c0 = m0 * q.L + rho * q.sw + sigma * q.dw - q.pw;
+    v.rows = Shape::in_rows(q, kc);
+    v.cols = q.sm_tc * kRW + 4 * Rt::steps(mt);
+    return v;
+  }
+  RK_HD static bool holds_plane(const RtParams& q, const Window& v) {
+    return v.r0 <= 0 && v.r0 + v.rows >= q.h && v.c0 <= 0 && v.c0 + v.cols >= q.w;
+  }
+
+  // The block's planes in one pass (depthwise_conv2d_stage_planes.h) where q.sm_runs allows it and the chunk's
+  // window holds the whole plane: the windows' padding, the planes' runs (one, or one per sample), the taps of
+  // their channels (runs of whole filters when the chunk holds them). False, nothing staged, otherwise.
+  RK_HD static bool stage_planes(const RtParams& q, const SmCoord& b, int sigma, int i0, int kc, int m0, int mt,
+                                 int tid, const T* __restrict__ input, const T* __restrict__ weight, Acc* smem) {
+    if (q.sm_runs == kSmRunsNone) return false;
+    const Window v = window(q, 0, sigma, i0, kc, m0, mt);
+    if (!holds_plane(q, v)) return false;
+    constexpr int kThreads = Shape::kThreads;
+    const int win = v.rows * v.cols;
+    const int ra = -v.r0, ca = -v.c0;
+    const int base = ra * v.cols + ca;
+    zero_planes_outside<kThreads>(smem, b.planes, v.rows, v.cols, ra, ra + q.h, ca, ca + q.w, tid);
+    const Plane first = plane(q, b.plane0);
+    if (q.sm_runs == kSmRunsBlock) {
+      stage_planes_run<kThreads>(input + first.in_off, b.planes, q.h, q.w, base, v.cols, win, smem, tid);
+    } else {
+      int64_t off = first.in_off;
+      int c = first.c;
+      for (int pl = 0; pl < b.planes;) {
+        const int seg = q.c - c < b.planes - pl ? q.c - c : b.planes - pl;  // the planes left in this sample
+        stage_planes_run<kThreads>(input + off, seg, q.h, q.w, base, v.cols, win, smem + pl * win, tid);
+        pl += seg;
+        off += q.in_n - int64_t(c) * q.in_c;
+        c = 0;
+      }
+    }
+    const int ns = Rt::steps(mt);
+    Acc* const s_w = smem + b.planes * win;
+    if (i0 == 0 && kc == q.kh && m0 == 0 && mt == q.kw && q.kw >= kVec<T> - 1)  // the whole filters (S = 1)
+      stage_filter_runs<kThreads>(weight, first.c, q.c, b.planes, q.kh, q.kw, 4 * ns, tid, s_w);
+    else
+      stage_plane_taps<kThreads>(q, weight, first.c, b.planes, sigma, i0, kc, m0, mt, ns, tid, s_w);
+    return true;
+  }
+
   // Phase σ, tap rows [i0, i0 + kc), phase taps [m0, m0 + mt), every plane of the block.
   RK_HD static void stage(const RtParams& q, const SmCoord& b, int sigma, int i0, int kc, int m0, int mt, int tid,
                           const T* __restrict__ input, const T* __restrict__ weight, Acc* smem) {
+    if (stage_planes(q, b, sigma, i0, kc, m0, mt, tid, input, weight, smem)) return;
     const int ns = Rt::steps(mt);
     const int cols = q.sm_tc * kRW + 4 * ns;
     const int rows = Shape::in_rows(q, kc);
@@ -351,6 +407,17 @@ inline int64_t num_small_blocks(const RtParams& q) {
 template <int KW>
 inline int64_t small_smem_elems(const RtParams& q) {
   return SmShape<KW>::smem_elems(q, q.sm_planes, q.kc, q.mc);
+}
+
+// Whether the window of every tap chunk of the small-map tile with KW holds the whole plane (SmTile::stage_planes).
+template <int KW>
+inline bool small_windows_hold_planes(const RtParams& q) {
+  using Tile = SmTile<float, float, KW>;
+  bool all = true;
+  for_each_tap_chunk(q, [&](int sigma, int i0, int kc, int m0, int mt) {
+    all = all && Tile::holds_plane(q, Tile::window(q, 0, sigma, i0, kc, m0, mt));
+  });
+  return all;
 }
 
 }  // namespace rk::dw
