@@ -189,18 +189,21 @@ TMA_LAYERS = ((64, 64, 3, 56), (128, 128, 3, 28), (256, 256, 3, 14), (512, 512, 
 
 
 def _per_sample_tma(torch, dtype):
-    """The per-sample forward of :data:`TMA_LAYERS` (channels_last input, channel-innermost kernels, as
-    ``kw_conv2d`` passes them) with the TMA kernel (``REPKERNELS_KW_TMA=1``) and with today's implicit-GEMM kernel
-    (switch off; the kernelwarehouse workload records the same launches), side by side in the report."""
+    """The per-sample forward and backward (dgrad, wgrad) of :data:`TMA_LAYERS` (channels_last input,
+    channel-innermost kernels, as ``kw_conv2d`` passes them) with the TMA kernels (``REPKERNELS_KW_TMA=1``) and
+    with today's kernels (switch off; the kernelwarehouse workload records the same launches), side by side in the
+    report."""
     from repkernels.ops import per_sample_conv2d
     from repkernels.ops.per_sample_conv2d import kw_tma
 
     for cin, cout, k, hw in TMA_LAYERS:
         x = torch.randn(2, cin, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
         weight = torch.randn(2, cout, k, k, cin, dtype=dtype).permute(0, 1, 4, 2, 3)
+        x.requires_grad_()
+        weight.requires_grad_()
         for enabled in (True, False):
             with kw_tma(enabled):
-                per_sample_conv2d(x, weight, None, padding=k // 2)
+                per_sample_conv2d(x, weight, None, padding=k // 2).sum().backward()
 
 
 WORKLOADS = {"depthwise": _depthwise, "kernelwarehouse": _kernelwarehouse, "multibranch": _multibranch,

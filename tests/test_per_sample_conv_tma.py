@@ -1,7 +1,8 @@
-"""The per-sample conv forward with TMA (tensor descriptor) loads, opt-in with ``REPKERNELS_KW_TMA=1``
-(``triton_kernels/per_sample_conv2d_fwd_tma.py``): under the Triton interpreter against the float64 reference, its
-eligibility rule (from the layer, never the batch), and the switch (off: today's implicit-GEMM kernel; ineligible
-layers fall back to it). The interpreter zero-fills descriptor boxes outside the tensor as the hardware does.
+"""The per-sample conv forward and backward with TMA (tensor descriptor) loads, opt-in with ``REPKERNELS_KW_TMA=1``
+(``triton_kernels/per_sample_conv2d_fwd_tma.py``, ``per_sample_conv2d_bwd_tma.py``): under the Triton interpreter
+against the float64 reference (the backward against the reference's autograd gradients), their eligibility rules
+(from the layer, never the batch), and the switch (off: today's kernels; ineligible layers fall back to them). The
+interpreter zero-fills descriptor boxes outside the tensor as the hardware does.
 
 Shapes are tiny (interpreter) but reach each edge: boxes that overhang the output map at the bottom and right,
 several boxes in both directions, taps reaching into the padding on every side (padding 0/1/2, dilation 2,
@@ -59,8 +60,11 @@ def make_case(case, innermost=True):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Which forward launcher each Triton per-sample conv call ran: a list of ``"tma"`` / ``"implicit_gemm"``."""
-    from repkernels.triton_kernels import per_sample_conv2d_fwd, per_sample_conv2d_fwd_tma
+    """Which launcher each Triton per-sample conv call ran: a list of ``"tma"`` / ``"implicit_gemm"`` (forward),
+    ``"dgrad_tma"`` / ``"dgrad"`` and ``"wgrad_tma"`` / ``"wgrad"`` (backward: TMA / today's kernels)."""
+    from repkernels.triton_kernels import (per_sample_conv2d_bwd_input, per_sample_conv2d_bwd_tma,
+                                           per_sample_conv2d_bwd_weight, per_sample_conv2d_fwd,
+                                           per_sample_conv2d_fwd_tma)
 
     seen = []
 
@@ -70,6 +74,10 @@ def launches(monkeypatch):
 
     spy(per_sample_conv2d_fwd, "per_sample_conv2d_fwd", "implicit_gemm")
     spy(per_sample_conv2d_fwd_tma, "per_sample_conv2d_fwd_tma", "tma")
+    spy(per_sample_conv2d_bwd_input, "per_sample_conv2d_bwd_input", "dgrad")
+    spy(per_sample_conv2d_bwd_weight, "per_sample_conv2d_bwd_weight", "wgrad")
+    spy(per_sample_conv2d_bwd_tma, "per_sample_conv2d_bwd_input_tma", "dgrad_tma")
+    spy(per_sample_conv2d_bwd_tma, "per_sample_conv2d_bwd_weight_tma", "wgrad_tma")
     return seen
 
 
@@ -242,8 +250,8 @@ def test_tma_tiles_come_from_the_layer():
 
 @requires_triton_cpu
 def test_kw_conv2d_routing_decision_reports_the_tma_forward_it_runs(tma_on, launches, monkeypatch):
-    """The unfused kw_conv2d (Triton) writes channel-innermost kernels, which the TMA forward reads in place;
-    routing_decision says so. NCHW input: today's kernel, and the decision does not claim the TMA forward."""
+    """The unfused kw_conv2d (Triton) writes channel-innermost kernels, which the TMA forward and backward read in
+    place; routing_decision says so. NCHW input: today's kernel, and the decision does not claim the TMA forward."""
     kw_ops = importlib.import_module("repkernels.ops.kw_conv2d")
     monkeypatch.setattr(kw_ops, "FUSED_MAX_EXTRA", -1)     # the rule picks the unfused path for this small layer
 
@@ -258,7 +266,266 @@ def test_kw_conv2d_routing_decision_reports_the_tma_forward_it_runs(tma_on, laun
             decision = kw_ops.routing_decision(x, att, wh, layout, None, 1, 1)
             out = repkernels.ops.kw_conv2d(x, att, wh, layout, None, 1, 1)
         assert decision.get("tma", False) == (expect == "tma") and not decision["fused"]
+        assert decision.get("tma_backward", False) == (expect == "tma")     # 32 fp32 outputs: aligned rows
+        assert ("-> TMA dgrad / wgrad" in decision["rule"]) == (expect == "tma")
         assert ("REPKERNELS_KW_TMA=1 and tma_fits -> TMA forward" in decision["rule"]) == (expect == "tma")
         assert launches[-1] == expect
         assert_close(out, ref.kw_conv2d(x.double(), att.double(), wh.double(), layout, None, (1, 1), (1, 1), (1, 1),
                                         1), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward: dgrad and wgrad with TMA loads (triton_kernels/per_sample_conv2d_bwd_tma.py), on TMA_CASES and
+# BWD_CASES. The dgrad's boxes are boxes of the input map (9x13 → 4x16, 7x7 → 8x8, 20x36 → 4x16, 17x40 → 4x16:
+# overhanging) and it reduces over Cout chunks; the wgrad reduces over the output map's boxes, its tiles partial
+# past Cout and Cin.
+
+# the dgrad's reduction over output channels that do not fill the chunks (TMA_CASES have at most one chunk)
+BWD_CASES = {
+    # 80 outputs: Cout chunks 64 + 16 (bf16); 48 inputs: one partial input-channel tile; 9x13, 4x16 boxes
+    "cout80_cin48": (2, 48, 9, 13, 80, (3, 3), (1, 1), (1, 1), torch.bfloat16, False),
+    # fp32: 48 outputs in 32-channel chunks (32 + 16); 5x5 with padding 2 on a 7x7 map
+    "cout48_fp32_5x5": (2, 16, 7, 7, 48, (5, 5), (2, 2), (1, 1), torch.float32, True),
+}
+
+
+def reference_grads(x, wt, bias, p, d, gy):
+    """(grad_x, grad_w) of the float64 reference conv for the output gradient ``gy``, by autograd."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = wt.detach().double().requires_grad_()
+    out = ref.per_sample_conv2d(x64, w64, None if bias is None else bias.double(), (1, 1), p, d, 1)
+    return torch.autograd.grad(out, (x64, w64), gy.double())
+
+
+def triton_grads(x, wt, bias, p, d, gy):
+    """(grad_x, grad_w) of the Triton op by autograd."""
+    x = x.detach().requires_grad_()
+    wt = wt.detach().requires_grad_()
+    out = R.per_sample_conv2d_triton(x, wt, bias, (1, 1), p, d, 1)
+    return torch.autograd.grad(out, (x, wt), gy)
+
+
+def output_grad(x, wt, p, d, memory_format=torch.channels_last):
+    """A random gradient of the conv's output, in ``memory_format``."""
+    oh = x.shape[2] + 2 * p[0] - d[0] * (wt.shape[3] - 1)
+    ow = x.shape[3] + 2 * p[1] - d[1] * (wt.shape[4] - 1)
+    return torch.randn(x.shape[0], wt.shape[1], oh, ow).to(x.dtype).contiguous(memory_format=memory_format)
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("name", [*TMA_CASES, *BWD_CASES])
+def test_tma_backward_matches_reference(name, tma_on, launches):
+    case = TMA_CASES.get(name) or BWD_CASES[name]
+    x, wt, bias, p, d = make_case(case, innermost=name != "pointwise")
+    gy = output_grad(x, wt, p, d)
+    gx, gw = triton_grads(x, wt, bias, p, d, gy)
+    assert launches == ["tma", "dgrad_tma", "wgrad_tma"]
+    assert gx.dtype == x.dtype and gx.is_contiguous(memory_format=torch.channels_last)
+    assert gw.dtype == wt.dtype and gw.stride() == wt.stride(), "wgrad must come back in the kernels' memory order"
+    expect_x, expect_w = reference_grads(x, wt, bias, p, d, gy)
+    assert_close(gx, expect_x, case[8], "grad_input")
+    assert_close(gw, expect_w, case[8], "grad_weight")
+
+
+@requires_triton_gpu
+@pytest.mark.parametrize("name", [*TMA_CASES, *BWD_CASES])
+def test_gpu_tma_backward_matches_reference(name, tma_on, launches, monkeypatch):
+    """The same cases on the GPU: the TMA backward on sm_90 or newer (today's kernels below); fp32 with TF32,
+    checked with fp16's tolerance (as the forward)."""
+    case = TMA_CASES.get(name) or BWD_CASES[name]
+    x, wt, bias, p, d = (t.cuda() if isinstance(t, torch.Tensor) else t
+                         for t in make_case(case, innermost=name != "pointwise"))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    gy = output_grad(x, wt, p, d)
+    gx, gw = triton_grads(x, wt, bias, p, d, gy)
+    torch.cuda.synchronize()
+    tma = torch.cuda.get_device_capability() >= (9, 0)
+    assert launches[1:] == (["dgrad_tma", "wgrad_tma"] if tma else ["dgrad", "wgrad"])
+    expect_x, expect_w = reference_grads(x, wt, bias, p, d, gy)
+    tolerance = torch.float16 if case[8] == torch.float32 else case[8]
+    assert_close(gx, expect_x, tolerance, "grad_input")
+    assert_close(gw, expect_w, tolerance, "grad_weight")
+
+
+@requires_triton_cpu
+def test_tma_backward_keeps_each_samples_kernels_and_inputs(tma_on, launches):
+    """Each sample's input gradient comes from its own kernels and its kernel gradient from its own input (the
+    samples' kernels and inputs differ in sign and scale: a mixup is far outside the tolerance)."""
+    x, wt, bias, p, d = make_case(TMA_CASES["odd_map_48ch"])
+    scale = torch.tensor([1.0, -1.0, 3.0]).to(x.dtype)
+    wt = wt * scale.view(3, 1, 1, 1, 1)
+    x = x * scale.flip(0).view(3, 1, 1, 1)
+    gy = output_grad(x, wt, p, d)
+    gx, gw = triton_grads(x, wt, bias, p, d, gy)
+    expect_x, expect_w = reference_grads(x, wt, bias, p, d, gy)
+    for i in range(x.shape[0]):
+        assert_close(gx[i], expect_x[i], x.dtype, f"grad_input of sample {i}")
+        assert_close(gw[i], expect_w[i], x.dtype, f"grad_weight of sample {i}")
+    assert launches == ["tma", "dgrad_tma", "wgrad_tma"]
+
+
+@requires_triton_cpu
+def test_tma_backward_takes_any_output_gradient_layout(tma_on, launches):
+    """The layer decides, not the incoming gradient: an NCHW ``grad_out`` and the expanded (stride-0) gradient of
+    ``sum()`` are copied to channels_last for the descriptors; the results match the reference."""
+    x, wt, bias, p, d = make_case(TMA_CASES["many_boxes"])
+    for gy in (output_grad(x, wt, p, d, torch.contiguous_format), output_grad(x, wt, p, d)[:1, :1, :1, :1]):
+        gy = gy.expand(output_grad(x, wt, p, d).shape)
+        gx, gw = triton_grads(x, wt, bias, p, d, gy)
+        expect_x, expect_w = reference_grads(x, wt, bias, p, d, gy)
+        assert_close(gx, expect_x, x.dtype, "grad_input")
+        assert_close(gw, expect_w, x.dtype, "grad_weight")
+    assert launches == ["tma", "dgrad_tma", "wgrad_tma"] * 2
+
+
+@requires_triton_cpu
+def test_tma_backward_writes_exactly_its_outputs_through_their_strides():
+    """Gradients that are windows of NaN-filled buffers (an NCHW input gradient; a kernel gradient inside wider
+    channel-innermost rows): the windows get the gradients, the margins (where the dgrad's boxes overhanging the
+    9x13 map and the wgrad's channel tiles past 16 would land) stay untouched."""
+    from repkernels.triton_kernels.per_sample_conv2d_bwd_tma import (per_sample_conv2d_bwd_input_tma,
+                                                                       per_sample_conv2d_bwd_weight_tma)
+
+    x, wt, bias, p, d = make_case(TMA_CASES["valid_16ch"])
+    gy = output_grad(x, wt, p, d)
+    expect_x, expect_w = reference_grads(x, wt, bias, p, d, gy)
+    b, c, h, w = x.shape
+    buffer = torch.full((b, c, h + 2, w + 3), float("nan"))
+    gx = per_sample_conv2d_bwd_input_tma(gy, x, wt, p, d, buffer[:, :, 1:h + 1, 1:w + 1])
+    assert gx.data_ptr() == buffer[:, :, 1:, 1:].data_ptr()
+    assert_close(gx, expect_x, torch.float32, "grad_input")
+    margin = torch.ones_like(buffer, dtype=torch.bool)
+    margin[:, :, 1:h + 1, 1:w + 1] = False
+    assert buffer[margin].isnan().all(), "the dgrad wrote outside its gradient window"
+
+    wide = torch.full((b, wt.shape[1], 3, 3, c + 8), float("nan"))
+    gw = per_sample_conv2d_bwd_weight_tma(gy, x, wt, p, d, wide[..., 4:c + 4].movedim(-1, 2))
+    assert_close(gw, expect_w, torch.float32, "grad_weight")
+    assert wide[..., :4].isnan().all() and wide[..., c + 4:].isnan().all(), "the wgrad wrote outside its window"
+
+
+@requires_triton_cpu
+def test_switch_off_backward_runs_todays_kernels(monkeypatch, launches):
+    """Switch off: today's dgrad / wgrad, same values and the same gradient layout as the TMA kernels give."""
+    x, wt, bias, p, d = make_case(TMA_CASES["odd_map_48ch"])
+    gy = output_grad(x, wt, p, d)
+    monkeypatch.delenv(PSC.TMA_ENV, raising=False)
+    gx, gw = triton_grads(x, wt, bias, p, d, gy)
+    assert launches == ["implicit_gemm", "dgrad", "wgrad"]
+    with PSC.kw_tma(True):
+        gx_tma, gw_tma = triton_grads(x, wt, bias, p, d, gy)
+    assert launches[3:] == ["tma", "dgrad_tma", "wgrad_tma"]
+    assert gw.stride() == gw_tma.stride() and gx.stride() == gx_tma.stride()
+    expect_x, expect_w = reference_grads(x, wt, bias, p, d, gy)
+    for got_x, got_w in ((gx, gw), (gx_tma, gw_tma)):
+        assert_close(got_x, expect_x, x.dtype, "grad_input")
+        assert_close(got_w, expect_w, x.dtype, "grad_weight")
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("what", INELIGIBLE)
+def test_ineligible_layers_backward_falls_back_to_todays_kernels(what, tma_on, launches):
+    from repkernels.triton_kernels.per_sample_conv2d_bwd_tma import tma_backward_unfit_reason
+
+    x, wt, _, p, d = make_case(TMA_CASES["valid_16ch"])
+    x, wt, stride, groups = INELIGIBLE[what](x, wt)
+    assert tma_backward_unfit_reason(x, wt, stride, groups) is not None
+    assert not PSC.uses_tma_backward(x, wt, stride, groups)
+    gy = torch.randn(*_fake_out_shape(x, wt, stride, p, d)).to(x.dtype)
+    gx = R.per_sample_conv2d_backward_input_triton(gy, x, wt, stride, p, d, groups)
+    gw = R.per_sample_conv2d_backward_weight_triton(gy, x, wt, stride, p, d, groups)
+    assert launches == ["dgrad", "wgrad"]
+    x64, w64 = x.double().requires_grad_(), wt.double().requires_grad_()
+    out = ref.per_sample_conv2d(x64, w64, None, stride, p, d, groups)
+    expect_x, expect_w = torch.autograd.grad(out, (x64, w64), gy.double())
+    assert_close(gx, expect_x, x.dtype, "grad_input")
+    assert_close(gw, expect_w, x.dtype, "grad_weight")
+
+
+def _fake_out_shape(x, wt, stride, p, d):
+    oh = (x.shape[2] + 2 * p[0] - d[0] * (wt.shape[3] - 1) - 1) // stride[0] + 1
+    ow = (x.shape[3] + 2 * p[1] - d[1] * (wt.shape[4] - 1) - 1) // stride[1] + 1
+    return x.shape[0], wt.shape[1], oh, ow
+
+
+@requires_triton_cpu
+def test_unaligned_output_rows_run_the_tma_forward_and_todays_backward(tma_on, launches):
+    """20 bf16 output channels (40-byte grad_out rows): the forward fits the TMA kernel (its output is stored
+    through pointers), the backward's grad_out descriptor does not; both results match the reference."""
+    x = torch.randn(2, 16, 9, 13).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    wt = channels_innermost(torch.randn(2, 20, 16, 3, 3).to(torch.bfloat16) / 12)
+    gy = output_grad(x, wt, (1, 1), (1, 1))
+    gx, gw = triton_grads(x, wt, None, (1, 1), (1, 1), gy)
+    assert launches == ["tma", "dgrad", "wgrad"]
+    expect_x, expect_w = reference_grads(x, wt, None, (1, 1), (1, 1), gy)
+    assert_close(gx, expect_x, x.dtype, "grad_input")
+    assert_close(gw, expect_w, x.dtype, "grad_weight")
+
+
+def test_tma_backward_fits_names_why_and_ignores_the_batch():
+    from repkernels.triton_kernels.per_sample_conv2d_bwd_tma import tma_backward_fits, tma_backward_unfit_reason
+
+    for b in (1, 2, 7):
+        x = torch.randn(b, 32, 6, 6).half().contiguous(memory_format=torch.channels_last)
+        wt = channels_innermost(torch.randn(b, 16, 32, 3, 3).half())
+        assert tma_backward_fits(x, wt, (1, 1), 1)
+        assert "stride (2, 2)" in tma_backward_unfit_reason(x, wt, (2, 2), 1)
+        assert "channels_last" in tma_backward_unfit_reason(x.contiguous(), wt, (1, 1), 1)
+        assert "not channel-innermost" in tma_backward_unfit_reason(x, wt.contiguous(), (1, 1), 1)
+        assert "20 output channels: grad_out's rows" in tma_backward_unfit_reason(
+            x, channels_innermost(torch.randn(b, 20, 32, 3, 3).half()), (1, 1), 1)
+        assert tma_backward_fits(x.float(), wt.float(), (1, 1), 1)     # 20 fp32 channels: 80-byte rows
+        assert tma_backward_fits(x.float(), channels_innermost(torch.randn(b, 20, 32, 3, 3)), (1, 1), 1)
+
+
+def test_direct_backward_launchers_reject_what_they_cannot_serve():
+    from repkernels.triton_kernels.per_sample_conv2d_bwd_tma import (per_sample_conv2d_bwd_input_tma,
+                                                                       per_sample_conv2d_bwd_weight_tma)
+
+    x = torch.randn(2, 32, 6, 6)
+    wt = channels_innermost(torch.randn(2, 16, 32, 3, 3))
+    gy = torch.randn(2, 16, 6, 6)
+    with pytest.raises(ValueError, match="bwd_input_tma: `input`/`weight` do not fit the TMA kernels: the input is"):
+        per_sample_conv2d_bwd_input_tma(gy, x, wt, (1, 1), (1, 1), torch.empty_like(x))
+    x = x.contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="bwd_weight_tma: `grad_out` must have the input's dtype"):
+        per_sample_conv2d_bwd_weight_tma(gy.half(), x, wt, (1, 1), (1, 1), torch.empty_like(wt))
+
+
+def test_tma_backward_tiles_come_from_the_layer():
+    from repkernels.triton_kernels.per_sample_conv2d_bwd_tma import tma_bwd_warps, tma_dgrad_tiles, tma_wgrad_tiles
+
+    # dgrad: (BLOCK_CI, BH, BW, BLOCK_K) — the input map's box, 128-byte channel chunks on both sides
+    assert tma_dgrad_tiles(64, 64, 56, 56, 2) == (64, 8, 8, 64)
+    assert tma_dgrad_tiles(512, 512, 7, 7, 2) == (64, 8, 8, 64)
+    assert tma_dgrad_tiles(64, 256, 56, 56, 4) == (32, 8, 8, 32)
+    assert tma_dgrad_tiles(24, 48, 9, 13, 2) == (64, 4, 16, 32)
+    # wgrad: (BLOCK_O, BLOCK_CI, BH, BW) — the output map's box is the reduction chunk
+    assert tma_wgrad_tiles(128, 128, 28, 28, 2) == (64, 64, 4, 32)
+    assert tma_wgrad_tiles(24, 80, 7, 7, 2) == (32, 64, 8, 8)
+    assert (tma_bwd_warps(128, 64), tma_bwd_warps(64, 64)) == (8, 4)
+
+
+@requires_triton_cpu
+def test_kw_conv2d_backward_runs_the_tma_kernels_on_its_kernels(tma_on, launches, monkeypatch):
+    """The unfused kw_conv2d's backward: the TMA dgrad / wgrad read and write the channel-innermost kernels
+    kw_assemble produces (the wgrad's gradient goes to the assembly backward in that order); the gradients of the
+    input, attentions and warehouse match the float64 reference's."""
+    kw_ops = importlib.import_module("repkernels.ops.kw_conv2d")
+    monkeypatch.setattr(kw_ops, "FUSED_MAX_EXTRA", -1)     # the rule picks the unfused path for this small layer
+
+    x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
+    att = torch.randn(2, 4 * 9, 5) / 5
+    wh = torch.randn(5, 16, 16, 1, 1) / 12
+    layout = (32, 32, 3, 3)
+    gy = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
+    args = [t.detach().requires_grad_() for t in (x, att, wh)]
+    with repkernels.backend("triton"):
+        out = repkernels.ops.kw_conv2d(*args, layout, None, 1, 1)
+        grads = torch.autograd.grad(out, args, gy)
+    assert launches[-2:] == ["dgrad_tma", "wgrad_tma"]
+    args64 = [t.detach().double().requires_grad_() for t in (x, att, wh)]
+    out64 = ref.kw_conv2d(*args64, layout, None, (1, 1), (1, 1), (1, 1), 1)
+    for what, got, expect in zip(("input", "attention", "warehouse"), grads,
+                                 torch.autograd.grad(out64, args64, gy.double())):
+        assert_close(got, expect, torch.float32, f"grad of the {what}")

@@ -200,3 +200,42 @@ def test_tma_per_sample_forward_compiles_to_tma_copies_and_warpgroup_mma():
     lines = proc.stdout.split("\n")
     assert lines.count("sm90 True True") == 5, proc.stdout
     assert lines.count("sm80 True") == 5, proc.stdout
+
+
+# kernel: distinct launches per dtype on TMA_LAYERS (the wgrad's tiles do not depend on the channel counts past
+# the chunk, nor its constexprs on the map, so 3x3 64->64 @56² and 512->512 @7² are one launch)
+TMA_BWD_KERNELS = {"per_sample_conv2d_bwd_input_tma_kernel": 5, "per_sample_conv2d_bwd_weight_tma_kernel": 4}
+
+
+def test_tma_per_sample_backward_does_not_spill(report):
+    """Issue 12's TMA per-sample dgrad and wgrad (opt-in) on the ResNet-50 stage shapes of the per_sample_tma
+    workload (5 layers x fp32 / bf16): no spill, at least 2 blocks per SM, within sm_90's shared memory."""
+    from repkernels.bench.triton_launches import SHARED_LIMIT
+
+    for name, launches in TMA_BWD_KERNELS.items():
+        tma = [k for k in report if k["source"] == "triton" and k["kernel"].startswith(name + " ")]
+        assert len(tma) == 2 * launches, (name, [k["kernel"] for k in tma])
+        assert not [k["kernel"] for k in tma if k["spill_bytes"] or k["blocks_per_sm"] < 2]
+        assert all(k["smem_bytes"] <= SHARED_LIMIT[90] for k in tma)
+
+
+def test_tma_per_sample_backward_compiles_to_tma_copies_and_warpgroup_mma():
+    """The dgrad's and wgrad's descriptor loads become TMA copies and their dots warpgroup MMAs on sm_90 (PTX of
+    the per_sample_tma workload's bf16 launches)."""
+    if not _backend.HAS_TRITON:
+        pytest.skip("needs Triton")
+    script = (
+        "import torch\n"
+        "from repkernels.bench import triton_launches as tl\n"
+        f"names = {tuple(TMA_BWD_KERNELS)!r}\n"
+        "for fn, sig, ce, attrs, opts in tl.record_launches(['per_sample_tma'], (torch.bfloat16,)):\n"
+        "    if fn.__name__ in names:\n"
+        "        ptx = tl.compile_launch(fn, sig, ce, attrs, opts, 90).asm['ptx']\n"
+        "        print(fn.__name__, ptx.count('cp.async.bulk.tensor') > 0, ptx.count('wgmma.mma_async') > 0)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.split("\n")
+    for name, launches in TMA_BWD_KERNELS.items():
+        assert lines.count(f"{name} True True") == launches, proc.stdout

@@ -14,7 +14,8 @@ Cases (224x224 inputs, batch 64 and 256; ``--quick``: batch 64 only, fewer layer
   ``auto`` what KWConv2d runs (fused where the routing rule picks it; its ``pick``, :func:`layer_pick`, names the
   row that runs the same kernels and the rule that chose it, for the GPU check's re-tune table); ``triton`` the
   unfused Triton path with today's per-sample forward (``REPKERNELS_KW_TMA`` off), ``triton tma`` (GPU only) the
-  same with the TMA forward (``REPKERNELS_KW_TMA=1``; opt-in until this row is timed against ``triton``).
+  same with the TMA forward, dgrad and wgrad (``REPKERNELS_KW_TMA=1``; opt-in until this row is timed against
+  ``triton``).
 * ``KW-ResNet-50``, ``KW-MobileNetV2``, ``KW-ConvNeXt-T`` inference (τ = 0) / training step (forward + loss +
   backward, τ = 1: see _model_setup) at b = 1; ``static <network>`` (the ``x_baseline`` row) is the static
   torchvision network (channels_last, timed, not checked); ``reference`` the KW model on the reference ops (the
@@ -55,7 +56,7 @@ R50_GMACS = 4.09  # multiply-adds of ResNet-50 per 224x224 image (static; KW add
 _kw_ops = importlib.import_module("repkernels.ops.kw_conv2d")
 _psc_ops = importlib.import_module("repkernels.ops.per_sample_conv2d")
 TMA_RETUNE = (f"{_psc_ops.TMA_ENV}=1 (python/repkernels/ops/per_sample_conv2d.py: TMA_ENV; opt-in, default off): "
-              "make the TMA forward the default for the layers tma_fits accepts")
+              "make the TMA forward (and backward: tma_backward_fits) the default for the layers tma_fits accepts")
 
 
 def layer_pick(decision: dict) -> dict:

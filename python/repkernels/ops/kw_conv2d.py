@@ -120,6 +120,17 @@ def _unfused_tma(input: torch.Tensor, layout: Sequence[int], stride: tuple[int, 
             and (channels_innermost or taps == 1))
 
 
+def _unfused_tma_backward(input: torch.Tensor, layout: Sequence[int], stride: tuple[int, int], groups: int,
+                          channels_innermost: bool) -> bool:
+    """Whether the unfused path's Triton dgrad and wgrad take the TMA kernels: the forward's rule
+    (:func:`_unfused_tma`) and ``grad_out``'s rows of Cout channels 16-byte aligned
+    (:func:`~repkernels.triton_kernels.per_sample_conv2d_bwd_tma.tma_backward_unfit_reason`). From the layer."""
+    from ..triton_kernels.per_sample_conv2d_fwd_tma import TMA_ALIGN
+
+    return (_unfused_tma(input, layout, stride, groups, channels_innermost)
+            and int(layout[0]) * input.element_size() % TMA_ALIGN == 0)
+
+
 def _fake(input, attention, warehouse, layout, bias, stride, padding, dilation):
     oh, ow = _out_hw(input.shape[2], input.shape[3], layout[2:], stride, padding, dilation)
     fmt = torch.channels_last if _validation.channels_last_output(input) else torch.contiguous_format
@@ -271,7 +282,8 @@ def routing_decision(input: torch.Tensor, attention: torch.Tensor, warehouse: to
         ``{"fused": bool, "backend": 'triton' | 'cuda' | 'reference', "rule": str, "where": str}``: the fused
         Triton kernel, or the unfused path whose per-sample conv runs on ``backend`` (the assembly picks its own
         backend by the same preference); with ``"tma": True`` when that conv's Triton forward runs the TMA kernel
-        (``REPKERNELS_KW_TMA=1`` and the layer fits it).
+        (``REPKERNELS_KW_TMA=1`` and the layer fits it), and ``"tma_backward": True`` when its Triton dgrad and
+        wgrad run the TMA backward kernels too (the same switch; the layer fits them).
     """
     layout, groups, input, stride, padding, dilation = _normalize(input, attention, warehouse, layout, bias, stride,
                                                                   padding, dilation, groups)
@@ -299,6 +311,10 @@ def routing_decision(input: torch.Tensor, attention: torch.Tensor, warehouse: to
         decision["tma"] = True
         decision["rule"] += f"; {_TMA_ENV}=1 and tma_fits -> TMA forward"
         decision["where"] += f" ({_TMA_ENV}); triton_kernels/per_sample_conv2d_fwd_tma.py: tma_fits"
+        if _unfused_tma_backward(input, layout, stride, groups, inner):
+            decision["tma_backward"] = True
+            decision["rule"] += " and tma_backward_fits -> TMA dgrad / wgrad"
+            decision["where"] += "; triton_kernels/per_sample_conv2d_bwd_tma.py: tma_backward_fits"
     return decision
 
 

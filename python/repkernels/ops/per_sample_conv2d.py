@@ -17,6 +17,9 @@ re-specializes per batch size). Every op has a fake implementation; the forward 
 forward of the layers the TMA kernel fits (:func:`~repkernels.triton_kernels.per_sample_conv2d_fwd_tma.tma_fits`:
 stride 1, groups 1, channels_last input, channel-innermost kernels, 16-byte aligned rows) to it
 (:mod:`repkernels.triton_kernels.per_sample_conv2d_fwd_tma`); other layers run the implicit-GEMM kernel as before.
+The Triton dgrad and wgrad of those layers take the TMA backward kernels under the same switch
+(:func:`uses_tma_backward`: the forward's rule plus 16-byte aligned ``grad_out`` rows;
+:mod:`repkernels.triton_kernels.per_sample_conv2d_bwd_tma`).
 """
 
 from __future__ import annotations
@@ -69,6 +72,18 @@ def uses_tma(input: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], g
     from ..triton_kernels.per_sample_conv2d_fwd_tma import tma_fits
 
     return tma_fits(input, weight, tuple(stride), groups)
+
+
+def uses_tma_backward(input: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], groups: int) -> bool:
+    """Whether the Triton dgrad and wgrad of this call run the TMA kernels: asked for (:func:`tma_enabled`) and the
+    layer fits them (:func:`~repkernels.triton_kernels.per_sample_conv2d_bwd_tma.tma_backward_fits`: the forward's
+    rule and 16-byte aligned ``grad_out`` rows); from the forward's input and kernels, never ``grad_out``'s layout
+    nor the batch."""
+    if not (_backend.HAS_TRITON and tma_enabled()):
+        return False
+    from ..triton_kernels.per_sample_conv2d_bwd_tma import tma_backward_fits
+
+    return tma_backward_fits(input, weight, tuple(stride), groups)
 
 
 def _has_c_op(name: str) -> bool:
@@ -167,6 +182,10 @@ if _backend.HAS_TRITON:
             "per_sample_conv2d_backward_input_triton", grad, input, weight, stride, padding, dilation, groups)
         out = _fake_bwd_input(grad, input, weight, stride, padding, dilation, groups)
         _check_span("per_sample_conv2d_backward_input_triton", grad, weight, out)
+        if uses_tma_backward(input, weight, stride, groups):
+            from ..triton_kernels.per_sample_conv2d_bwd_tma import per_sample_conv2d_bwd_input_tma
+
+            return per_sample_conv2d_bwd_input_tma(grad, input, weight, tuple(padding), tuple(dilation), out)
         return per_sample_conv2d_bwd_input(grad, weight, tuple(stride), tuple(padding), tuple(dilation), groups, out)
 
     @torch.library.custom_op("repkernels::per_sample_conv2d_backward_weight_triton", mutates_args=())
@@ -179,6 +198,10 @@ if _backend.HAS_TRITON:
             "per_sample_conv2d_backward_weight_triton", grad, input, weight, stride, padding, dilation, groups)
         out = _fake_bwd_weight_like(grad, input, weight, stride, padding, dilation, groups)
         _check_span("per_sample_conv2d_backward_weight_triton", input, grad, out)
+        if uses_tma_backward(input, weight, stride, groups):
+            from ..triton_kernels.per_sample_conv2d_bwd_tma import per_sample_conv2d_bwd_weight_tma
+
+            return per_sample_conv2d_bwd_weight_tma(grad, input, weight, tuple(padding), tuple(dilation), out)
         return per_sample_conv2d_bwd_weight(input, grad, tuple(stride), tuple(padding), tuple(dilation), groups, out)
 
     register_op_family("per_sample_conv2d_triton", ("per_sample_conv2d_backward_input_triton",
@@ -283,4 +306,4 @@ def per_sample_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return _ref.per_sample_conv2d(input, weight, bias, stride, padding, dilation, groups)
 
 
-__all__ = ["per_sample_conv2d", "TMA_ENV", "kw_tma", "tma_enabled", "uses_tma"]
+__all__ = ["per_sample_conv2d", "TMA_ENV", "kw_tma", "tma_enabled", "uses_tma", "uses_tma_backward"]
