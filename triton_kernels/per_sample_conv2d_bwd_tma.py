@@ -25,7 +25,11 @@ the tensor the hardware zero-fills (the interpreter does the same).
 
 Both are single loops that Triton software-pipelines (:func:`~.per_sample_conv2d_fwd_tma.tma_stages`). Channel
 chunks stay within one 128-byte shared-memory row on the innermost side of every box (64 16-bit / 32 fp32
-channels). Tiles depend on the layer and the maps, never the batch. Not timed on a GPU yet: off by default
+channels). On sm_90 (SASS, 16-bit): the descriptor loads are ``UTMALDG``; the dgrad's kernel tile and the wgrad's
+input tile are the ``HGMMA`` B operand read from shared memory as they lie (transposed-B descriptor), the pixel-box
+operand (the dgrad's ``grad_out``, the wgrad's ``goᵀ``) goes through ``ldmatrix`` into registers, as the
+forward's input box does. With TF32 the wgrad's operands are not K-major, which TF32 warpgroup MMAs need: it runs
+``mma.sync``. Tiles depend on the layer and the maps, never the batch. Not timed on a GPU yet: off by default
 (``REPKERNELS_KW_TMA=1``, :mod:`repkernels.ops.per_sample_conv2d`).
 """
 
@@ -187,6 +191,7 @@ def _kernels_descriptor(weight: torch.Tensor, box: list[int]) -> TensorDescripto
 
 
 def _check(op: str, x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the argument when the launchers cannot serve these tensors."""
     reason = tma_backward_unfit_reason(x, weight, (1, 1), 1)
     if reason is not None:
         raise ValueError(f"{op}: `input`/`weight` do not fit the TMA kernels: {reason}")
