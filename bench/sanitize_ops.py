@@ -31,6 +31,7 @@ def _paths(device: str) -> list[tuple[str, str, Callable[[], tuple[list, list]]]
     from repkernels import _backend, _extension
     from repkernels.nn import PBConv2d
     from repkernels.ops.depthwise_conv2d import cuda_toeplitz
+    from repkernels.ops.per_sample_conv2d import kw_tma, uses_tma, uses_tma_backward
     from repkernels.reference import kernelwarehouse as kw_ref
 
     R = torch.ops.repkernels
@@ -60,13 +61,14 @@ def _paths(device: str) -> list[tuple[str, str, Callable[[], tuple[list, list]]]
             torch.use_deterministic_algorithms(False)
 
     def dw(sfx, n, c, h, w, k, stride, padding, direct=False, deterministic=False, dtype=torch.float32,
-           view=False):
-        """``view``: the input is a view one column into rows of w + 3 elements (plane and rows misaligned)."""
+           view=False, channels_last=False):
+        """``view``: the input is a view one column into rows of w + 3 elements (plane and rows misaligned);
+        ``channels_last``: the input in channels_last (the CUDA tiles' channel-vector staging and stores)."""
         op = getattr(R, "depthwise_conv2d" + sfx)
         st, pd = [stride] * 2, list(padding)
-        tensors = [torch.randn(n, c, h, w, device=device, dtype=dtype), torch.randn(c, 1, *k, device=device,
-                                                                                     dtype=dtype),
-                   torch.randn(c, device=device, dtype=dtype)]
+        x = torch.randn(n, c, h, w, device=device, dtype=dtype)
+        tensors = [x.to(memory_format=torch.channels_last) if channels_last else x,
+                   torch.randn(c, 1, *k, device=device, dtype=dtype), torch.randn(c, device=device, dtype=dtype)]
 
         def fast(x, wt, b):
             return op(F.pad(x, (1, 2))[..., 1:-2] if view else x, wt, b, st, pd, one)
@@ -89,6 +91,21 @@ def _paths(device: str) -> list[tuple[str, str, Callable[[], tuple[list, list]]]
         return lambda: compare(
             lambda x, w: getattr(R, "per_sample_conv2d" + sfx)(x, w, None, one, one, one, groups),
             lambda x, w: kw_ref.per_sample_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), groups), tensors)
+
+    def per_sample_tma(dtype):
+        """The opt-in TMA kernels (REPKERNELS_KW_TMA=1): channels_last input, channel-innermost kernels, forward,
+        dgrad and wgrad; an error if the layer does not take them (a silent fallback would sanitize nothing new)."""
+        tensors = [torch.randn(2, 16, 7, 6, device=device, dtype=dtype).to(memory_format=torch.channels_last),
+                   torch.randn(2, 16, 3, 3, 16, device=device, dtype=dtype).permute(0, 1, 4, 2, 3)]
+
+        def run():
+            with kw_tma(True):
+                if not (uses_tma(*tensors, one, 1) and uses_tma_backward(*tensors, one, 1)):
+                    raise RuntimeError("the layer does not take the TMA kernels")
+                return compare(lambda x, w: R.per_sample_conv2d_triton(x, w, None, one, one, one, 1),
+                               lambda x, w: kw_ref.per_sample_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1),
+                               tensors)
+        return run
 
     def kw_layer(sfx, fused):
         tensors = [torch.randn(2, 16, 6, 6, device=device), torch.randn(2, 9, 3, device=device) / 3,
@@ -149,10 +166,17 @@ def _paths(device: str) -> list[tuple[str, str, Callable[[], tuple[list, list]]]
         out += [("cuda", f"depthwise 7x7 register tile, {dt} misaligned view",
                  dw("", 2, 3, 9, 10, (7, 7), 1, (3, 3), direct=True, dtype=getattr(torch, dt), view=True))
                 for dt in ("float32", "bfloat16")]
+        # channels_last: 16-byte channel vectors (small-map tile: consecutive channels a block; channel-group tile)
+        out += [("cuda", f"depthwise {k}x{k} {tile}, channels_last {dt}",
+                 dw("", 2, 8, h, w, (k, k), 1, (k // 2, k // 2), direct=True, dtype=getattr(torch, dt),
+                    channels_last=True))
+                for k, h, w, tile in ((13, 9, 10, "small-map tile"), (7, 40, 70, "channel-group tile"))
+                for dt in ("float32", "bfloat16")]
     if _backend.HAS_TRITON and (device == "cuda" or _backend.TRITON_INTERPRET):
         out += [("triton", name, run) for name, run in common("_triton")]
         out += [("triton", "kw_conv2d fused (assembly inside the conv)", kw_layer("_triton", True)),
-                ("triton", "multibranch conv+BN statistics (PBConv fused)", pbconv())]
+                ("triton", "multibranch conv+BN statistics (PBConv fused)", pbconv()),
+                ("triton", "per_sample_conv2d TMA (REPKERNELS_KW_TMA=1), bf16", per_sample_tma(torch.bfloat16))]
     return out
 
 
