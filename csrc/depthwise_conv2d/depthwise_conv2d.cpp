@@ -22,6 +22,7 @@
 #include "common/cpu_types.h"
 #include "common/gemm_emulation.h"
 #include "depthwise_conv2d/depthwise_conv2d_bwd_tile.h"
+#include "depthwise_conv2d/depthwise_conv2d_cl_wgrad.h"
 #include "depthwise_conv2d/depthwise_conv2d_fwd_tile.h"
 #include "depthwise_conv2d/depthwise_conv2d_launch.h"
 #include "depthwise_conv2d/depthwise_conv2d_regtile.h"
@@ -522,12 +523,82 @@ void emulate_rt_backward_weight(const Params& p, const RtWgradParams& w, const T
   });
 }
 
+// CPU emulation of backward_weight_cl_kernel (depthwise_conv2d_kernel.cu): RtWgradClTile, block by block and thread
+// by thread, shared memory poisoned before each stage and before the reduction.
+template <typename T, typename Acc>
+void emulate_cl_backward_weight(const Params& p, const RtWgradParams& w, const T* input, const T* grad, Acc* ws) {
+  using Tile = RtWgradClTile<T, Acc>;
+  using S = typename Tile::Shape;
+  const RtParams& q = w.g;
+  const int64_t smem_elems = S::smem_elems(q.sh, q.dh, q.kc, q.mc);
+  at::parallel_for(0, num_rt_wgrad_blocks(p, w), 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> buf(smem_elems + 64 / sizeof(Acc));
+    Acc* smem = buf.data();  // 64-byte aligned, as the kernel's 16-byte loads need
+    while (reinterpret_cast<uintptr_t>(smem) % 64 != 0) ++smem;
+    std::vector<Acc> acc(S::kThreads * S::kAcc);
+    for (int64_t block = begin; block < end; ++block) {
+      const auto b = Tile::coord(w, block);
+      const int t0 = Tile::first_tile(w, b), t1 = Tile::end_tile(w, b);
+      for_each_tap_chunk(q, [&](int sigma, int i0, int kc, int m0, int mt) {
+        std::fill(acc.begin(), acc.end(), Acc(0));
+        for (int tile = t0; tile < t1; ++tile) {
+          std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
+          for (int tid = 0; tid < S::kThreads; ++tid)
+            Tile::stage(w, b, tile, sigma, i0, kc, m0, mt, tid, input, grad, smem);
+          for (int tid = 0; tid < S::kThreads; ++tid)
+            Tile::compute(q, b, kc, mt, tid, smem, acc.data() + tid * S::kAcc);
+        }
+        std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
+        for (int tid = 0; tid < S::kThreads; ++tid) Tile::spill(tid, acc.data() + tid * S::kAcc, smem);
+        for (int tid = 0; tid < S::kThreads; ++tid) Tile::reduce(w, b, sigma, i0, kc, m0, mt, tid, smem, ws);
+      });
+    }
+  });
+}
+
+// REPKERNELS_DW_WGRAD (the tests use it to reach each weight-gradient tile): "cl" (the channels_last tile: an error
+// naming why when it cannot apply), "plane" (never it: the per-channel tiles). Unset: the planner's choice (the
+// channels_last tile for a channels_last input and grad_out with one W phase).
+enum class WgradChoice { kAuto, kCl, kPlane, kBad };
+
+WgradChoice requested_wgrad() {
+  const char* v = std::getenv("REPKERNELS_DW_WGRAD");
+  if (v == nullptr || *v == 0) return WgradChoice::kAuto;
+  if (std::strcmp(v, "cl") == 0) return WgradChoice::kCl;
+  if (std::strcmp(v, "plane") == 0) return WgradChoice::kPlane;
+  return WgradChoice::kBad;
+}
+
 // The weight-gradient plan: the register tile (true, `w` filled: the small-map tile when the grad_out plane
 // fits in one of its tiles) unless REPKERNELS_DW_TILE=direct or no chunk of it fits (then kDirect, `p`
 // planned by plan_wgrad()). REPKERNELS_DW_TILE=small... asks for the small-map tile, a large-map forward tile
-// (generic, <taps>) for the large-map one.
+// (generic, <taps>) for the large-map one. A channels_last input and grad_out with one W phase plan the channels_last
+// tile (RtWgradClTile) first, unless REPKERNELS_DW_WGRAD=plane or REPKERNELS_DW_TILE names a tile other than the
+// channel-group ones (cl...); REPKERNELS_DW_WGRAD=cl insists on it.
 bool plan_wgrad_checked(Params& p, RtWgradParams& w, int64_t target_blocks) {
   const int want = requested_kernel();
+  const WgradChoice cl = requested_wgrad();
+  RK_CHECK(cl != WgradChoice::kBad, "depthwise_conv2d: REPKERNELS_DW_WGRAD=", std::getenv("REPKERNELS_DW_WGRAD"),
+           " names no weight-gradient tile (cl, plane)");
+  // the channels_last tile unless a forward tile other than the channel-group ones is asked for
+  const bool cl_allowed = cl != WgradChoice::kPlane && (want == kAnyKernel || want == kAnyClKernel || want >= kClKernel);
+  if (cl == WgradChoice::kCl) {
+    RK_CHECK(cl_allowed, "depthwise_conv2d: REPKERNELS_DW_WGRAD=cl asks for the channels_last weight-gradient tile but ",
+             "REPKERNELS_DW_TILE=", std::getenv("REPKERNELS_DW_TILE"), " asks for another tile");
+    const char* why = cl_wgrad_rejection(p);
+    RK_CHECK(why == nullptr, "depthwise_conv2d: REPKERNELS_DW_WGRAD=cl asks for the channels_last weight-gradient ",
+             "tile but ", why == nullptr ? "" : why);
+  }
+  if (cl_allowed) {
+    RtWgradParams c{};
+    if (plan_cl_wgrad(p, c, target_blocks)) {
+      w = c;
+      return true;
+    }
+    RK_CHECK(cl != WgradChoice::kCl, "depthwise_conv2d: REPKERNELS_DW_WGRAD=cl asks for the channels_last ",
+             "weight-gradient tile but no tap chunk of it fits (", p.kh, "x", p.kw, " taps, stride ", p.sh, ", dilation ",
+             p.dh, ")");
+  }
   const bool want_small = want == kAnySmallKernel || (want >= kSmallKernel && want < kClKernel);
   const bool rt = want != -1 && plan_rt_wgrad(p, w, target_blocks, want == kAnyKernel || want_small);
   RK_CHECK(rt || want == kAnyKernel || want == -1, "depthwise_conv2d: REPKERNELS_DW_TILE asks for a register tile ",
@@ -591,7 +662,10 @@ at::Tensor depthwise_conv2d_backward_weight_cpu(const at::Tensor& grad, const at
   at::Tensor ws = at::empty({p.c, rt ? w.splits : p.splits, p.kh * p.kw}, input.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_conv2d_bwd_weight_cpu", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    if (rt && w.small) {
+    if (rt && is_cl_wgrad(w)) {
+      emulate_cl_backward_weight<scalar_t, Acc>(p, w, input.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+                                                ws.mutable_data_ptr<Acc>());
+    } else if (rt && w.small) {
       emulate_rt_backward_weight<scalar_t, Acc, RtWgradSmall>(p, w, input.const_data_ptr<scalar_t>(),
                                                               grad.const_data_ptr<scalar_t>(), ws.mutable_data_ptr<Acc>());
     } else if (rt) {

@@ -17,8 +17,8 @@ namespace rk::dw {
 cudaError_t launch_forward(const Params& p, const RtParams& q, int kernel, DType dtype, const void* input,
                            const void* weight, const void* bias, void* output, cudaStream_t stream);
 
-// Weight gradient: RtWgradTile planned by plan_rt_wgrad() (`w`), or the kDirect WgradTile planned by
-// plan_wgrad() (`w` null). Writes the per-split tap sums into the fp32 workspace `ws`
+// Weight gradient: RtWgradTile planned by plan_rt_wgrad() (`w`), RtWgradClTile planned by plan_cl_wgrad() (`w`,
+// is_cl_wgrad), or the kDirect WgradTile planned by plan_wgrad() (`w` null). Writes the per-split tap sums into the fp32 workspace `ws`
 // (C, splits, KH * KW); the caller sums over the splits.
 cudaError_t launch_backward_weight(const Params& p, const RtWgradParams* w, DType dtype, const void* input,
                                    const void* grad_output, float* ws, cudaStream_t stream);

@@ -61,6 +61,58 @@ struct RtWgradParams {
   int small;  // 1: RtWgradSmall (g planned transposed for a kh x 1 filter), 0: RtWgradShape
 };
 
+// The compute step of the weight-gradient tiles for one thread: tap micro-tile tt (kTI x kTJ taps) of a chunk of kc
+// tap rows and mt phase taps, position group g of `groups`, over the staged input window `win` (in_rows x in_cols)
+// and the grad_out tile (kTileH x kTileW) right after it of one channel; adds into acc[kAcc].
+template <typename Shape, typename Acc>
+RK_HD void accumulate_wgrad_units(const RtParams& q, int kc, int mt, int g, int groups, int tt, const Acc* win,
+                                  Acc* acc) {
+  const int tiles_j = Shape::cols_p(mt) / Shape::kTJ;
+  const int ti0 = tt / tiles_j * Shape::kTI, tj0 = tt % tiles_j * Shape::kTJ;
+  const int cols = Shape::in_cols(mt);
+  const Acc* s_go = win + Shape::in_rows(q.sh, q.dh, kc) * cols;
+#if defined(__CUDACC__)
+#pragma unroll 1
+#endif
+  for (int unit = g; unit < Shape::kUnits; unit += groups) {
+    const int py = unit / (Shape::kTileW / Shape::kSeg);
+    const int s0 = unit % (Shape::kTileW / Shape::kSeg) * Shape::kSeg;
+    const Acc* g_row = s_go + py * Shape::kTileW + s0;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int ti = 0; ti < Shape::kTI; ++ti) {
+      const Acc* x = win + (py * q.sh + (ti0 + ti) * q.dh) * cols + s0 + tj0;
+      Acc w4[Shape::kTJ + 4];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+      for (int v = 0; v < Shape::kTJ / 4; ++v) ld4(x + 4 * v, w4 + 4 * v);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+      for (int st = 0; st < Shape::kSeg / 4; ++st) {
+        ld4(x + Shape::kTJ + 4 * st, w4 + Shape::kTJ);
+        Acc g4[4];
+        ld4(g_row + 4 * st, g4);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+        for (int qq = 0; qq < 4; ++qq) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+          for (int jj = 0; jj < Shape::kTJ; ++jj) acc[ti * Shape::kTJ + jj] += g4[qq] * w4[qq + jj];
+        }
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+        for (int k = 0; k < Shape::kTJ; ++k) w4[k] = w4[k + 4];
+      }
+    }
+  }
+}
+
 template <typename T, typename Acc, typename Shape_ = RtWgradShape>
 struct RtWgradTile {
   using Shape = Shape_;
@@ -100,55 +152,11 @@ struct RtWgradTile {
   }
 
   RK_HD static void compute(const RtParams& q, int kc, int mt, int tid, const Acc* smem, Acc* acc /* [kAcc] */) {
-    const int tiles_j = Shape::cols_p(mt) / Shape::kTJ;
     const int tap_tiles = Shape::tap_tiles(kc, mt);
     const int groups = Shape::kThreads / tap_tiles;
     const int g = tid / tap_tiles;
     if (g >= groups) return;
-    const int tt = tid - g * tap_tiles;
-    const int ti0 = tt / tiles_j * Shape::kTI, tj0 = tt % tiles_j * Shape::kTJ;
-    const int cols = Shape::in_cols(mt);
-    const Acc* s_go = smem + Shape::in_rows(q.sh, q.dh, kc) * cols;
-#if defined(__CUDACC__)
-#pragma unroll 1
-#endif
-    for (int unit = g; unit < Shape::kUnits; unit += groups) {
-      const int py = unit / (Shape::kTileW / Shape::kSeg);
-      const int s0 = unit % (Shape::kTileW / Shape::kSeg) * Shape::kSeg;
-      const Acc* g_row = s_go + py * Shape::kTileW + s0;
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-      for (int ti = 0; ti < Shape::kTI; ++ti) {
-        const Acc* x = smem + (py * q.sh + (ti0 + ti) * q.dh) * cols + s0 + tj0;
-        Acc win[Shape::kTJ + 4];
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-        for (int v = 0; v < Shape::kTJ / 4; ++v) ld4(x + 4 * v, win + 4 * v);
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-        for (int st = 0; st < Shape::kSeg / 4; ++st) {
-          ld4(x + Shape::kTJ + 4 * st, win + Shape::kTJ);
-          Acc g4[4];
-          ld4(g_row + 4 * st, g4);
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-          for (int qq = 0; qq < 4; ++qq) {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-            for (int jj = 0; jj < Shape::kTJ; ++jj) acc[ti * Shape::kTJ + jj] += g4[qq] * win[qq + jj];
-          }
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-          for (int k = 0; k < Shape::kTJ; ++k) win[k] = win[k + 4];
-        }
-      }
-    }
+    accumulate_wgrad_units<Shape>(q, kc, mt, g, groups, tid - g * tap_tiles, smem, acc);
   }
 
   // Reduction, phase 1 (after a barrier): each thread's sums into red[tid][kAcc] (shared memory).
@@ -220,6 +228,14 @@ inline bool plan_rt_wgrad(const Params& p, RtWgradParams& w, int64_t target_bloc
   return plan_rt_wgrad_shape<RtWgradShape>(p, w, target_blocks);
 }
 
-inline int64_t num_rt_wgrad_blocks(const Params& p, const RtWgradParams& w) { return p.c * w.splits; }
+// Whether `w` plans the channels_last tile (RtWgradClTile, depthwise_conv2d_cl_wgrad.h: w.g.sm_planes channels a
+// block); the other plans leave w.g.cl_in and cl_out at 0.
+inline bool is_cl_wgrad(const RtWgradParams& w) { return w.g.cl_in != 0 && w.g.cl_out != 0; }
+
+// Blocks of plan `w`: one per channel and split, or per channel vector and split (is_cl_wgrad).
+inline int64_t num_rt_wgrad_blocks(const Params& p, const RtWgradParams& w) {
+  if (is_cl_wgrad(w)) return cdiv(p.c, int64_t(w.g.sm_planes)) * w.splits;
+  return p.c * w.splits;
+}
 
 }  // namespace rk::dw
