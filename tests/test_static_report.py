@@ -44,7 +44,7 @@ def test_report_covers_every_kernel_with_the_fields(report):
     assert any("gemm_kernel" in k["kernel"] for k in cuda)                      # KernelWarehouse / Toeplitz GEMMs
     # (the input gradient runs forward_kernel: one forward problem per class of input positions)
     for name in ("forward_kernel", "forward_small_kernel", "forward_direct_kernel", "backward_weight_kernel",
-                 "backward_weight_rt_kernel", "backward_weight_cl_kernel"):
+                 "backward_weight_rt_kernel"):
         assert _direct(report, name), name
     assert {k["kernel"].split()[0] for k in triton} >= {"depthwise_conv2d_toeplitz_kernel",
                                                         "depthwise_conv2d_toeplitz_wgrad_kernel"}
@@ -53,7 +53,7 @@ def test_report_covers_every_kernel_with_the_fields(report):
         assert k["blocks_per_sm"] is None or 1 <= k["blocks_per_sm"] <= 32, k
     # the direct kernels' inner loops are FMA loops reading shared or global memory
     for k in (_direct(report, "forward_kernel") + _direct(report, "forward_small_kernel") +
-              _direct(report, "backward_weight_rt_kernel") + _direct(report, "backward_weight_cl_kernel")):
+              _direct(report, "backward_weight_rt_kernel")):
         assert k["fma_per_load"] is not None and k["loop_fmas"] > 0 and k["loop_loads"] > 0, k
 
 
@@ -63,7 +63,7 @@ def test_issue16_direct_kernels_do_8_fmas_per_load(report):
     # (large-map and small-map tiles) and its channels_last tile, 3 dtypes (the kDirect kernels, for strides no window
     # can stage, are not)
     tiles = (_direct(report, "forward_kernel") + _direct(report, "forward_small_kernel") +
-             _direct(report, "backward_weight_rt_kernel") + _direct(report, "backward_weight_cl_kernel"))
+             _direct(report, "backward_weight_rt_kernel"))
     assert len(tiles) == 45, [k["kernel"] for k in tiles]
     for k in tiles:
         assert k["fma_per_load"] is not None and k["fma_per_load"] >= 8, k

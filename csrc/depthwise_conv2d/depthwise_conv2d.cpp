@@ -493,9 +493,11 @@ void emulate_backward_weight(const Params& p, const T* input, const T* grad, Acc
   });
 }
 
-template <typename T, typename Acc, typename S>
+// CPU emulation of backward_weight_rt_kernel (depthwise_conv2d_kernel.cu) with Tile (RtWgradTile or RtWgradClTile),
+// block by block and thread by thread, shared memory poisoned before each stage and before the reduction.
+template <typename T, typename Acc, typename Tile>
 void emulate_rt_backward_weight(const Params& p, const RtWgradParams& w, const T* input, const T* grad, Acc* ws) {
-  using Tile = RtWgradTile<T, Acc, S>;
+  using S = typename Tile::Shape;
   const RtParams& q = w.g;
   const int64_t smem_elems = S::smem_elems(q.sh, q.dh, q.kc, q.mc);
   at::parallel_for(0, num_rt_wgrad_blocks(p, w), 1, [&](int64_t begin, int64_t end) {
@@ -513,40 +515,7 @@ void emulate_rt_backward_weight(const Params& p, const RtWgradParams& w, const T
           std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
           for (int tid = 0; tid < S::kThreads; ++tid)
             Tile::stage(w, b, tile, sigma, i0, kc, m0, mt, tid, input, grad, smem);
-          for (int tid = 0; tid < S::kThreads; ++tid) Tile::compute(q, kc, mt, tid, smem, acc.data() + tid * S::kAcc);
-        }
-        std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
-        for (int tid = 0; tid < S::kThreads; ++tid) Tile::spill(tid, acc.data() + tid * S::kAcc, smem);
-        for (int tid = 0; tid < S::kThreads; ++tid) Tile::reduce(w, b, sigma, i0, kc, m0, mt, tid, smem, ws);
-      });
-    }
-  });
-}
-
-// CPU emulation of backward_weight_cl_kernel (depthwise_conv2d_kernel.cu): RtWgradClTile, block by block and thread
-// by thread, shared memory poisoned before each stage and before the reduction.
-template <typename T, typename Acc>
-void emulate_cl_backward_weight(const Params& p, const RtWgradParams& w, const T* input, const T* grad, Acc* ws) {
-  using Tile = RtWgradClTile<T, Acc>;
-  using S = typename Tile::Shape;
-  const RtParams& q = w.g;
-  const int64_t smem_elems = S::smem_elems(q.sh, q.dh, q.kc, q.mc);
-  at::parallel_for(0, num_rt_wgrad_blocks(p, w), 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> buf(smem_elems + 64 / sizeof(Acc));
-    Acc* smem = buf.data();  // 64-byte aligned, as the kernel's 16-byte loads need
-    while (reinterpret_cast<uintptr_t>(smem) % 64 != 0) ++smem;
-    std::vector<Acc> acc(S::kThreads * S::kAcc);
-    for (int64_t block = begin; block < end; ++block) {
-      const auto b = Tile::coord(w, block);
-      const int t0 = Tile::first_tile(w, b), t1 = Tile::end_tile(w, b);
-      for_each_tap_chunk(q, [&](int sigma, int i0, int kc, int m0, int mt) {
-        std::fill(acc.begin(), acc.end(), Acc(0));
-        for (int tile = t0; tile < t1; ++tile) {
-          std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
-          for (int tid = 0; tid < S::kThreads; ++tid)
-            Tile::stage(w, b, tile, sigma, i0, kc, m0, mt, tid, input, grad, smem);
-          for (int tid = 0; tid < S::kThreads; ++tid)
-            Tile::compute(q, b, kc, mt, tid, smem, acc.data() + tid * S::kAcc);
+          for (int tid = 0; tid < S::kThreads; ++tid) Tile::compute(q, b, kc, mt, tid, smem, acc.data() + tid * S::kAcc);
         }
         std::fill(buf.begin(), buf.end(), std::numeric_limits<Acc>::quiet_NaN());
         for (int tid = 0; tid < S::kThreads; ++tid) Tile::spill(tid, acc.data() + tid * S::kAcc, smem);
@@ -662,18 +631,17 @@ at::Tensor depthwise_conv2d_backward_weight_cpu(const at::Tensor& grad, const at
   at::Tensor ws = at::empty({p.c, rt ? w.splits : p.splits, p.kh * p.kw}, input.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_conv2d_bwd_weight_cpu", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    Acc* out = ws.mutable_data_ptr<Acc>();
     if (rt && is_cl_wgrad(w)) {
-      emulate_cl_backward_weight<scalar_t, Acc>(p, w, input.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-                                                ws.mutable_data_ptr<Acc>());
+      emulate_rt_backward_weight<scalar_t, Acc, RtWgradClTile<scalar_t, Acc>>(p, w, x, g, out);
     } else if (rt && w.small) {
-      emulate_rt_backward_weight<scalar_t, Acc, RtWgradSmall>(p, w, input.const_data_ptr<scalar_t>(),
-                                                              grad.const_data_ptr<scalar_t>(), ws.mutable_data_ptr<Acc>());
+      emulate_rt_backward_weight<scalar_t, Acc, RtWgradTile<scalar_t, Acc, RtWgradSmall>>(p, w, x, g, out);
     } else if (rt) {
-      emulate_rt_backward_weight<scalar_t, Acc, RtWgradShape>(p, w, input.const_data_ptr<scalar_t>(),
-                                                              grad.const_data_ptr<scalar_t>(), ws.mutable_data_ptr<Acc>());
+      emulate_rt_backward_weight<scalar_t, Acc, RtWgradTile<scalar_t, Acc, RtWgradShape>>(p, w, x, g, out);
     } else {
-      emulate_backward_weight<scalar_t, Acc>(p, input.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-                                             ws.mutable_data_ptr<Acc>());
+      emulate_backward_weight<scalar_t, Acc>(p, x, g, out);
     }
   });
   return ws.sum(1).view({p.c, 1, p.kh, p.kw}).to(input.scalar_type());

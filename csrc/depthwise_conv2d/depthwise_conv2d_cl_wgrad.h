@@ -64,7 +64,7 @@ template <typename T>
 using RtWgradClShape = RtWgradClShapeT<kVec<T>>;
 
 template <typename T, typename Acc>
-struct RtWgradClTile {
+struct RtWgradClTile : WgradSplitTile<RtWgradClShape<T>> {
   using Shape = RtWgradClShape<T>;
 
   struct Block {
@@ -79,11 +79,6 @@ struct RtWgradClTile {
     b.c_lo = group * Shape::kG;
     b.G = w.g.c - b.c_lo < Shape::kG ? w.g.c - b.c_lo : Shape::kG;
     return b;
-  }
-  RK_HD static int first_tile(const RtWgradParams& w, const Block& b) { return b.split * w.tiles_per_split; }
-  RK_HD static int end_tile(const RtWgradParams& w, const Block& b) {
-    const int e = (b.split + 1) * w.tiles_per_split;
-    return e < w.tiles ? e : w.tiles;
   }
 
   // Tile `tile` (over n, tiles_h, tiles_w), tap chunk (σ, i0, kc, m0, mt): the G windows and grad_out tiles.
@@ -117,11 +112,6 @@ struct RtWgradClTile {
     if (g >= groups) return;
     accumulate_wgrad_units<Shape>(q, kc, mt, g, groups, t - g * tap_tiles,
                                   smem + ch * Shape::chan_elems(q.sh, q.dh, kc, mt), acc);
-  }
-
-  // Reduction, phase 1 (after a barrier): each thread's sums into red[tid][kAcc] (shared memory).
-  RK_HD static void spill(int tid, const Acc* acc, Acc* red) {
-    for (int k = 0; k < Shape::kAcc; ++k) red[tid * Shape::kAcc + k] = acc[k];
   }
 
   // Phase 2 (after a barrier): item t < G·taps of the chunk (channel, tap) sums its channel's position groups and

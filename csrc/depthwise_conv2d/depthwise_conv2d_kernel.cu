@@ -141,42 +141,14 @@ __global__ void __launch_bounds__(WgradShape::kThreads)
   }
 }
 
-template <typename T, typename Shape>
-__global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks)
+// The register-tiled weight gradient: Tile = RtWgradTile<T, float, Shape> (a channel of a split) or
+// RtWgradClTile<T, float> (channels_last: a channel vector of a split).
+template <typename T, typename Tile>
+__global__ void __launch_bounds__(Tile::Shape::kThreads, Tile::Shape::kMinBlocks)
     backward_weight_rt_kernel(const RtWgradParams w, const T* __restrict__ input, const T* __restrict__ grad_output,
                               float* __restrict__ ws) {
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
-  using Tile = RtWgradTile<T, float, Shape>;
-  const RtParams& q = w.g;
-  const auto b = Tile::coord(w, blockIdx.x);
-  const int tid = threadIdx.x;
-  const int t0 = Tile::first_tile(w, b), t1 = Tile::end_tile(w, b);
-  for_each_tap_chunk(q, [&](int sigma, int i0, int kc, int m0, int mt) {
-    float acc[Shape::kAcc];
-#pragma unroll
-    for (int k = 0; k < Shape::kAcc; ++k) acc[k] = 0.f;
-    for (int tile = t0; tile < t1; ++tile) {
-      Tile::stage(w, b, tile, sigma, i0, kc, m0, mt, tid, input, grad_output, smem);
-      __syncthreads();
-      Tile::compute(q, kc, mt, tid, smem, acc);
-      __syncthreads();
-    }
-    Tile::spill(tid, acc, smem);
-    __syncthreads();
-    Tile::reduce(w, b, sigma, i0, kc, m0, mt, tid, smem, ws);
-    __syncthreads();
-  });
-}
-
-// Channels_last weight gradient (RtWgradClTile): a block holds one channel vector's channels of one split.
-template <typename T>
-__global__ void __launch_bounds__(RtWgradClShape<T>::kThreads, RtWgradClShape<T>::kMinBlocks)
-    backward_weight_cl_kernel(const RtWgradParams w, const T* __restrict__ input, const T* __restrict__ grad_output,
-                              float* __restrict__ ws) {
-  extern __shared__ float4 smem4[];
-  float* smem = reinterpret_cast<float*>(smem4);
-  using Tile = RtWgradClTile<T, float>;
   using Shape = typename Tile::Shape;
   const RtParams& q = w.g;
   const auto b = Tile::coord(w, blockIdx.x);
@@ -197,6 +169,15 @@ __global__ void __launch_bounds__(RtWgradClShape<T>::kThreads, RtWgradClShape<T>
     Tile::reduce(w, b, sigma, i0, kc, m0, mt, tid, smem, ws);
     __syncthreads();
   });
+}
+
+template <typename T, typename Tile>
+void launch_rt_wgrad(const Params& p, const RtWgradParams& w, const void* input, const void* grad_output, float* ws,
+                     cudaStream_t stream) {
+  using Shape = typename Tile::Shape;
+  const size_t smem = sizeof(float) * Shape::smem_elems(w.g.sh, w.g.dh, w.g.kc, w.g.mc);
+  backward_weight_rt_kernel<T, Tile><<<num_rt_wgrad_blocks(p, w), Shape::kThreads, smem, stream>>>(
+      w, static_cast<const T*>(input), static_cast<const T*>(grad_output), ws);
 }
 
 template <typename T>
@@ -221,18 +202,11 @@ template <typename T>
 cudaError_t launch_backward_weight_typed(const Params& p, const RtWgradParams* w, const void* input,
                                          const void* grad_output, float* ws, cudaStream_t stream) {
   if (w != nullptr && is_cl_wgrad(*w)) {
-    using Shape = RtWgradClShape<T>;
-    const size_t smem = sizeof(float) * Shape::smem_elems(w->g.sh, w->g.dh, w->g.kc, w->g.mc);
-    backward_weight_cl_kernel<T><<<num_rt_wgrad_blocks(p, *w), Shape::kThreads, smem, stream>>>(
-        *w, static_cast<const T*>(input), static_cast<const T*>(grad_output), ws);
+    launch_rt_wgrad<T, RtWgradClTile<T, float>>(p, *w, input, grad_output, ws, stream);
   } else if (w != nullptr && w->small) {
-    const size_t smem = sizeof(float) * RtWgradSmall::smem_elems(w->g.sh, w->g.dh, w->g.kc, w->g.mc);
-    backward_weight_rt_kernel<T, RtWgradSmall><<<num_rt_wgrad_blocks(p, *w), RtWgradSmall::kThreads, smem, stream>>>(
-        *w, static_cast<const T*>(input), static_cast<const T*>(grad_output), ws);
+    launch_rt_wgrad<T, RtWgradTile<T, float, RtWgradSmall>>(p, *w, input, grad_output, ws, stream);
   } else if (w != nullptr) {
-    const size_t smem = sizeof(float) * RtWgradShape::smem_elems(w->g.sh, w->g.dh, w->g.kc, w->g.mc);
-    backward_weight_rt_kernel<T, RtWgradShape><<<num_rt_wgrad_blocks(p, *w), RtWgradShape::kThreads, smem, stream>>>(
-        *w, static_cast<const T*>(input), static_cast<const T*>(grad_output), ws);
+    launch_rt_wgrad<T, RtWgradTile<T, float, RtWgradShape>>(p, *w, input, grad_output, ws, stream);
   } else {
     backward_weight_kernel<T><<<num_wgrad_blocks(p), WgradShape::kThreads, 0, stream>>>(
         p, static_cast<const T*>(input), static_cast<const T*>(grad_output), ws);

@@ -113,8 +113,27 @@ RK_HD void accumulate_wgrad_units(const RtParams& q, int kc, int mt, int g, int 
   }
 }
 
+// What the weight-gradient tiles (RtWgradTile, RtWgradClTile) share: the grad_out tiles of a block's split (Block has
+// `split`) and the first phase of the reduction.
+template <typename Shape>
+struct WgradSplitTile {
+  template <typename Block>
+  RK_HD static int first_tile(const RtWgradParams& w, const Block& b) { return b.split * w.tiles_per_split; }
+  template <typename Block>
+  RK_HD static int end_tile(const RtWgradParams& w, const Block& b) {
+    const int e = (b.split + 1) * w.tiles_per_split;
+    return e < w.tiles ? e : w.tiles;
+  }
+
+  // Reduction, phase 1 (after a barrier): each thread's sums into red[tid][kAcc] (shared memory).
+  template <typename Acc>
+  RK_HD static void spill(int tid, const Acc* acc, Acc* red) {
+    for (int k = 0; k < Shape::kAcc; ++k) red[tid * Shape::kAcc + k] = acc[k];
+  }
+};
+
 template <typename T, typename Acc, typename Shape_ = RtWgradShape>
-struct RtWgradTile {
+struct RtWgradTile : WgradSplitTile<Shape_> {
   using Shape = Shape_;
 
   struct Block {
@@ -124,11 +143,6 @@ struct RtWgradTile {
 
   RK_HD static Block coord(const RtWgradParams& w, int64_t block) {
     return Block{block / w.splits, int(block % w.splits)};
-  }
-  RK_HD static int first_tile(const RtWgradParams& w, const Block& b) { return b.split * w.tiles_per_split; }
-  RK_HD static int end_tile(const RtWgradParams& w, const Block& b) {
-    const int e = (b.split + 1) * w.tiles_per_split;
-    return e < w.tiles ? e : w.tiles;
   }
 
   // Tile `tile` (over n, ρ, tiles_h, tiles_w), tap chunk (σ, i0, kc, m0, mt).
@@ -151,17 +165,13 @@ struct RtWgradTile {
                                   oh0, rho + q.R * u0, Shape::kTileH, Shape::kTileW, tid, smem + rows * cols);
   }
 
-  RK_HD static void compute(const RtParams& q, int kc, int mt, int tid, const Acc* smem, Acc* acc /* [kAcc] */) {
+  RK_HD static void compute(const RtParams& q, const Block&, int kc, int mt, int tid, const Acc* smem,
+                            Acc* acc /* [kAcc] */) {
     const int tap_tiles = Shape::tap_tiles(kc, mt);
     const int groups = Shape::kThreads / tap_tiles;
     const int g = tid / tap_tiles;
     if (g >= groups) return;
     accumulate_wgrad_units<Shape>(q, kc, mt, g, groups, tid - g * tap_tiles, smem, acc);
-  }
-
-  // Reduction, phase 1 (after a barrier): each thread's sums into red[tid][kAcc] (shared memory).
-  RK_HD static void spill(int tid, const Acc* acc, Acc* red) {
-    for (int k = 0; k < Shape::kAcc; ++k) red[tid * Shape::kAcc + k] = acc[k];
   }
 
   // Phase 2 (after a barrier): thread t < taps of the chunk sums the groups for its tap and writes
