@@ -30,33 +30,22 @@
 
 namespace rk::dw {
 
+// RtWgradTile's geometry (threads, 2 x 8 tap micro-tiles, window and tile sizes) on (32 / V) x 32 positions in
+// units of 8, plus the channels: kG a block, kTpc threads a channel, each channel's window and tile in shared memory.
 template <int V>
-struct RtWgradClShapeT {
-  static constexpr int kThreads = 128;
-  static constexpr int kMinBlocks = 4;
-  static constexpr int kG = V;                   // channels a block
-  static constexpr int kTpc = kThreads / V;      // threads a channel
-  static constexpr int kTI = 2;
-  static constexpr int kTJ = 8;
-  static constexpr int kTileH = 32 / V;
-  static constexpr int kTileW = 32;
-  static constexpr int kSeg = 8;
-  static_assert(kThreads % V == 0 && kTileH >= 1, "whole channels");
-  static constexpr int kUnits = kTileH * (kTileW / kSeg);
-  static constexpr int kAcc = kTI * kTJ;
+struct RtWgradClShapeT : RtWgradShapeT<32 / V, 32, 8> {
+  using Base = RtWgradShapeT<32 / V, 32, 8>;
+  static constexpr int kG = V;                         // channels a block
+  static constexpr int kTpc = Base::kThreads / V;      // threads a channel
+  static_assert(Base::kThreads % V == 0 && 32 / V >= 1, "whole channels");
 
-  RK_HD static int rows_p(int kc) { return (kc + kTI - 1) / kTI * kTI; }
-  RK_HD static int cols_p(int mc) { return (mc + kTJ - 1) / kTJ * kTJ; }
-  RK_HD static int tap_tiles(int kc, int mc) { return rows_p(kc) / kTI * (cols_p(mc) / kTJ); }
-  RK_HD static int in_rows(int sh, int dh, int kc) { return (kTileH - 1) * sh + (rows_p(kc) - 1) * dh + 1; }
-  RK_HD static int in_cols(int mc) { return kTileW + cols_p(mc); }
   // one channel's window and grad_out tile (a multiple of 8: 16-byte aligned channel regions)
   RK_HD static int chan_elems(int sh, int dh, int kc, int mc) {
-    return in_rows(sh, dh, kc) * in_cols(mc) + kTileH * kTileW;
+    return Base::in_rows(sh, dh, kc) * Base::in_cols(mc) + Base::kTileH * Base::kTileW;
   }
   RK_HD static int64_t smem_elems(int sh, int dh, int kc, int mc) {
     const int64_t stage = int64_t(kG) * chan_elems(sh, dh, kc, mc);
-    return stage > kThreads * kAcc ? stage : kThreads * kAcc;
+    return stage > Base::kThreads * Base::kAcc ? stage : Base::kThreads * Base::kAcc;
   }
 };
 

@@ -61,6 +61,21 @@ def enable_triton_interpreter() -> None:
     TRITON_INTERPRET = True
 
 
+@contextlib.contextmanager
+def env_switch(name: str, enabled: bool) -> Iterator[None]:
+    """Within the block the environment variable ``name`` (a switch the ops read per call) is "1" (``enabled``) or
+    "0"; its previous value, or its absence, is restored on exit."""
+    saved = os.environ.get(name)
+    os.environ[name] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
 def get_backend() -> str:
     """The backend requested for calls made now (``auto`` unless overridden)."""
     return _stack[-1] if _stack else _DEFAULT

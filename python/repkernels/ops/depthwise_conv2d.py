@@ -451,15 +451,8 @@ def _with_cuda_plan(decision: dict, input, weight, stride, padding, dilation, on
 def cuda_toeplitz(enabled: bool):
     """Within the block the CUDA op takes its Toeplitz GEMMs where its planner's rule applies (``enabled``) or
     never (register and small-map tiles on every shape): sets :data:`TOEPLITZ_ENV`, restored on exit."""
-    saved = os.environ.get(TOEPLITZ_ENV)
-    os.environ[TOEPLITZ_ENV] = "1" if enabled else "0"
-    try:
+    with _backend.env_switch(TOEPLITZ_ENV, enabled):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop(TOEPLITZ_ENV, None)
-        else:
-            os.environ[TOEPLITZ_ENV] = saved
 
 
 def _warn_too_large(kh: int, kw: int) -> None:

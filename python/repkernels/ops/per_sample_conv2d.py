@@ -53,15 +53,8 @@ def tma_enabled() -> bool:
 def kw_tma(enabled: bool):
     """Within the block the Triton forward takes the TMA kernel where it fits (``enabled``) or never: sets
     :data:`TMA_ENV`, restored on exit."""
-    saved = os.environ.get(TMA_ENV)
-    os.environ[TMA_ENV] = "1" if enabled else "0"
-    try:
+    with _backend.env_switch(TMA_ENV, enabled):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop(TMA_ENV, None)
-        else:
-            os.environ[TMA_ENV] = saved
 
 
 def uses_tma(input: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], groups: int) -> bool:
