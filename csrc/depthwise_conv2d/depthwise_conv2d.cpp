@@ -184,19 +184,19 @@ bool sm_windows_hold_planes(const RtParams& q, int kernel) {
 
 // How the small-map `kernel` stages its planes (q.sm_runs), honouring REPKERNELS_DW_SM_STAGE.
 void plan_sm_stage(const Params& p, RtParams& q, int kernel) {
-  const int elem_bytes = int(p.elem_bytes);
+  const int V = vec_elems(p);
   const SmStage want = requested_sm_stage();
   RK_CHECK(want != SmStage::kBad, "depthwise_conv2d: REPKERNELS_DW_SM_STAGE=", std::getenv("REPKERNELS_DW_SM_STAGE"),
            " names no staging of the small-map tiles (planes, plane)");
   const bool small = kernel >= kSmallKernel && kernel < kClKernel;  // whole planes (not channel-group tiles)
-  q.sm_runs = small && want != SmStage::kPlane ? plan_stage_planes(q, elem_bytes) : kSmRunsNone;
+  q.sm_runs = small && want != SmStage::kPlane ? plan_stage_planes(q, V) : kSmRunsNone;
   if (want != SmStage::kPlanes) return;
   RK_CHECK(small, "depthwise_conv2d: REPKERNELS_DW_SM_STAGE=planes asks for a small-map tile but the problem (", p.oh,
            "x", p.ow, " outputs, ", p.kh, "x", p.kw, " taps) plans kernel ", kernel);
   RK_CHECK(q.sm_runs != kSmRunsNone, "depthwise_conv2d: REPKERNELS_DW_SM_STAGE=planes asks for one-pass staging but ",
            "the input planes (", q.h, "x", q.w, ", strides ", q.in_n, ", ", q.in_c, ", ", q.in_h, ", ", q.in_w,
            ", columns every ", q.L, ", ", q.R, " W phases) are not NCHW planes back to back, read whole, with rows of ",
-           "at least ", 16 / elem_bytes - 1, " elements");
+           "at least ", V - 1, " elements");
   RK_CHECK(sm_windows_hold_planes(q, kernel), "depthwise_conv2d: REPKERNELS_DW_SM_STAGE=planes asks for one-pass ",
            "staging but a tap chunk's window does not hold the whole ", q.h, "x", q.w, " plane (", q.kc, " of ", q.kh,
            " tap rows per chunk, padding ", q.ph, ", ", q.pw, ")");

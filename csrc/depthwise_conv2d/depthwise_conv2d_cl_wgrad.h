@@ -128,7 +128,7 @@ struct RtWgradClTile : WgradSplitTile<RtWgradClShape<T>> {
 
 // Why the channels_last weight-gradient tile does not apply to `p` (in_stride: input, out_stride: grad_out), or null.
 inline const char* cl_wgrad_rejection(const Params& p) {
-  const Params t = (p.kw == 1 && p.kh > 1) ? transposed(p) : p;
+  const Params t = as_planned(p);
   RtParams g{};
   if (!plan_rt<RtShape<8, 2, 4, 8>>(t, g, 0)) return "no staged window fits (strides, dilations or 32-bit offsets)";
   if (g.R != 1) return "the problem has several W phases (dilation a multiple of the stride along W: R > 1)";
@@ -145,7 +145,7 @@ inline const char* cl_wgrad_rejection(const Params& p) {
 template <typename S>
 inline bool plan_cl_wgrad_shape(const Params& p0, RtWgradParams& w, int64_t target_blocks) {
   if (cl_wgrad_rejection(p0) != nullptr) return false;
-  const Params p = (p0.kw == 1 && p0.kh > 1) ? transposed(p0) : p0;
+  const Params p = as_planned(p0);
   RtParams& q = w.g;
   if (!plan_rt<RtShape<8, 2, 4, 8>>(p, q, 0)) return false;  // geometry, phases and 32-bit checks
   set_channels_last(p, q);

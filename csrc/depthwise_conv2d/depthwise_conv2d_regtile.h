@@ -858,6 +858,13 @@ inline Params transposed(const Params& p) {
   return t;
 }
 
+// `p` as the small-map, channel-group and weight-gradient tiles plan it: a kh x 1 filter transposed, so that its taps
+// lie along the register window.
+inline Params as_planned(const Params& p) { return (p.kw == 1 && p.kh > 1) ? transposed(p) : p; }
+
+// Elements of `p`'s storage type in one 16-byte vector (V of the channel vectors and the one-pass staging).
+inline int vec_elems(const Params& p) { return int(16 / imax(p.elem_bytes, 1)); }
+
 inline int64_t num_rt_blocks(const Params& p, const RtParams& q) {
   return p.n * p.c * int64_t(q.R) * q.tiles_h * q.tiles_w;
 }

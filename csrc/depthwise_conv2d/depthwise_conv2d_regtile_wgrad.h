@@ -228,7 +228,7 @@ inline bool plan_rt_wgrad_shape(const Params& p, RtWgradParams& w, int64_t targe
 // transposed) fits in one of its tiles, else RtWgradShape.
 inline bool plan_rt_wgrad(const Params& p, RtWgradParams& w, int64_t target_blocks, bool allow_small = true) {
   if (allow_small) {
-    const Params t = (p.kw == 1 && p.kh > 1) ? transposed(p) : p;
+    const Params t = as_planned(p);
     if (plan_rt_wgrad_shape<RtWgradSmall>(t, w, target_blocks) && w.g.tiles_h == 1 && w.g.tiles_w == 1) {
       w.small = 1;
       return true;

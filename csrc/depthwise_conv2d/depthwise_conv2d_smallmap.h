@@ -313,7 +313,7 @@ inline void keep_parking_in_bounds(RtParams& g) {
 template <int KW>
 inline bool plan_small(const Params& p0, RtParams& q, int64_t kw_fixed) {
   using Shape = SmShape<KW>;
-  const Params p = (p0.kw == 1 && p0.kh > 1) ? transposed(p0) : p0;
+  const Params p = as_planned(p0);
   RtParams g{};
   if (!plan_rt<RtWide>(p, g, kw_fixed)) return false;  // geometry and 32-bit limits
   const int64_t tr = cdiv(p.oh, Shape::kRH), tc = cdiv(cdiv(p.ow, g.R), Shape::kRW);
@@ -333,7 +333,7 @@ inline bool plan_small(const Params& p0, RtParams& q, int64_t kw_fixed) {
   // channels_last with one W phase: the block's planes are consecutive channels, staged and stored as channel
   // vectors; a whole number of vectors per block where the threads allow it
   set_channels_last(p, g);
-  const int V = int(16 / imax(p.elem_bytes, 1));
+  const int V = vec_elems(p);
   if ((g.cl_in || g.cl_out) && planes > V) planes -= planes % V;
   if (!size_tap_chunks(fits, int(p.kh), m_max, kw_fixed, g.kc, g.mc)) return false;
   g.sm_planes = planes;
@@ -358,12 +358,12 @@ constexpr int64_t kClSmemBudgetElems = kSmemBudgetElems / 2;
 template <int KW>
 inline bool plan_channel_groups(const Params& p0, RtParams& q, int64_t kw_fixed) {
   using Shape = SmShape<KW>;
-  const Params p = (p0.kw == 1 && p0.kh > 1) ? transposed(p0) : p0;
+  const Params p = as_planned(p0);
   RtParams g{};
   if (!plan_rt<RtWide>(p, g, kw_fixed)) return false;  // geometry and 32-bit limits
   set_channels_last(p, g);
   if (!g.cl_in) return false;
-  const int V = int(16 / imax(p.elem_bytes, 1));
+  const int V = vec_elems(p);
   const int planes = V < Shape::kThreads ? V : Shape::kThreads;
   const int tpp = Shape::kThreads / planes;
   const int m_max = int(cdiv(p.kw, g.S));

@@ -254,12 +254,11 @@ RK_HD void stage_plane_taps(const RtParams& q, const T* __restrict__ weight, int
   }
 }
 
-// The one-pass staging's layout condition (RtParams::sm_runs) for input elements of elem_bytes: NCHW planes back to
+// The one-pass staging's layout condition (RtParams::sm_runs) for V elements a 16-byte vector: NCHW planes back to
 // back within a sample (row stride w, column stride 1, plane stride h·w; R = 1, columns every L = 1) whose rows hold
 // at least V − 1 elements (a vector wraps at most once); kSmRunsBlock when the samples lie back to back too
 // (sample stride C·h·w), else kSmRunsPerSample (none with one channel: a run would be one plane).
-inline int plan_stage_planes(const RtParams& q, int elem_bytes) {
-  const int V = 16 / elem_bytes;
+inline int plan_stage_planes(const RtParams& q, int V) {
   const int64_t plane = int64_t(q.h) * q.w;
   if (q.R != 1 || q.L != 1 || q.in_w != 1 || q.in_h != q.w || q.w < V - 1) return kSmRunsNone;
   if (q.c > 1 && q.in_c != plane) return kSmRunsNone;
