@@ -41,7 +41,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .kw_common import conv_precision, dot_in_fp32, kernel_strides, pow2_clamp
-from .per_sample_conv2d_fwd_tma import TMA_ALIGN, tma_box, tma_stages, tma_unfit_reason
+from .per_sample_conv2d_fwd_tma import TMA_ALIGN, box_program, store_box, tma_box, tma_stages, tma_unfit_reason
 
 
 @triton.jit
@@ -54,16 +54,7 @@ def per_sample_conv2d_bwd_input_tma_kernel(
     BLOCK_CI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     BLOCK_P: tl.constexpr = BH * BW
-    pid = tl.program_id(0)
-    w_boxes = tl.cdiv(W, BW)
-    boxes = tl.cdiv(H, BH) * w_boxes
-    box = pid % boxes
-    sc = pid // boxes                                  # (sample, input-channel tile)
-    c_tiles = tl.cdiv(CIN, BLOCK_CI)
-    b = sc // c_tiles
-    c0 = (sc % c_tiles) * BLOCK_CI
-    ih0 = (box // w_boxes) * BH
-    iw0 = (box % w_boxes) * BW
+    b, c0, ih0, iw0 = box_program(tl.program_id(0), H, W, CIN, BLOCK_CI, BH, BW)
 
     acc = tl.zeros((BLOCK_P, BLOCK_CI), dtype=tl.float32)
     for step in range(KH * KW * CHUNKS):
@@ -79,12 +70,7 @@ def per_sample_conv2d_bwd_input_tma_kernel(
         acc = tl.dot(gv, wv, acc, input_precision=PRECISION)
 
     c = c0 + tl.arange(0, BLOCK_CI)
-    p = tl.arange(0, BLOCK_P)
-    ih = ih0 + p // BW
-    iw = iw0 + p % BW
-    p_ok = (ih < H) & (iw < W)
-    gx = gx_ptr + b.to(tl.int64) * sxn + (ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :]
-    tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=p_ok[:, None] & (c < CIN)[None, :])
+    store_box(gx_ptr, acc, b, ih0, iw0, c, c < CIN, H, W, sxn, sxc, sxh, sxw, BH, BW)
 
 
 @triton.jit

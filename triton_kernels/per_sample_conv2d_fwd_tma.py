@@ -47,6 +47,30 @@ BOX_PIXELS = (128, 64)
 
 
 @triton.jit
+def box_program(pid, H, W, C, BLOCK_C: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """Program ``pid``'s (sample, first channel, box row, box column) over an H x W map cut into BH x BW boxes and C
+    channels into tiles of BLOCK_C: the boxes of one (sample, channel tile) are consecutive programs."""
+    w_boxes = tl.cdiv(W, BW)
+    boxes = tl.cdiv(H, BH) * w_boxes
+    box = pid % boxes
+    sc = pid // boxes
+    c_tiles = tl.cdiv(C, BLOCK_C)
+    return sc // c_tiles, (sc % c_tiles) * BLOCK_C, (box // w_boxes) * BH, (box % w_boxes) * BW
+
+
+@triton.jit
+def store_box(ptr, acc, b, h0, w0, c, c_ok, H, W, sn, sc, sh, sw, BH: tl.constexpr, BW: tl.constexpr):
+    """``acc`` (BH·BW, channels ``c``) into sample ``b`` of the (N, C, H, W) tensor at ``ptr`` (strides sn, sc, sh,
+    sw) at the box whose top-left pixel is (h0, w0), masked at the map's edges and by ``c_ok``."""
+    p = tl.arange(0, BH * BW)
+    h = h0 + p // BW
+    w = w0 + p % BW
+    p_ok = (h < H) & (w < W)
+    dst = ptr + b.to(tl.int64) * sn + (h * sh + w * sw)[:, None] + (c * sc)[None, :]
+    tl.store(dst, acc.to(ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
 def per_sample_conv2d_fwd_tma_kernel(
     x_desc, w_desc, b_ptr, y_ptr,
     OH, OW, COUT,
@@ -56,16 +80,7 @@ def per_sample_conv2d_fwd_tma_kernel(
     BLOCK_O: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     BLOCK_P: tl.constexpr = BH * BW
-    pid = tl.program_id(0)
-    w_boxes = tl.cdiv(OW, BW)
-    boxes = tl.cdiv(OH, BH) * w_boxes
-    box = pid % boxes
-    so = pid // boxes                                  # (sample, output-channel tile)
-    o_tiles = tl.cdiv(COUT, BLOCK_O)
-    b = so // o_tiles
-    o0 = (so % o_tiles) * BLOCK_O
-    oh0 = (box // w_boxes) * BH
-    ow0 = (box % w_boxes) * BW
+    b, o0, oh0, ow0 = box_program(tl.program_id(0), OH, OW, COUT, BLOCK_O, BH, BW)
 
     acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
     for step in range(KH * KW * CHUNKS):
@@ -84,12 +99,7 @@ def per_sample_conv2d_fwd_tma_kernel(
     o_ok = o < COUT
     if HAS_BIAS:
         acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-    p = tl.arange(0, BLOCK_P)
-    oh = oh0 + p // BW
-    ow = ow0 + p % BW
-    p_ok = (oh < OH) & (ow < OW)
-    y = y_ptr + b.to(tl.int64) * syn + (oh * syh + ow * syw)[:, None] + (o * syc)[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
+    store_box(y_ptr, acc, b, oh0, ow0, o, o_ok, OH, OW, syn, syc, syh, syw, BH, BW)
 
 
 def tma_box(oh: int, ow: int) -> tuple[int, int]:
