@@ -118,11 +118,9 @@ def _base(opcode: str) -> str:
     return opcode.split(".")[0]
 
 
-def inner_loop_fma_per_load(instrs: list[tuple[int, str, str]]) -> tuple[float | None, int, int]:
-    """(FMAs per load, FMAs, loads) in the innermost loop holding the most FMAs; (None, 0, 0) without one.
-
-    A loop is a backward branch (``BRA`` to a lower address): its body is [target, branch]. Innermost loops
-    contain no other loop."""
+def innermost_loop_bodies(instrs: list[tuple[int, str, str]]) -> list[list[str]]:
+    """The opcodes of each innermost loop. A loop is a backward branch (``BRA`` to a lower address): its body is
+    [target, branch]. Innermost loops contain no other loop."""
     loops = []
     for addr, op, operands in instrs:
         if _base(op) == "BRA":
@@ -130,9 +128,14 @@ def inner_loop_fma_per_load(instrs: list[tuple[int, str, str]]) -> tuple[float |
             if m and int(m.group(1), 16) < addr:
                 loops.append((int(m.group(1), 16), addr))
     innermost = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
+    return [[op for addr, op, _ in instrs if start <= addr <= end] for start, end in innermost]
+
+
+def inner_loop_fma_per_load(instrs: list[tuple[int, str, str]]) -> tuple[float | None, int, int]:
+    """(FMAs per load, FMAs, loads) in the innermost loop holding the most FMAs
+    (:func:`innermost_loop_bodies`); (None, 0, 0) without one."""
     best = (None, 0, 0)
-    for start, end in innermost:
-        body = [op for addr, op, _ in instrs if start <= addr <= end]
+    for body in innermost_loop_bodies(instrs):
         fmas = sum(_base(op) in FMA_OPS for op in body)
         loads = sum(_base(op) in LOAD_OPS for op in body)
         if fmas > best[1]:

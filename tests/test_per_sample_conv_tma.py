@@ -267,7 +267,7 @@ def test_kw_conv2d_routing_decision_reports_the_tma_forward_it_runs(tma_on, laun
             out = repkernels.ops.kw_conv2d(x, att, wh, layout, None, 1, 1)
         assert decision.get("tma", False) == (expect == "tma") and not decision["fused"]
         assert decision.get("tma_backward", False) == (expect == "tma")     # 32 fp32 outputs: aligned rows
-        assert ("-> TMA dgrad / wgrad" in decision["rule"]) == (expect == "tma")
+        assert ("-> TMA dgrad / wgrad (3 taps a wgrad program)" in decision["rule"]) == (expect == "tma")
         assert ("REPKERNELS_KW_TMA=1 and tma_fits -> TMA forward" in decision["rule"]) == (expect == "tma")
         assert launches[-1] == expect
         assert_close(out, ref.kw_conv2d(x.double(), att.double(), wh.double(), layout, None, (1, 1), (1, 1), (1, 1),
@@ -278,7 +278,7 @@ def test_kw_conv2d_routing_decision_reports_the_tma_forward_it_runs(tma_on, laun
 # Backward: dgrad and wgrad with TMA loads (triton_kernels/per_sample_conv2d_bwd_tma.py), on TMA_CASES and
 # BWD_CASES. The dgrad's boxes are boxes of the input map (9x13 → 4x16, 7x7 → 8x8, 20x36 → 4x16, 17x40 → 4x16:
 # overhanging) and it reduces over Cout chunks; the wgrad reduces over the output map's boxes, its tiles partial
-# past Cout and Cin.
+# past Cout and Cin, 3 taps a program (1x1: one) by its rule, other group sizes forced (WGRAD_TAP_GROUPS).
 
 # the dgrad's reduction over output channels that do not fill the chunks (TMA_CASES have at most one chunk)
 BWD_CASES = {
@@ -490,20 +490,69 @@ def test_direct_backward_launchers_reject_what_they_cannot_serve():
     x = x.contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="bwd_weight_tma: `grad_out` must have the input's dtype"):
         per_sample_conv2d_bwd_weight_tma(gy.half(), x, wt, (1, 1), (1, 1), torch.empty_like(wt))
+    for taps in (0, 10):
+        with pytest.raises(ValueError, match=r"bwd_weight_tma: `taps` must be in \[1, 9\], got " + str(taps)):
+            per_sample_conv2d_bwd_weight_tma(gy, x, wt, (1, 1), (1, 1), torch.empty_like(wt), taps=taps)
 
 
 def test_tma_backward_tiles_come_from_the_layer():
-    from repkernels.triton_kernels.per_sample_conv2d_bwd_tma import tma_bwd_warps, tma_dgrad_tiles, tma_wgrad_tiles
+    from repkernels.triton_kernels.per_sample_conv2d_bwd_tma import (tma_bwd_warps, tma_dgrad_tiles,
+                                                                       tma_wgrad_stages, tma_wgrad_tiles)
 
     # dgrad: (BLOCK_CI, BH, BW, BLOCK_K) — the input map's box, 128-byte channel chunks on both sides
     assert tma_dgrad_tiles(64, 64, 56, 56, 2) == (64, 8, 8, 64)
     assert tma_dgrad_tiles(512, 512, 7, 7, 2) == (64, 8, 8, 64)
     assert tma_dgrad_tiles(64, 256, 56, 56, 4) == (32, 8, 8, 32)
     assert tma_dgrad_tiles(24, 48, 9, 13, 2) == (64, 4, 16, 32)
-    # wgrad: (BLOCK_O, BLOCK_CI, BH, BW) — the output map's box is the reduction chunk
-    assert tma_wgrad_tiles(128, 128, 28, 28, 2) == (64, 64, 4, 32)
-    assert tma_wgrad_tiles(24, 80, 7, 7, 2) == (32, 64, 8, 8)
+    # wgrad: (BLOCK_O, BLOCK_CI, BH, BW, TAPS) — the output map's box is the reduction chunk; 1x1: one tap a
+    # program, the box of tma_box; more taps: 64-pixel boxes, 3 taps (three 64 x 64 fp32 accumulators; a stage of
+    # one grad_out and three input boxes is 32 KiB), evened out over the groups
+    assert tma_wgrad_tiles(128, 128, 28, 28, 2) == (64, 64, 4, 32, 1)
+    assert tma_wgrad_tiles(128, 128, 28, 28, 2, 3, 3) == (64, 64, 2, 32, 3)
+    assert tma_wgrad_tiles(64, 64, 56, 56, 2, 3, 3) == (64, 64, 8, 8, 3)
+    assert tma_wgrad_tiles(256, 256, 14, 14, 4, 3, 3) == (32, 32, 4, 16, 3)
+    assert tma_wgrad_tiles(24, 80, 7, 7, 2, 3, 3) == (32, 64, 8, 8, 3)
+    assert tma_wgrad_tiles(64, 64, 56, 56, 2, 5, 5) == (64, 64, 8, 8, 3)     # 9 groups, the last of one tap
+    assert tma_wgrad_tiles(64, 64, 56, 56, 2, 2, 2) == (64, 64, 8, 8, 2)     # 2 + 2, not 3 + 1
+    assert tma_wgrad_tiles(64, 64, 56, 56, 2, 1, 3) == (64, 64, 8, 8, 3)
     assert (tma_bwd_warps(128, 64), tma_bwd_warps(64, 64)) == (8, 4)
+    assert (tma_wgrad_stages(2, 1), tma_wgrad_stages(2, 3), tma_wgrad_stages(4, 1), tma_wgrad_stages(4, 3)) == (
+        4, 3, 3, 3)
+
+
+def test_tma_wgrad_takes_one_tap_where_two_accumulators_do_not_fit(monkeypatch):
+    """Where the registers do not allow a second accumulator (a budget under two of them) or a stage would not
+    hold a second input box, the wgrad runs one tap a program, with the one-tap program's box."""
+    bwd = importlib.import_module("repkernels.triton_kernels.per_sample_conv2d_bwd_tma")
+    monkeypatch.setattr(bwd, "WGRAD_ACC_REGS", 63)          # 64 x 64 fp32 at 4 warps: 32 registers each
+    assert bwd.tma_wgrad_tiles(128, 128, 28, 28, 2, 3, 3) == (64, 64, 4, 32, 1)
+    monkeypatch.setattr(bwd, "WGRAD_ACC_REGS", 64)
+    assert bwd.tma_wgrad_tiles(128, 128, 28, 28, 2, 3, 3) == (64, 64, 2, 32, 2)
+    monkeypatch.setattr(bwd, "WGRAD_STAGE_BYTES", 64 * (64 + 64) * 2 + 127)
+    assert bwd.tma_wgrad_tiles(128, 128, 28, 28, 2, 3, 3) == (64, 64, 4, 32, 1)
+
+
+# (case, taps a program) forced on the wgrad: the one-tap program on a 3x3 kernel, groups that leave a partial
+# last group (9 = 2·4 + 1, 4 + 4 + 1; 25 = 3·7 + 4, groups crossing kernel rows), one group for the whole kernel
+WGRAD_TAP_GROUPS = [("valid_16ch", 1), ("odd_map_48ch", 2), ("dilated_80ch", 4), ("cout48_fp32_5x5", 7),
+                    ("many_boxes", 9)]
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("name,taps", WGRAD_TAP_GROUPS)
+def test_tma_wgrad_tap_groups_match_reference(name, taps):
+    """Every tap of every group at its own offset and stored at its own tap, whatever the group size; the taps
+    past the kernel in a partial last group are not stored (they would land on the next output channel's first
+    taps, or past the last sample: the gradient is the first samples of a NaN-filled buffer)."""
+    from repkernels.triton_kernels.per_sample_conv2d_bwd_tma import per_sample_conv2d_bwd_weight_tma
+
+    case = TMA_CASES.get(name) or BWD_CASES[name]
+    x, wt, bias, p, d = make_case(case)
+    gy = output_grad(x, wt, p, d)
+    buffer = channels_innermost(torch.full((wt.shape[0] + 1, *wt.shape[1:]), float("nan"), dtype=wt.dtype))
+    gw = per_sample_conv2d_bwd_weight_tma(gy, x, wt, p, d, buffer[:-1], taps=taps)
+    assert_close(gw, reference_grads(x, wt, bias, p, d, gy)[1], case[8], f"grad_weight, {taps} taps a program")
+    assert buffer[-1].isnan().all(), "the wgrad wrote past the last sample's kernels"
 
 
 @requires_triton_cpu

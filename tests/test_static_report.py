@@ -222,17 +222,31 @@ def test_tma_per_sample_backward_does_not_spill(report):
 
 def test_tma_per_sample_backward_compiles_to_tma_copies_and_warpgroup_mma():
     """The dgrad's and wgrad's descriptor loads become TMA copies and their dots warpgroup MMAs on sm_90 (PTX of
-    the per_sample_tma workload's bf16 launches)."""
-    if not _backend.HAS_TRITON:
-        pytest.skip("needs Triton")
+    the per_sample_tma workload's bf16 launches). The wgrad's loop (SASS) loads one grad_out box and TAPS input
+    boxes an iteration (1 + TAPS ``UTMALDG``) for TAPS dots over the box's pixels (m64n64k16: BH·BW/16
+    ``HGMMA`` each): 3 taps a program for the 3x3 layers, 1 for the 1x1."""
+    if not _backend.HAS_TRITON or static.tool("cuobjdump") is None:
+        pytest.skip("needs Triton (whose package carries cuobjdump)")
     script = (
-        "import torch\n"
-        "from repkernels.bench import triton_launches as tl\n"
+        "import subprocess, tempfile, torch\n"
+        "from repkernels.bench import static, triton_launches as tl\n"
         f"names = {tuple(TMA_BWD_KERNELS)!r}\n"
         "for fn, sig, ce, attrs, opts in tl.record_launches(['per_sample_tma'], (torch.bfloat16,)):\n"
         "    if fn.__name__ in names:\n"
-        "        ptx = tl.compile_launch(fn, sig, ce, attrs, opts, 90).asm['ptx']\n"
-        "        print(fn.__name__, ptx.count('cp.async.bulk.tensor') > 0, ptx.count('wgmma.mma_async') > 0)\n")
+        "        kernel = tl.compile_launch(fn, sig, ce, attrs, opts, 90)\n"
+        "        ptx = kernel.asm['ptx']\n"
+        "        print(fn.__name__, ptx.count('cp.async.bulk.tensor') > 0, ptx.count('wgmma.mma_async') > 0)\n"
+        "    if fn.__name__ == 'per_sample_conv2d_bwd_weight_tma_kernel':\n"
+        "        const = {fn.arg_names[i[0]]: v for i, v in ce.items()}\n"
+        "        with tempfile.NamedTemporaryFile(suffix='.cubin') as cubin:\n"
+        "            cubin.write(kernel.asm['cubin'])\n"
+        "            cubin.flush()\n"
+        "            sass = subprocess.run([static.tool('cuobjdump'), '-sass', cubin.name], capture_output=True,\n"
+        "                                  text=True, check=True).stdout\n"
+        "        for body in static.innermost_loop_bodies(next(iter(static.parse_sass(sass).values()))):\n"
+        "            if any(op.startswith('HGMMA') for op in body):\n"
+        "                print('wgrad loop', const['KH'] * const['KW'], const['TAPS'], const['BH'] * const['BW'],\n"
+        "                      sum(op.startswith('UTMALDG') for op in body), sum(op.startswith('HGMMA') for op in body))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
@@ -240,3 +254,6 @@ def test_tma_per_sample_backward_compiles_to_tma_copies_and_warpgroup_mma():
     lines = proc.stdout.split("\n")
     for name, launches in TMA_BWD_KERNELS.items():
         assert lines.count(f"{name} True True") == launches, proc.stdout
+    loops = [tuple(map(int, line.split()[2:])) for line in lines if line.startswith("wgrad loop")]
+    assert sorted((taps, group) for taps, group, *_ in loops) == [(1, 1), (9, 3), (9, 3), (9, 3)], proc.stdout
+    assert all(tma == 1 + group and mma == group * pixels // 16 for _, group, pixels, tma, mma in loops), proc.stdout

@@ -17,20 +17,27 @@ the tensor the hardware zero-fills (the interpreter does the same).
   no transpose. Stored channels_last-wise through the gradient's strides, masked at the box edges.
 * wgrad, :func:`per_sample_conv2d_bwd_weight_tma`:
   ``gw[o, (kh, kw), c] = Σ_{oh, ow} go[oh, ow, o] · x[oh − PH + kh·DH, ow − PW + kw·DW, c]``. A program computes
-  a BLOCK_O x BLOCK_CI tile of one sample's gradient at one tap, over the output map's BH x BW boxes: the
-  ``grad_out`` box ``[1, BH, BW, BLOCK_O]`` (rows past OH / OW are zeros, so the input rows they meet add
-  nothing) and the input box ``[1, BH, BW, BLOCK_CI]`` shifted by the tap (zeros in the padding), accumulated as
-  ``goᵀ · x`` in fp32; stored through the gradient's strides (the op allocates it in the weight's memory order:
-  what today's wgrad writes, what ``kw_conv2d``'s assembly backward reads).
+  a BLOCK_O x BLOCK_CI tile of one sample's gradient at a group of TAPS consecutive taps (row-major over the
+  kernel; the last group partial when TAPS does not divide KH·KW), over the output map's BH x BW boxes: per box
+  ONE ``grad_out`` box ``[1, BH, BW, BLOCK_O]`` (rows past OH / OW are zeros, so the input rows they meet add
+  nothing) and TAPS input boxes ``[1, BH, BW, BLOCK_CI]``, each shifted by its tap (zeros in the padding),
+  accumulated as ``goᵀ · x`` into the tap's own fp32 accumulator (a tuple of TAPS, unrolled at compile time);
+  stored through the gradient's strides (the op allocates it in the weight's memory order: what today's wgrad
+  writes, what ``kw_conv2d``'s assembly backward reads), the taps past the kernel masked off. Grouping cuts the
+  ``grad_out`` reads by TAPS (the input boxes are read once per tap as before): 16-bit 64 x 64 tiles, 3 taps,
+  L2 bytes per MAC 2/64 + 2/(3·64) instead of 2/64 + 2/64 (32 → 48 flops per byte), for three accumulators'
+  registers and fewer programs (:func:`tma_wgrad_tiles`: TAPS from the layer; 1 for 1x1 kernels).
 
-Both are single loops that Triton software-pipelines (:func:`~.per_sample_conv2d_fwd_tma.tma_stages`). Channel
+Both are single loops that Triton software-pipelines (:func:`~.per_sample_conv2d_fwd_tma.tma_stages`,
+:func:`tma_wgrad_stages`). Channel
 chunks stay within one 128-byte shared-memory row on the innermost side of every box (64 16-bit / 32 fp32
 channels). On sm_90 (SASS, 16-bit): the descriptor loads are ``UTMALDG``; the dgrad's kernel tile and the wgrad's
 input tile are the ``HGMMA`` B operand read from shared memory as they lie (transposed-B descriptor), the pixel-box
 operand (the dgrad's ``grad_out``, the wgrad's ``goᵀ``) goes through ``ldmatrix`` into registers, as the
-forward's input box does. With TF32 the wgrad's operands are not K-major, which TF32 warpgroup MMAs need: it runs
-``mma.sync``. Tiles depend on the layer and the maps, never the batch. Not timed on a GPU yet: off by default
-(``REPKERNELS_KW_TMA=1``, :mod:`repkernels.ops.per_sample_conv2d`).
+forward's input box does; a wgrad loop iteration of TAPS taps over a 64-pixel box is 1 + TAPS ``UTMALDG`` and
+4·TAPS ``HGMMA`` (m64n64k16; one ``grad_out`` operand for all taps). With TF32 the wgrad's operands are not
+K-major, which TF32 warpgroup MMAs need: it runs ``mma.sync``. Tiles depend on the layer and the maps, never the
+batch. Not timed on a GPU yet: off by default (``REPKERNELS_KW_TMA=1``, :mod:`repkernels.ops.per_sample_conv2d`).
 """
 
 from __future__ import annotations
@@ -41,7 +48,15 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .kw_common import conv_precision, dot_in_fp32, kernel_strides, pow2_clamp
-from .per_sample_conv2d_fwd_tma import TMA_ALIGN, box_program, store_box, tma_box, tma_stages, tma_unfit_reason
+from .per_sample_conv2d_fwd_tma import (BOX_PIXELS, TMA_ALIGN, box_program, store_box, tma_box, tma_stages,
+                                        tma_unfit_reason)
+
+#: fp32 accumulator registers a thread the wgrad's TAPS accumulators may take (:func:`tma_wgrad_tiles`): three
+#: 64 x 64 tiles at 4 warps
+WGRAD_ACC_REGS = 96
+#: shared memory a wgrad pipeline stage may take: the one-tap program's with 128-pixel boxes of 64 16-bit
+#: channels (one grad_out box, one input box)
+WGRAD_STAGE_BYTES = 32 * 1024
 
 
 @triton.jit
@@ -79,38 +94,49 @@ def per_sample_conv2d_bwd_weight_tma_kernel(
     OH, OW, COUT, CIN,
     swn, swo, swc, swh, sww,
     KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TAPS: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_CI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
 ):
     BLOCK_P: tl.constexpr = BH * BW
+    GROUPS: tl.constexpr = (KH * KW + TAPS - 1) // TAPS
     pid = tl.program_id(0)
     c_tiles = tl.cdiv(CIN, BLOCK_CI)
     o_tiles = tl.cdiv(COUT, BLOCK_O)
-    tap = pid % (KH * KW)                              # the taps of one (sample, o tile, c tile) are neighbours:
-    rest = pid // (KH * KW)                            # they read the same grad_out boxes (from L2 after the first)
+    tap0 = (pid % GROUPS) * TAPS                       # the tap groups of one (sample, o tile, c tile) are
+    rest = pid // GROUPS                               # neighbours: they read the same grad_out boxes (from L2)
     c0 = (rest % c_tiles) * BLOCK_CI
     rest = rest // c_tiles
     o0 = (rest % o_tiles) * BLOCK_O
     b = rest // o_tiles
-    kh = tap // KW
-    kw = tap % KW
 
+    accs = ()
+    for t in tl.static_range(TAPS):
+        accs = accs + (tl.zeros((BLOCK_O, BLOCK_CI), dtype=tl.float32),)
     w_boxes = tl.cdiv(OW, BW)
-    acc = tl.zeros((BLOCK_O, BLOCK_CI), dtype=tl.float32)
     for box in range(tl.cdiv(OH, BH) * w_boxes):
         oh0 = (box // w_boxes) * BH
         ow0 = (box % w_boxes) * BW
         gv = g_desc.load([b, oh0, ow0, o0]).reshape(BLOCK_P, BLOCK_O)
-        xv = x_desc.load([b, oh0 - PH + kh * DH, ow0 - PW + kw * DW, c0]).reshape(BLOCK_P, BLOCK_CI)
         if DOT_FP32:
             gv = gv.to(tl.float32)
-            xv = xv.to(tl.float32)
-        acc = tl.dot(gv.T, xv, acc, input_precision=PRECISION)
+        summed = ()
+        for t in tl.static_range(TAPS):
+            kh = (tap0 + t) // KW                      # past the last tap (a partial last group): a box of rows
+            kw = (tap0 + t) % KW                       # below the kernel's, computed and never stored
+            xv = x_desc.load([b, oh0 - PH + kh * DH, ow0 - PW + kw * DW, c0]).reshape(BLOCK_P, BLOCK_CI)
+            if DOT_FP32:
+                xv = xv.to(tl.float32)
+            summed = summed + (tl.dot(gv.T, xv, accs[t], input_precision=PRECISION),)
+        accs = summed
 
     o = o0 + tl.arange(0, BLOCK_O)
     c = c0 + tl.arange(0, BLOCK_CI)
-    gw = gw_ptr + b.to(tl.int64) * swn + (o * swo)[:, None] + (c * swc + (kh * swh + kw * sww))[None, :]
-    tl.store(gw, acc.to(gw_ptr.dtype.element_ty), mask=(o < COUT)[:, None] & (c < CIN)[None, :])
+    gw = gw_ptr + b.to(tl.int64) * swn + (o * swo)[:, None] + (c * swc)[None, :]
+    ok = (o < COUT)[:, None] & (c < CIN)[None, :]
+    for t in tl.static_range(TAPS):
+        kh = (tap0 + t) // KW
+        kw = (tap0 + t) % KW
+        tl.store(gw + (kh * swh + kw * sww), accs[t].to(gw_ptr.dtype.element_ty), mask=ok & (tap0 + t < KH * KW))
 
 
 def tma_dgrad_tiles(cout: int, cin: int, h: int, w: int, itemsize: int) -> tuple[int, int, int, int]:
@@ -122,14 +148,38 @@ def tma_dgrad_tiles(cout: int, cin: int, h: int, w: int, itemsize: int) -> tuple
     return pow2_clamp(cin, 16, chunk), bh, bw, pow2_clamp(cout, 16, chunk)
 
 
-def tma_wgrad_tiles(cout: int, cin: int, oh: int, ow: int, itemsize: int) -> tuple[int, int, int, int]:
-    """(BLOCK_O, BLOCK_CI, BH, BW) of the wgrad for ``cout`` outputs, ``cin`` input channels, an ``oh`` x ``ow``
-    output map and ``itemsize``-byte elements: output and input channels of up to 128 bytes (the innermost side of
-    the ``grad_out`` and input boxes), the output-pixel box of :func:`~.per_sample_conv2d_fwd_tma.tma_box` (the
-    reduction chunk). From the layer only."""
-    bh, bw = tma_box(oh, ow)
+def tma_wgrad_tiles(cout: int, cin: int, oh: int, ow: int, itemsize: int, kh: int = 1,
+                    kw: int = 1) -> tuple[int, int, int, int, int]:
+    """(BLOCK_O, BLOCK_CI, BH, BW, TAPS) of the wgrad for ``cout`` outputs, ``cin`` input channels, an ``oh`` x
+    ``ow`` output map, ``itemsize``-byte elements and a ``kh`` x ``kw`` kernel. From the layer only.
+
+    Output and input channels of up to 128 bytes (the innermost side of the ``grad_out`` and input boxes); the
+    output-pixel box of :func:`~.per_sample_conv2d_fwd_tma.tma_box` (the reduction chunk); TAPS taps a program,
+    which share each ``grad_out`` box. TAPS is the most that fit two budgets, :data:`WGRAD_ACC_REGS` fp32
+    accumulator registers a thread and :data:`WGRAD_STAGE_BYTES` of shared memory a pipeline stage (the
+    ``grad_out`` box and TAPS input boxes), then evened out over the groups (9 taps: 3 x 3; 4 taps: 2 x 2, not
+    3 + 1). More than one tap takes 64-pixel boxes (their stage holds three 64-channel 16-bit input boxes; the
+    ResNet-50 maps' cover is the same). TAPS is 1, the one-tap program with :func:`tma_box`'s box, for 1x1 kernels
+    and where a second accumulator or input box would not fit; today's tiles (at most 64 x 64, 32 registers an
+    accumulator at 4 warps, 32 fp32 or 64 16-bit channels) take 3 taps everywhere else (sm_90, 16-bit: 152
+    registers, no spill, 2 blocks an SM; static report)."""
     chunk = 128 // itemsize
-    return pow2_clamp(cout, 16, chunk), pow2_clamp(cin, 16, chunk), bh, bw
+    block_o, block_ci = pow2_clamp(cout, 16, chunk), pow2_clamp(cin, 16, chunk)
+    taps = kh * kw
+    acc_regs = block_o * block_ci // (32 * tma_bwd_warps(block_o, block_ci))
+    most = min(taps, WGRAD_ACC_REGS // acc_regs,
+               (WGRAD_STAGE_BYTES // (BOX_PIXELS[-1] * itemsize) - block_o) // block_ci)
+    if most < 2:
+        return (block_o, block_ci, *tma_box(oh, ow), 1)
+    return (block_o, block_ci, *tma_box(oh, ow, BOX_PIXELS[-1:]), triton.cdiv(taps, triton.cdiv(taps, most)))
+
+
+def tma_wgrad_stages(itemsize: int, taps: int) -> int:
+    """Pipeline stages of the wgrad: the forward's (:func:`~.per_sample_conv2d_fwd_tma.tma_stages`) for one tap a
+    program, at most 3 for more. A stage of ``taps`` taps holds ``taps`` input boxes and ``taps`` times the MMAs to
+    hide the next loads behind; sm_90, 3 taps, 16-bit 64 x 64 tiles, 64-pixel boxes: 100 KiB at 3 stages (2 blocks
+    an SM), 132 KiB at 4 (1 block; static report)."""
+    return tma_stages(itemsize) if taps == 1 else min(tma_stages(itemsize), 3)
 
 
 def tma_bwd_warps(block_m: int, block_n: int) -> int:
@@ -214,27 +264,31 @@ def per_sample_conv2d_bwd_input_tma(grad_out: torch.Tensor, x: torch.Tensor, wei
 
 def per_sample_conv2d_bwd_weight_tma(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                      padding: tuple[int, int], dilation: tuple[int, int],
-                                     out: torch.Tensor) -> torch.Tensor:
+                                     out: torch.Tensor, taps: int | None = None) -> torch.Tensor:
     """``grad_out`` (B, Cout, OH, OW) any strides, ``x`` (B, C, H, W) channels_last, ``weight`` (B, Cout, C, KH, KW)
     channel-innermost (its layout decides, :func:`tma_backward_fits`), stride 1, groups 1, into the preallocated
-    ``out`` (B, Cout, C, KH, KW), written through its strides. Returns ``out``."""
+    ``out`` (B, Cout, C, KH, KW), written through its strides. ``taps``: taps a program (default: the rule's,
+    :func:`tma_wgrad_tiles`; tests force others). Returns ``out``."""
     _check("per_sample_conv2d_bwd_weight_tma", x, weight, grad_out)
-    if out.numel() == 0:
-        return out
     nb, cin = x.shape[:2]
     _, cout, _, kh, kw = out.shape
+    if taps is not None and not 1 <= taps <= kh * kw:
+        raise ValueError(f"per_sample_conv2d_bwd_weight_tma: `taps` must be in [1, {kh * kw}], got {taps}")
+    if out.numel() == 0:
+        return out
     oh, ow = grad_out.shape[-2:]
     if grad_out.numel() == 0:
         return out.zero_()
-    block_o, block_ci, bh, bw = tma_wgrad_tiles(cout, cin, oh, ow, x.element_size())
+    block_o, block_ci, bh, bw, rule_taps = tma_wgrad_tiles(cout, cin, oh, ow, x.element_size(), kh, kw)
+    taps = taps or rule_taps
     x_desc = _nhwc_descriptor(x, [1, bh, bw, block_ci])
     g_desc = _nhwc_descriptor(_grad_view(grad_out), [1, bh, bw, block_o])
-    launch = (nb * triton.cdiv(cout, block_o) * triton.cdiv(cin, block_ci) * kh * kw,)
+    launch = (nb * triton.cdiv(cout, block_o) * triton.cdiv(cin, block_ci) * triton.cdiv(kh * kw, taps),)
     per_sample_conv2d_bwd_weight_tma_kernel[launch](
         x_desc, g_desc, out, oh, ow, cout, cin, *out.stride(),
         KH=kh, KW=kw, PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
-        DOT_FP32=dot_in_fp32(x.dtype), PRECISION=conv_precision(x.dtype),
+        DOT_FP32=dot_in_fp32(x.dtype), PRECISION=conv_precision(x.dtype), TAPS=taps,
         BLOCK_O=block_o, BLOCK_CI=block_ci, BH=bh, BW=bw,
-        num_warps=tma_bwd_warps(block_o, block_ci), num_stages=tma_stages(x.element_size()),
+        num_warps=tma_bwd_warps(block_o, block_ci), num_stages=tma_wgrad_stages(x.element_size(), taps),
     )
     return out

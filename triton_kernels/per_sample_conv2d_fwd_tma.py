@@ -102,19 +102,20 @@ def per_sample_conv2d_fwd_tma_kernel(
     store_box(y_ptr, acc, b, oh0, ow0, o, o_ok, OH, OW, syn, syc, syh, syw, BH, BW)
 
 
-def tma_box(oh: int, ow: int) -> tuple[int, int]:
+def tma_box(oh: int, ow: int, pixels: tuple[int, ...] = BOX_PIXELS) -> tuple[int, int]:
     """(BH, BW): the output-pixel box of :func:`tma_tiles` for an ``oh`` x ``ow`` output map.
 
-    Among the boxes of 128 or 64 pixels with BW in :data:`BOX_WIDTHS` (a multiple of 8 rows, so the box's
-    shared-memory tile is a (BH·BW, BLOCK_K) operand as it lies), the one that covers the map with the fewest
+    Among the boxes of 128 or 64 pixels (``pixels``) with BW in :data:`BOX_WIDTHS` (a multiple of 8 rows, so the
+    box's shared-memory tile is a (BH·BW, BLOCK_K) operand as it lies), the one that covers the map with the fewest
     pixels; on a tie the larger box (a sample's kernel tiles are read once per box), then the wider. ResNet-50
     maps: 56x56 → 8x8 (covers exactly; 128-pixel boxes cover 56x64, 14 % waste), 28x28 → 4x32 (28x32, 14 %; every
     box covers at least that), 14x14 → 8x16 (16x16, 31 %, as every box), 7x7 → 8x8 (8x8, 31 %; 128-pixel boxes
-    161 %). A rule on waste only: not timed on a GPU."""
+    161 %). Boxes of 64 pixels only (the tap-grouped wgrad): 28x28 → 2x32, 14x14 → 4x16, the same cover. A rule on
+    waste only: not timed on a GPU."""
     def cover(bh, bw):
         return triton.cdiv(oh, bh) * bh * triton.cdiv(ow, bw) * bw
 
-    boxes = [(pixels // bw, bw) for pixels in BOX_PIXELS for bw in sorted(BOX_WIDTHS, reverse=True)]
+    boxes = [(n // bw, bw) for n in pixels for bw in sorted(BOX_WIDTHS, reverse=True)]
     return min(boxes, key=lambda box: (cover(*box), -box[0] * box[1], -box[1]))
 
 

@@ -283,7 +283,8 @@ def routing_decision(input: torch.Tensor, attention: torch.Tensor, warehouse: to
         Triton kernel, or the unfused path whose per-sample conv runs on ``backend`` (the assembly picks its own
         backend by the same preference); with ``"tma": True`` when that conv's Triton forward runs the TMA kernel
         (``REPKERNELS_KW_TMA=1`` and the layer fits it), and ``"tma_backward": True`` when its Triton dgrad and
-        wgrad run the TMA backward kernels too (the same switch; the layer fits them).
+        wgrad run the TMA backward kernels too (the same switch; the layer fits them; the rule names the wgrad's taps
+        a program).
     """
     layout, groups, input, stride, padding, dilation = _normalize(input, attention, warehouse, layout, bias, stride,
                                                                   padding, dilation, groups)
@@ -312,9 +313,12 @@ def routing_decision(input: torch.Tensor, attention: torch.Tensor, warehouse: to
         decision["rule"] += f"; {_TMA_ENV}=1 and tma_fits -> TMA forward"
         decision["where"] += f" ({_TMA_ENV}); triton_kernels/per_sample_conv2d_fwd_tma.py: tma_fits"
         if _unfused_tma_backward(input, layout, stride, groups, inner):
+            from ..triton_kernels.per_sample_conv2d_bwd_tma import tma_wgrad_tiles
+
+            taps = tma_wgrad_tiles(*map(int, layout[:2]), oh, ow, input.element_size(), *map(int, layout[2:]))[-1]
             decision["tma_backward"] = True
-            decision["rule"] += " and tma_backward_fits -> TMA dgrad / wgrad"
-            decision["where"] += "; triton_kernels/per_sample_conv2d_bwd_tma.py: tma_backward_fits"
+            decision["rule"] += f" and tma_backward_fits -> TMA dgrad / wgrad ({taps} taps a wgrad program)"
+            decision["where"] += "; triton_kernels/per_sample_conv2d_bwd_tma.py: tma_backward_fits, tma_wgrad_tiles"
     return decision
 
 
