@@ -267,18 +267,24 @@ def test_kw_conv2d_routing_decision_reports_the_tma_forward_it_runs(tma_on, laun
             out = repkernels.ops.kw_conv2d(x, att, wh, layout, None, 1, 1)
         assert decision.get("tma", False) == (expect == "tma") and not decision["fused"]
         assert decision.get("tma_backward", False) == (expect == "tma")     # 32 fp32 outputs: aligned rows
-        assert ("-> TMA dgrad / wgrad (3 taps a wgrad program)" in decision["rule"]) == (expect == "tma")
+        assert ("-> TMA dgrad / wgrad (wgrad taps a program: 1)" in decision["rule"]) == (expect == "tma")
         assert ("REPKERNELS_KW_TMA=1 and tma_fits -> TMA forward" in decision["rule"]) == (expect == "tma")
         assert launches[-1] == expect
         assert_close(out, ref.kw_conv2d(x.double(), att.double(), wh.double(), layout, None, (1, 1), (1, 1), (1, 1),
                                         1), torch.float32)
+    # 64 -> 64 bf16: 3 taps a wgrad program (the decision runs nothing)
+    x = torch.randn(2, 64, 6, 7, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with repkernels.backend("triton"):
+        decision = kw_ops.routing_decision(x, torch.randn(2, 16 * 9, 5, dtype=torch.bfloat16), wh.bfloat16(),
+                                           (64, 64, 3, 3), None, 1, 1)
+    assert "-> TMA dgrad / wgrad (wgrad taps a program: 3)" in decision["rule"], decision
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Backward: dgrad and wgrad with TMA loads (triton_kernels/per_sample_conv2d_bwd_tma.py), on TMA_CASES and
 # BWD_CASES. The dgrad's boxes are boxes of the input map (9x13 → 4x16, 7x7 → 8x8, 20x36 → 4x16, 17x40 → 4x16:
 # overhanging) and it reduces over Cout chunks; the wgrad reduces over the output map's boxes, its tiles partial
-# past Cout and Cin, 3 taps a program (1x1: one) by its rule, other group sizes forced (WGRAD_TAP_GROUPS).
+# past Cout and Cin, 3 taps a program (1x1, BLOCK_O < 64: one) by its rule, others forced (WGRAD_TAP_GROUPS).
 
 # the dgrad's reduction over output channels that do not fill the chunks (TMA_CASES have at most one chunk)
 BWD_CASES = {
@@ -504,14 +510,17 @@ def test_tma_backward_tiles_come_from_the_layer():
     assert tma_dgrad_tiles(512, 512, 7, 7, 2) == (64, 8, 8, 64)
     assert tma_dgrad_tiles(64, 256, 56, 56, 4) == (32, 8, 8, 32)
     assert tma_dgrad_tiles(24, 48, 9, 13, 2) == (64, 4, 16, 32)
-    # wgrad: (BLOCK_O, BLOCK_CI, BH, BW, TAPS) — the output map's box is the reduction chunk; 1x1: one tap a
-    # program, the box of tma_box; more taps: 64-pixel boxes, 3 taps (three 64 x 64 fp32 accumulators; a stage of
-    # one grad_out and three input boxes is 32 KiB), evened out over the groups
+    # wgrad: (BLOCK_O, BLOCK_CI, BH, BW, TAPS) — the output map's box is the reduction chunk; 1x1 kernels and
+    # BLOCK_O < 64 (fp32, 16-bit up to 32 outputs: mma.sync): one tap a program, the box of tma_box; 16-bit 64-row
+    # tiles, more taps: 64-pixel boxes, 3 taps (three 64 x 64 fp32 accumulators; a stage of one grad_out and three
+    # input boxes is 32 KiB), evened out over the groups
     assert tma_wgrad_tiles(128, 128, 28, 28, 2) == (64, 64, 4, 32, 1)
     assert tma_wgrad_tiles(128, 128, 28, 28, 2, 3, 3) == (64, 64, 2, 32, 3)
     assert tma_wgrad_tiles(64, 64, 56, 56, 2, 3, 3) == (64, 64, 8, 8, 3)
-    assert tma_wgrad_tiles(256, 256, 14, 14, 4, 3, 3) == (32, 32, 4, 16, 3)
-    assert tma_wgrad_tiles(24, 80, 7, 7, 2, 3, 3) == (32, 64, 8, 8, 3)
+    assert tma_wgrad_tiles(256, 256, 14, 14, 2, 3, 3) == (64, 64, 4, 16, 3)
+    assert tma_wgrad_tiles(256, 256, 14, 14, 4, 3, 3) == (32, 32, 8, 16, 1)
+    assert tma_wgrad_tiles(24, 80, 7, 7, 2, 3, 3) == (32, 64, 8, 8, 1)
+    assert tma_wgrad_tiles(80, 24, 7, 7, 2, 3, 3) == (64, 32, 8, 8, 5)     # 32-channel input boxes: 5 + 4
     assert tma_wgrad_tiles(64, 64, 56, 56, 2, 5, 5) == (64, 64, 8, 8, 3)     # 9 groups, the last of one tap
     assert tma_wgrad_tiles(64, 64, 56, 56, 2, 2, 2) == (64, 64, 8, 8, 2)     # 2 + 2, not 3 + 1
     assert tma_wgrad_tiles(64, 64, 56, 56, 2, 1, 3) == (64, 64, 8, 8, 3)

@@ -26,7 +26,8 @@ the tensor the hardware zero-fills (the interpreter does the same).
   writes, what ``kw_conv2d``'s assembly backward reads), the taps past the kernel masked off. Grouping cuts the
   ``grad_out`` reads by TAPS (the input boxes are read once per tap as before): 16-bit 64 x 64 tiles, 3 taps,
   L2 bytes per MAC 2/64 + 2/(3·64) instead of 2/64 + 2/64 (32 → 48 flops per byte), for three accumulators'
-  registers and fewer programs (:func:`tma_wgrad_tiles`: TAPS from the layer; 1 for 1x1 kernels).
+  registers and fewer programs (:func:`tma_wgrad_tiles`: TAPS from the layer; 1 for 1x1 kernels, fp32 and
+  tiles of fewer than 64 output channels).
 
 Both are single loops that Triton software-pipelines (:func:`~.per_sample_conv2d_fwd_tma.tma_stages`,
 :func:`tma_wgrad_stages`). Channel
@@ -159,15 +160,17 @@ def tma_wgrad_tiles(cout: int, cin: int, oh: int, ow: int, itemsize: int, kh: in
     accumulator registers a thread and :data:`WGRAD_STAGE_BYTES` of shared memory a pipeline stage (the
     ``grad_out`` box and TAPS input boxes), then evened out over the groups (9 taps: 3 x 3; 4 taps: 2 x 2, not
     3 + 1). More than one tap takes 64-pixel boxes (their stage holds three 64-channel 16-bit input boxes; the
-    ResNet-50 maps' cover is the same). TAPS is 1, the one-tap program with :func:`tma_box`'s box, for 1x1 kernels
-    and where a second accumulator or input box would not fit; today's tiles (at most 64 x 64, 32 registers an
-    accumulator at 4 warps, 32 fp32 or 64 16-bit channels) take 3 taps everywhere else (sm_90, 16-bit: 152
-    registers, no spill, 2 blocks an SM; static report)."""
+    ResNet-50 maps' cover is the same). TAPS is 1, the one-tap program with :func:`tma_box`'s box, for 1x1 kernels,
+    where a second accumulator or input box would not fit, and for BLOCK_O under 16 rows a warp (fp32's 32-channel
+    tiles, 16-bit layers of up to 32 outputs): those dots are ``mma.sync``, whose warps Triton lays ``[warps, 1]``
+    along BLOCK_O once a loop holds several dots, so 4 warps on 32 rows would compute every MMA twice (sm_90 SASS,
+    fp32 32 x 32, 3 taps: 32 ``HMMA`` a tap and box a warp instead of 16). 16-bit tiles of 64 x 64 (warpgroup
+    MMAs) take 3 taps (sm_90: 152 registers, no spill, 2 blocks an SM; static report)."""
     chunk = 128 // itemsize
     block_o, block_ci = pow2_clamp(cout, 16, chunk), pow2_clamp(cin, 16, chunk)
     taps = kh * kw
     acc_regs = block_o * block_ci // (32 * tma_bwd_warps(block_o, block_ci))
-    most = min(taps, WGRAD_ACC_REGS // acc_regs,
+    most = min(taps if block_o >= 16 * tma_bwd_warps(block_o, block_ci) else 1, WGRAD_ACC_REGS // acc_regs,
                (WGRAD_STAGE_BYTES // (BOX_PIXELS[-1] * itemsize) - block_o) // block_ci)
     if most < 2:
         return (block_o, block_ci, *tma_box(oh, ow), 1)

@@ -317,7 +317,7 @@ def routing_decision(input: torch.Tensor, attention: torch.Tensor, warehouse: to
 
             taps = tma_wgrad_tiles(*map(int, layout[:2]), oh, ow, input.element_size(), *map(int, layout[2:]))[-1]
             decision["tma_backward"] = True
-            decision["rule"] += f" and tma_backward_fits -> TMA dgrad / wgrad ({taps} taps a wgrad program)"
+            decision["rule"] += f" and tma_backward_fits -> TMA dgrad / wgrad (wgrad taps a program: {taps})"
             decision["where"] += "; triton_kernels/per_sample_conv2d_bwd_tma.py: tma_backward_fits, tma_wgrad_tiles"
     return decision
 
